@@ -1,0 +1,130 @@
+"""``kdray train | eval | methods | models | tune | cluster | submit``.
+
+Bad input (a config key, a missing file, a corrupt checkpoint, an unreachable tracking server) prints one line naming
+what to fix and exits 2; no traceback, nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+
+from kdray.errors import KdrayError
+
+# Sub-commands that live in their own modules register through this table: name -> "module:function" taking
+# the subparsers object and returning nothing (they call ``set_defaults(func=...)``).
+EXTRA_COMMANDS: dict[str, str] = {
+    "tune": "kdray.search.cli:add_parser",
+    "cluster": "kdray.cluster:add_parser",
+    "submit": "kdray.cluster:add_submit_parser",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kdray.api import train
+
+    if args.config is None and args.resume is None:
+        raise KdrayError("kdray train: give a CONFIG file (or --resume RUN_DIR to continue a run)")
+    result = train(args.config, overrides=args.set, out=args.out, resume=args.resume)
+    s = result.summary
+    accs = ", ".join(
+        f"{p['name']} ({p['arch']}) {p['val_acc']:.4f}" for p in s["peers"] if p["val_acc"] is not None
+    )
+    print(
+        f"done in {s['wall_s']:.1f} s: val_acc {accs}"
+        + (f"; ensemble {s['ensemble_acc']:.4f}" if s["ensemble_acc"] else "")
+    )
+    print(f"run folder: {result.out_dir}  (summary.json, curves.png, checkpoints/)")
+    if s.get("mlflow_run_id"):
+        print(f"mlflow run: {s['mlflow_run_id']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from kdray.api import evaluate
+
+    report = evaluate(args.checkpoint, overrides=args.set)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['checkpoint']} (epoch {report['epoch']})")
+        for p in report["peers"]:
+            print(
+                f"  {p['name']:>12} {p['arch']:<14} val_acc {p['val_acc']:.4f}  val_loss {p['val_loss']:.4f}"
+            )
+        if report["ensemble_acc"] is not None:
+            print(f"  {'ensemble':>12} {'':<14} val_acc {report['ensemble_acc']:.4f}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from kdray.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        first = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<12} terms={','.join(cls.terms):<24} {first}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from kdray.models import list_models
+
+    for name in list_models():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a population")
+    p.add_argument("config", nargs="?", help="experiment YAML (optional with --resume)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in this folder from checkpoints/last.pt"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a saved population")
+    p.add_argument("checkpoint", help="a checkpoint file or a run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.root=/data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    sub.add_parser("methods", help="list the methods").set_defaults(func=_cmd_methods)
+    sub.add_parser("models", help="list the architectures").set_defaults(func=_cmd_models)
+
+    for target in EXTRA_COMMANDS.values():
+        module, _, func = target.partition(":")
+        try:
+            adder: Callable = getattr(importlib.import_module(module), func)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # the module exists but a dependency is missing: that is a real error
+                raise
+            continue
+        adder(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KdrayError as exc:
+        print(f"kdray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kdray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The per-process part of a population, and the epoch loop every engine runs.
+
+``PopulationProcess`` holds the peers that live in this process (all of them for ``LocalEngine``, one for a Ray
+worker), the shared module, the data and the step runner. ``EpochLoop`` trains it epoch by epoch, evaluates,
+checkpoints and logs; what differs between engines is passed in: the exchange, how sums from several processes are
+added up, and who writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdray.config import ExperimentConfig
+from kdray.data import build_data
+from kdray.methods import method_class
+from kdray.population import (
+    Exchange,
+    LocalExchange,
+    PeerRuntime,
+    StepRunner,
+    build_peer,
+    build_shared,
+    evaluate_peers,
+    lr_factor,
+    population_spec,
+    resolve_device,
+)
+
+
+class PopulationProcess:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        local_ids: list[int] | None = None,
+        exchange_factory: Callable[[Any], Exchange] | None = None,
+        device: torch.device | None = None,
+    ):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.data = build_data(cfg.data, cfg.seed)
+        steps = self.data.steps_per_epoch()
+        if cfg.train.max_steps_per_epoch:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        self.steps_per_epoch = steps
+        self.pop = population_spec(cfg, self.data.spec, steps)
+        self.method = method_class(cfg.method.name)(cfg.method, self.pop)
+        ids = list(range(cfg.num_peers)) if local_ids is None else local_ids
+        self.peers: list[PeerRuntime] = [build_peer(cfg, self.method, k, self.device) for k in ids]
+        self.shared = build_shared(cfg, self.method, self.device)
+        self.exchange = (exchange_factory or LocalExchange)(self.method)
+        self.runner = StepRunner(cfg, self.method, self.peers, self.shared, self.exchange, self.device)
+
+    def set_epoch_lr(self, epoch: int) -> float:
+        factor = lr_factor(self.cfg.train.schedule, epoch, self.cfg.train.epochs)
+        for p in self.peers:
+            p.set_lr(factor)
+        if self.shared is not None:
+            self.shared.set_lr(factor)
+        return factor
+
+    def train_steps(
+        self, epoch: int, start_step: int = 0, on_step: Callable[[int, dict], None] | None = None
+    ):
+        """Train the steps ``start_step .. steps_per_epoch - 1`` of ``epoch``; returns summed metrics and the count."""
+        self.set_epoch_lr(epoch)
+        for p in self.peers:
+            p.train_mode()
+        sums: dict[str, Tensor] = {}
+        n = 0
+        for i, batch in enumerate(
+            self.data.train_batches(epoch, start_step=start_step, max_steps=self.steps_per_epoch - start_step)
+        ):
+            local_step = start_step + i
+            step = epoch * self.steps_per_epoch + local_step
+            metrics = self.runner.step(batch.to(self.device), epoch, step)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
+            n += 1
+            if on_step is not None:
+                on_step(local_step, metrics)
+        return sums, n
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate_peers(self.peers, self.data, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "peers": {p.name: p.state_dict() for p in self.peers},
+            "shared": self.shared.state_dict() if self.shared is not None else None,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for p in self.peers:
+            p.load_state_dict(sd["peers"][p.name])
+        if self.shared is not None and sd.get("shared") is not None:
+            self.shared.load_state_dict(sd["shared"])
+
+
+def summarise_eval(cfg: ExperimentConfig, ev: dict[str, Any]) -> dict[str, float]:
+    """Turn summed evaluation counts into per-peer and ensemble metrics."""
+    out: dict[str, float] = {}
+    n = ev["n"]
+    for k, c in ev["correct"].items():
+        name = cfg.peers[k].name
+        out[f"{name}/val_acc"] = float(c) / n
+        out[f"{name}/val_loss"] = float(ev["loss"][k]) / n
+    if ev.get("ensemble_correct") is not None:
+        out["ensemble/val_acc"] = float(ev["ensemble_correct"]) / n
+    elif ev.get("probs_sum") is not None:
+        out["ensemble/val_acc"] = float((ev["probs_sum"].argmax(1) == ev["labels"]).double().mean())
+    return out
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"metric": float("-inf"), "epoch": -1})
+
+
+def score(cfg: ExperimentConfig, metrics: dict[str, float]) -> float:
+    """The number 'best' refers to: the mean validation accuracy of the trainable peers."""
+    accs = [
+        metrics[f"{p.name}/val_acc"] for p in cfg.peers if not p.frozen and f"{p.name}/val_acc" in metrics
+    ]
+    return sum(accs) / len(accs) if accs else float("nan")
+
+
+def epoch_means(sums: dict[str, Tensor], n: int) -> dict[str, float]:
+    return {k: float(v) / max(n, 1) for k, v in sums.items()}
+
+
+def wallclock() -> float:
+    return time.perf_counter()

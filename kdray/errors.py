@@ -1,0 +1,33 @@
+"""Errors meant for users: each names what was wrong, the value given and what would be accepted."""
+
+from __future__ import annotations
+
+
+class KdrayError(Exception):
+    """Base class of every error kdray raises on purpose. The CLI prints it on one line and exits 2."""
+
+    exit_code = 2
+
+
+class ConfigError(KdrayError):
+    """A config key has a value kdray cannot honour."""
+
+    def __init__(self, key: str, value: object, accepted: str):
+        self.key, self.value, self.accepted = key, value, accepted
+        super().__init__(f"config key '{key}' = {value!r}: {accepted}")
+
+
+class DataError(KdrayError):
+    """A dataset cannot be found or read."""
+
+
+class CheckpointError(KdrayError):
+    """A checkpoint is missing, corrupt, or does not match the config."""
+
+
+class TrackingError(KdrayError):
+    """The MLflow tracking store cannot be reached or written."""
+
+
+class PlacementError(KdrayError):
+    """The cluster cannot host the population as asked."""
