@@ -163,6 +163,7 @@ class DataModule:
         self.val_batch_size = val_batch_size
 
     def steps_per_epoch(self) -> int:
+        """Full batches per epoch: the last partial batch is dropped so every step has the same batch size."""
         return self.spec.train_len // self.batch_size
 
     def epoch_indices(self, epoch: int) -> Tensor:
