@@ -48,6 +48,7 @@ def train(
     overrides: list[str] | None = None,
     out: str | Path | None = None,
     resume: str | Path | None = None,
+    callbacks: list | None = None,
 ) -> RunResult:
     """Train a population. Everything is validated (config, data, tracking store, resume checkpoint) before the
     output folder is created, so bad input never leaves a half-written run behind."""
@@ -83,11 +84,11 @@ def train(
         if cfg.engine.name == "ray":
             from kdray.engines.ray_engine import RayEngine
 
-            engine = RayEngine(cfg, out_dir, tracker)
+            engine = RayEngine(cfg, out_dir, tracker, callbacks)
         else:
             from kdray.engines.local import LocalEngine
 
-            engine = LocalEngine(cfg, out_dir, tracker)
+            engine = LocalEngine(cfg, out_dir, tracker, callbacks)
         outcome = engine.run(resume=payload)
         summary = write_summary(cfg, out_dir, outcome, run_id)
         _log_artifacts(tracker, out_dir)

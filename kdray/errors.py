@@ -31,3 +31,7 @@ class TrackingError(KdrayError):
 
 class PlacementError(KdrayError):
     """The cluster cannot host the population as asked."""
+
+
+class DivergedError(KdrayError):
+    """A loss became NaN or infinite (adversarial training can); the run stops instead of training on garbage."""

@@ -212,8 +212,11 @@ def _detach(signals: Signals) -> Signals:
 class Exchange:
     """Moves published signals between peers. ``LocalExchange`` hands over references; Ray exchanges ship bytes."""
 
-    def exchange(self, phase: str, step: int, published: dict[int, Signals]) -> dict[int, dict[int, Signals]]:
-        """``published``: local peer -> its signals. Returns local peer -> {source peer -> signals}."""
+    def exchange(
+        self, phase: Phase, step: int, published: dict[int, Signals]
+    ) -> dict[int, dict[int, Signals]]:
+        """``published``: local peer -> its signals. Returns local peer -> {source peer -> signals}, the sources
+        being those of ``method.phase_topology(phase)``."""
         raise NotImplementedError
 
     def reduce_shared_grads(self, module: nn.Module) -> None:
@@ -225,10 +228,11 @@ class Exchange:
 
 class LocalExchange(Exchange):
     def __init__(self, method: Method):
-        self.topology = method.topology
+        self.method = method
 
     def exchange(self, phase, step, published):
-        return {k: {s: published[s] for s in self.topology.sources_of(k)} for k in published}
+        topology = self.method.phase_topology(phase)
+        return {k: {s: published[s] for s in topology.sources_of(k) if s in published} for k in published}
 
 
 class StepRunner:
@@ -248,7 +252,7 @@ class StepRunner:
         self.phases = method.phases()
         self.amp = cfg.train.amp and device.type == "cuda"
         # Peers that must run a forward in peer-scope phases: trainable ones, and frozen ones others learn from.
-        sources = {s for k in range(method.pop.num_peers) for s in method.topology.sources_of(k)}
+        sources = {s for ph in self.phases for s, _ in method.phase_topology(ph).edges()}
         self._forward_peers = [p for p in peers if not p.frozen or p.index in sources]
 
     def _autocast(self):
@@ -260,7 +264,7 @@ class StepRunner:
         """One step; returns detached per-peer metrics (tensors, so the caller decides when to synchronise)."""
         rng = torch.Generator().manual_seed(seed_for(self.cfg.seed, "step", step))
         metrics: dict[str, Tensor] = {}
-        last: tuple[Tensor, dict[int, Signals], dict[int, dict[int, Signals]]] | None = None
+        last = None  # (inputs, outputs, received, published) of the previous phase
         for phase in self.phases:
             if step % phase.every:
                 continue
@@ -280,22 +284,24 @@ class StepRunner:
                     grad = shared_scope or not p.frozen
                     with torch.set_grad_enabled(grad):
                         outs[p.index] = p.net(inputs)
-                published = {
-                    p.index: _detach(method.publish(phase, p.index, outs[p.index], p.state))
-                    for p in forward_peers
+                live = {
+                    p.index: method.publish(phase, p.index, outs[p.index], p.state) for p in forward_peers
                 }
-            received = self.exchange.exchange(phase.name, step, published)
+            published = {k: _detach(v) for k, v in live.items()}
+            received = self.exchange.exchange(phase, step, published)
         else:
-            inputs, prev_outs, received = last
+            inputs, prev_outs, received, published = last
             inputs = inputs.detach()
             outs = {k: _detach(v) for k, v in prev_outs.items()}
+            live = published
         participants = self.peers if shared_scope else [p for p in self.peers if not p.frozen]
         total: Tensor | None = None
         contexts = []
         with self._autocast():
             for p in participants:
                 ctx = PeerContext(
-                    p.index, phase.name, outs[p.index], received.get(p.index, {}), batch, inputs, p.state,
+                    p.index, phase.name, outs[p.index], received.get(p.index, {}), live.get(p.index, {}),
+                    batch, inputs, p.state,
                     self.shared.module if self.shared else None, epoch, step,
                 )  # fmt: skip
                 terms = method.loss(phase, ctx)
@@ -335,7 +341,7 @@ class StepRunner:
                 opt.step()
         for ctx in contexts:
             method.after_phase(phase, ctx)
-        return inputs, outs, received
+        return inputs, outs, received, published
 
     def _clip(self, params: Iterable[Tensor]) -> None:
         if self.cfg.train.grad_clip is not None:

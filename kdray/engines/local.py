@@ -11,8 +11,10 @@ from tqdm import tqdm
 from kdray.checkpoint import save_checkpoint
 from kdray.config import ExperimentConfig
 from kdray.engines.process import (
+    EpochCallback,
     LoopState,
     PopulationProcess,
+    check_finite,
     epoch_means,
     score,
     summarise_eval,
@@ -24,8 +26,15 @@ from kdray.tracking import Tracker
 class LocalEngine:
     name = "local"
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: Path, tracker: Tracker):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out_dir: Path,
+        tracker: Tracker,
+        callbacks: list[EpochCallback] | None = None,
+    ):
         self.cfg, self.out_dir, self.tracker = cfg, Path(out_dir), tracker
+        self.callbacks = callbacks or []
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -56,7 +65,8 @@ class LocalEngine:
 
             sums, n = proc.train_steps(epoch, on_step=on_step)
             bar.close()
-            metrics = {f"train/{k}" if "/" not in k else k: v for k, v in epoch_means(sums, n).items()}
+            metrics = epoch_means(sums, n)
+            check_finite(metrics, epoch)
             metrics["lr_factor"] = proc.set_epoch_lr(epoch)
             last = epoch + 1 == cfg.train.epochs
             if last or (epoch + 1) % cfg.train.eval_every == 0:
@@ -78,6 +88,8 @@ class LocalEngine:
                 save_checkpoint(ckpt_dir / "best.pt", payload)
             if cfg.train.progress:
                 tqdm.write(epoch_line(cfg, metrics))
+            for callback in self.callbacks:
+                callback(metrics, ckpt_dir / "last.pt")
         return {
             "history": state.history,
             "best": state.best,

@@ -8,9 +8,11 @@ added up, and who writes files.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from kdray.config import ExperimentConfig
 from kdray.data import build_data
+from kdray.errors import DivergedError
 from kdray.methods import method_class
 from kdray.population import (
     Exchange,
@@ -136,6 +139,18 @@ def score(cfg: ExperimentConfig, metrics: dict[str, float]) -> float:
 
 def epoch_means(sums: dict[str, Tensor], n: int) -> dict[str, float]:
     return {k: float(v) / max(n, 1) for k, v in sums.items()}
+
+
+EpochCallback = Callable[[dict[str, float], Path], None]
+"""Called after every epoch with the epoch's metrics and the path of the checkpoint just written (Tune reports)."""
+
+
+def check_finite(metrics: dict[str, float], epoch: int) -> None:
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise DivergedError(
+            f"training diverged in epoch {epoch + 1}: {bad[0]} = {metrics[bad[0]]} ({len(bad)} non-finite metric(s))"
+        )
 
 
 def wallclock() -> float:

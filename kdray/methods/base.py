@@ -95,6 +95,9 @@ class PeerContext:
     phase: str
     out: Signals  # own outputs: "logits" + taps, with grad (detached when the phase reuses outputs)
     received: dict[int, Signals]  # source peer index -> its published signals, detached
+    published: (
+        Signals  # what this peer published in this phase: with grad, or detached when outputs are reused
+    )
     batch: Batch
     inputs: Tensor  # what the networks saw in this phase
     state: nn.Module | None  # this peer's private modules and buffers
@@ -167,6 +170,10 @@ class Method:
 
     def phases(self) -> list[Phase]:
         return [Phase("main")]
+
+    def phase_topology(self, phase: Phase) -> Topology:
+        """Who receives whose signals in this phase (default: the method's topology for every phase)."""
+        return self.topology
 
     def weight(self, term: str) -> float:
         return float(self.cfg.weights.get(term, 1.0))
