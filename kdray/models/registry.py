@@ -1,0 +1,122 @@
+"""A registry of backbones and one factory: ``create_model("resnet32", num_classes=100)`` (the timm pattern).
+
+Registered: CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), wide ResNets ``wrn_{depth}_{width}`` (any
+depth 6n + 4; the common ones are listed), ``mobilenetv2`` and ``vgg8/11/13/16/19`` for 32x32 images, and any torchvision
+classification model as ``tv:<name>``. Each registered name knows its default feature tap: the FX node of the last conv
+stage before global pooling.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from kdray.errors import ConfigError
+from kdray.models.cifar_resnet import cifar_resnet
+from kdray.models.mobilenetv2 import MobileNetV2
+from kdray.models.torchvision_models import (
+    PREFIX,
+    build_torchvision_model,
+    check_torchvision_name,
+    torchvision_default_tap,
+)
+from kdray.models.vgg import VGG_CONFIGS, vgg
+from kdray.models.wide_resnet import WideResNet
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture: ``build(num_classes=..., in_channels=..., **arch_kwargs)`` and its default tap."""
+
+    build: Callable[..., nn.Module]
+    default_tap: str
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+_WRN = re.compile(r"wrn_(\d+)_(\d+)")
+_WRN_LISTED = ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10")
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    _REGISTRY[f"resnet{_depth}"] = ArchSpec(functools.partial(cifar_resnet, _depth), "layer3")
+for _depth in (8, 32):
+    _REGISTRY[f"resnet{_depth}x4"] = ArchSpec(functools.partial(cifar_resnet, _depth, wide4=True), "layer3")
+_REGISTRY["mobilenetv2"] = ArchSpec(MobileNetV2, "features")
+for _name in VGG_CONFIGS:
+    _REGISTRY[_name] = ArchSpec(functools.partial(vgg, _name), "block4")
+
+
+def _wrn_spec(arch: str) -> ArchSpec | None:
+    match = _WRN.fullmatch(arch)
+    if match is None:
+        return None
+    depth, widen = int(match[1]), int(match[2])
+    if depth < 10 or (depth - 4) % 6 != 0 or widen < 1:
+        return None
+    return ArchSpec(functools.partial(WideResNet, depth, widen), "relu")
+
+
+def _accepted() -> str:
+    return (
+        f"accepted: {', '.join(list_models())}; any wrn_{{depth}}_{{width}} with (depth - 4) % 6 == 0; "
+        f"or tv:<name> for a torchvision classification model (e.g. tv:resnet18)"
+    )
+
+
+def _spec(arch: str) -> ArchSpec:
+    spec = _REGISTRY.get(arch) or _wrn_spec(arch)
+    if spec is None:
+        raise ConfigError("arch", arch, _accepted())
+    return spec
+
+
+def list_models() -> list[str]:
+    """The registered architecture names, in families. Not listed but accepted: any ``wrn_{depth}_{width}`` with
+    (depth - 4) % 6 == 0, and any torchvision classification model as ``tv:<name>``."""
+    return [*_REGISTRY, *_WRN_LISTED]
+
+
+def check_arch(arch: str) -> None:
+    """Raise :class:`~kdray.errors.ConfigError` (key ``arch``) unless ``arch`` names a buildable model. Builds nothing."""
+    if not isinstance(arch, str):
+        raise ConfigError("arch", arch, _accepted())
+    if arch.startswith(PREFIX):
+        check_torchvision_name(arch[len(PREFIX) :])
+    else:
+        _spec(arch)
+
+
+def default_tap(arch: str) -> str:
+    """FX node name of the last conv stage before global pooling: ``layer3`` (CIFAR ResNets), ``relu`` (WRN, after the
+    final BN-ReLU), ``features`` (mobilenetv2), ``block4`` (VGG); for ``tv:`` models found by
+    :func:`~kdray.models.torchvision_models.tap_before_pooling` (``layer4`` for resnets, ``features`` for mobilenets)."""
+    check_arch(arch)
+    if arch.startswith(PREFIX):
+        return torchvision_default_tap(arch[len(PREFIX) :])
+    return _spec(arch).default_tap
+
+
+def create_model(arch: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build ``arch`` with random weights. ``kwargs`` are the architecture's own options: ``width`` and ``shortcut``
+    (CIFAR ResNets), ``dropout`` (WRN), ``width_mult`` (mobilenetv2), the torchvision builder's options (``tv:``)."""
+    check_arch(arch)
+    if arch.startswith(PREFIX):
+        return build_torchvision_model(arch[len(PREFIX) :], num_classes, in_channels, **kwargs)
+    build = _spec(arch).build
+    params = inspect.signature(build).parameters
+    fixed = {
+        "num_classes",
+        "in_channels",
+        *getattr(build, "keywords", {}),
+    }  # partial's keywords define the arch
+    options = [p for p in params if p not in fixed]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ConfigError(
+            "arch_kwargs", kwargs, f"{arch} accepts {', '.join(options) or 'no options'}; not {unknown}"
+        )
+    return build(num_classes=num_classes, in_channels=in_channels, **kwargs)
