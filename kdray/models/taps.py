@@ -37,6 +37,7 @@ class TappedNetwork(nn.Module):
     Args:
         model: returns one logits tensor. Kept as ``self.model`` (its ``state_dict`` is what checkpoints save).
         taps: alias -> FX node name, e.g. ``{"feat": "layer3"}``. None or empty: the model is called directly.
+            Fixed at construction: to tap other nodes, wrap the model in a new ``TappedNetwork``.
     """
 
     def __init__(self, model: nn.Module, taps: dict[str, str] | None = None):
@@ -47,13 +48,12 @@ class TappedNetwork(nn.Module):
             raise ConfigError(
                 f"taps.{LOGITS}", self.taps[LOGITS], f"'{LOGITS}' is reserved for the model's output"
             )
+        if self.taps:
+            self._find_nodes()
         self._set_extractor()
 
-    # The extractor lives outside nn.Module's registries on purpose (see the module docstring).
-    def _set_extractor(self) -> None:
-        object.__setattr__(self, "_extractor", self._build_extractor() if self.taps else None)
-
-    def _build_extractor(self) -> nn.Module:
+    def _find_nodes(self) -> None:
+        """Check every tap names a node; resolve taps and logits to concrete nodes (once: the graph never changes)."""
         try:
             train_nodes, eval_nodes = get_graph_node_names(self.model, suppress_diff_warning=True)
         except Exception as err:  # any tracing failure: say which model and why
@@ -63,25 +63,34 @@ class TappedNetwork(nn.Module):
                 f"{type(self.model).__name__} cannot be traced by torch.fx ({err}); taps need FX",
             ) from err
         for alias, node in self.taps.items():
-            if not any(_matches(node, n) for n in eval_nodes) or not any(
-                _matches(node, n) for n in train_nodes
-            ):
+            if not all(any(_matches(node, n) for n in nodes) for nodes in (train_nodes, eval_nodes)):
                 top = list(dict.fromkeys(n.split(".")[0] for n in eval_nodes[1:]))
                 raise ConfigError(
                     f"taps.{alias}",
                     node,
-                    f"not a node of {type(self.model).__name__}; top-level nodes: {', '.join(top)} (all nodes: "
-                    f"torchvision.models.feature_extraction.get_graph_node_names)",
+                    f"not a node of {type(self.model).__name__}; top-level nodes: {', '.join(top)} "
+                    "(all nodes: torchvision.models.feature_extraction.get_graph_node_names)",
                 )
-        # The last traced node (the one before the graph's output) is the model's output: it gives the logits.
-        nodes = set(self.taps.values())
-        object.__setattr__(self, "_logits_node", {True: train_nodes[-1], False: eval_nodes[-1]})
-        return create_feature_extractor(
-            self.model,
-            train_return_nodes={n: n for n in nodes | {train_nodes[-1]}},
-            eval_return_nodes={n: n for n in nodes | {eval_nodes[-1]}},
-            suppress_diff_warning=True,
-        )
+        # Resolve each tap to its concrete node (a module name means its last node), per mode: two taps of one node
+        # then share one output. The last traced node (the one before the graph's output) gives the logits.
+        resolved = {}
+        for mode, nodes in ((True, train_nodes), (False, eval_nodes)):
+            taps = {alias: [n for n in nodes if _matches(node, n)][-1] for alias, node in self.taps.items()}
+            resolved[mode] = {LOGITS: nodes[-1], **taps}
+        object.__setattr__(self, "_nodes", resolved)
+
+    # The extractor lives outside nn.Module's registries on purpose (see the module docstring).
+    def _set_extractor(self) -> None:
+        extractor = None
+        if self.taps:
+            train, eval_ = (set(self._nodes[mode].values()) for mode in (True, False))
+            extractor = create_feature_extractor(
+                self.model,
+                train_return_nodes={n: n for n in train},
+                eval_return_nodes={n: n for n in eval_},
+                suppress_diff_warning=True,
+            )
+        object.__setattr__(self, "_extractor", extractor)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         extractor = self._extractor
@@ -94,10 +103,7 @@ class TappedNetwork(nn.Module):
             extractor.graph = extractor.train_graph if mode else extractor.eval_graph
             extractor.training = mode
         out = extractor(x)
-        return {
-            LOGITS: out[self._logits_node[mode]],
-            **{alias: out[node] for alias, node in self.taps.items()},
-        }
+        return {alias: out[node] for alias, node in self._nodes[mode].items()}
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> TappedNetwork:
         super()._apply(fn, *args, **kwargs)

@@ -162,3 +162,11 @@ def test_wrap_any_model() -> None:
     out = net(torch.randn(2, 1, 28, 28))
     assert out["f1"].shape == (2, 16, 28, 28) and out["f3"].shape == (2, 64, 7, 7)
     assert (out["f3"] >= 0).all()  # the final activation
+
+
+def test_two_taps_of_one_node_and_a_tap_of_the_classifier() -> None:
+    # resnet8 has one block per stage, so "layer3" ends at node "layer3.0.relu2"; "fc" is the logits node itself
+    net = tiny_resnet8({"stage": "layer3", "node": "layer3.0.relu2", "head": "fc"}).eval()
+    out = net(torch.randn(2, 3, 32, 32))
+    assert torch.equal(out["stage"], out["node"])
+    assert torch.equal(out["head"], out["logits"])
