@@ -49,9 +49,12 @@ def train(
     out: str | Path | None = None,
     resume: str | Path | None = None,
     callbacks: list | None = None,
+    parent_run_id: str | None = None,
 ) -> RunResult:
     """Train a population. Everything is validated (config, data, tracking store, resume checkpoint) before the
-    output folder is created, so bad input never leaves a half-written run behind."""
+    output folder is created, so bad input never leaves a half-written run behind.
+
+    ``parent_run_id``: nest this run's MLflow run under that run (a study's trials under the study)."""
     from kdray.data import build_data
 
     payload = None
@@ -74,7 +77,11 @@ def train(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run_id = tracker.start(cfg.name, resume_run_id=payload.get("mlflow_run_id") if payload else None)
+    run_id = tracker.start(
+        cfg.name,
+        resume_run_id=payload.get("mlflow_run_id") if payload else None,
+        parent_run_id=parent_run_id,
+    )
     tracker.log_params(cfg.flat())
     tracker.set_tags(
         {"kdray.method": cfg.method.name, "kdray.engine": cfg.engine.name, "kdray.out": str(out_dir)}
