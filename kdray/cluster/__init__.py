@@ -96,7 +96,9 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also install kdray's pinned dependencies (torch, mlflow, optuna, ...) in the job's runtime_env; "
         "only for clusters whose nodes lack them (slow: a venv per node)",
     )
-    p.add_argument("--pip", action="append", default=[], metavar="REQ", help="an extra pip requirement (repeatable)")
+    p.add_argument(
+        "--pip", action="append", default=[], metavar="REQ", help="an extra pip requirement (repeatable)"
+    )
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an env var of the job")
     p.add_argument("--job-id", help="the submission id (default: Ray picks one)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")

@@ -53,7 +53,9 @@ import yaml
 
 from kdray.errors import KdrayError
 
-RAY_VERSION = "2.60.0"  # kdray's pin (pyproject.toml); the private autoscaler API below is known at this version
+RAY_VERSION = (
+    "2.60.0"  # kdray's pin (pyproject.toml); the private autoscaler API below is known at this version
+)
 
 # Network file systems whose mount point every node sees the same. Local ones (ext4, xfs, tmpfs, overlay) are not.
 NETWORK_FS = ("nfs", "nfs4", "efs", "lustre", "cifs", "smb3", "glusterfs", "ceph", "beegfs", "gpfs", "fuse.")
@@ -110,7 +112,9 @@ def _ray_private_api():
     try:
         from ray.autoscaler._private import providers, util
     except ImportError as exc:  # pragma: no cover - only with a broken Ray install
-        raise KdrayError(f"cannot import Ray's autoscaler ({exc}); reinstall ray[default]=={RAY_VERSION}") from None
+        raise KdrayError(
+            f"cannot import Ray's autoscaler ({exc}); reinstall ray[default]=={RAY_VERSION}"
+        ) from None
     return util, providers
 
 
@@ -163,12 +167,14 @@ def ray_prepare_and_validate(raw: Any) -> dict[str, Any]:
     provider = raw.get("provider")
     if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
         raise ClusterCheckError(
-            "cluster file", [Problem("provider.type", "missing: e.g. provider: {type: aws, region: us-west-2}")]
+            "cluster file",
+            [Problem("provider.type", "missing: e.g. provider: {type: aws, region: us-west-2}")],
         )
     if provider["type"] not in providers._DEFAULT_CONFIGS and provider["type"] != "external":
         accepted = ", ".join(sorted(providers._DEFAULT_CONFIGS))
         raise ClusterCheckError(
-            "cluster file", [Problem("provider.type", f"{provider['type']!r} is not a Ray provider ({accepted})")]
+            "cluster file",
+            [Problem("provider.type", f"{provider['type']!r} is not a Ray provider ({accepted})")],
         )
     import click
 
@@ -185,7 +191,9 @@ def ray_prepare_and_validate(raw: Any) -> dict[str, Any]:
         try:
             util.validate_config(prepared)
         except Exception as exc:  # noqa: BLE001 - classified below
-            raise ClusterCheckError("cluster file", _describe_ray_refusal(exc, prepared, said.getvalue())) from None
+            raise ClusterCheckError(
+                "cluster file", _describe_ray_refusal(exc, prepared, said.getvalue())
+            ) from None
     return prepared
 
 
@@ -263,7 +271,9 @@ def _strip_prefixes(argv: list[str]) -> list[str]:
     return argv[i:]
 
 
-def node_commands(raw: dict[str, Any], prepared: dict[str, Any], defaults: dict[str, Any]) -> dict[str, list[Command]]:
+def node_commands(
+    raw: dict[str, Any], prepared: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, list[Command]]:
     """The commands each node role runs, in order: ``head`` and ``worker:<type>`` for every worker node type.
 
     Keys point at the user's file (``setup_commands[2]``), or say the list is Ray's default for the provider.
@@ -276,7 +286,10 @@ def node_commands(raw: dict[str, Any], prepared: dict[str, Any], defaults: dict[
         if name in raw:
             return [Command(key_path(name, i), c) for i, c in enumerate(raw.get(name) or [])]
         items = defaults.get(name) or []
-        return [Command(f"{name}[{i}] (Ray's default for provider {raw['provider']['type']})", c) for i, c in enumerate(items)]
+        return [
+            Command(f"{name}[{i}] (Ray's default for provider {raw['provider']['type']})", c)
+            for i, c in enumerate(items)
+        ]
 
     types = prepared["available_node_types"]
     head = prepared["head_node_type"]
@@ -320,15 +333,25 @@ def ray_requirements(text: str) -> list[tuple[str, str | None]]:
             at = words.index("install")
         except ValueError:
             continue
-        runner = " ".join(words[:at])
-        if not re.search(r"\bpip3?\b", runner):
+        # pip install, pip3 install, python -m pip install, uv pip install (not: echo pip install ...)
+        if not (at and words[at - 1] in ("pip", "pip3") and re.match(r"^(pip3?|uv|python[\d.]*)$", words[0])):
             continue
         skip_next = False
         for arg in argv[at + 1 :]:
             if skip_next:
                 skip_next = False
                 continue
-            if arg in ("-r", "-c", "-e", "-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--target"):
+            if arg in (
+                "-r",
+                "-c",
+                "-e",
+                "-i",
+                "--index-url",
+                "--extra-index-url",
+                "-f",
+                "--find-links",
+                "--target",
+            ):
                 skip_next = True
                 continue
             if arg.startswith("-"):
@@ -359,27 +382,37 @@ def check_ray_version(prepared: dict[str, Any], roles: dict[str, list[Command]])
         image = docker.get(key)
         if image and _docker_ray_version(image) != RAY_VERSION:
             problems.append(
-                Problem(f"docker.{key}", f"{image!r} does not name Ray {RAY_VERSION}: use e.g. rayproject/ray:{RAY_VERSION}-py311-gpu")
+                Problem(
+                    f"docker.{key}",
+                    f"{image!r} does not name Ray {RAY_VERSION}: use e.g. rayproject/ray:{RAY_VERSION}-py311-gpu",
+                )
             )
     for role, commands in roles.items():
         pinned = False
         for cmd in commands:
             for req, version in ray_requirements(cmd.text):
                 if version is None:
-                    problems.append(Problem(cmd.key, f"installs {req!r} without a version: pin ray=={RAY_VERSION}"))
+                    problems.append(
+                        Problem(cmd.key, f"installs {req!r} without a version: pin ray=={RAY_VERSION}")
+                    )
                 elif version != RAY_VERSION:
                     problems.append(
-                        Problem(cmd.key, f"installs Ray {version} ({req!r}); kdray runs ray=={RAY_VERSION}: pin that")
+                        Problem(
+                            cmd.key,
+                            f"installs Ray {version} ({req!r}); kdray runs ray=={RAY_VERSION}: pin that",
+                        )
                     )
                 else:
                     pinned = True
         if not pinned and not images["head" if role == "head" else "worker"]:
-            where = "setup_commands" if role == "head" else f"the commands node type {role.split(':', 1)[1]} runs"
+            where = (
+                "setup_commands" if role == "head" else f"the commands node type {role.split(':', 1)[1]} runs"
+            )
             problems.append(
                 Problem(
                     "setup_commands",
                     f"the {role.split(':')[0]} node never installs ray=={RAY_VERSION}: add "
-                    f"pip install \"ray[default,train,tune]=={RAY_VERSION}\" to {where}",
+                    f'pip install "ray[default,train,tune]=={RAY_VERSION}" to {where}',
                 )
             )
     # One problem per command line is enough: the same line runs on every role.
@@ -395,7 +428,13 @@ def check_open_binds(roles: dict[str, list[Command]]) -> list[Problem]:
                     flag, _, value = arg.partition("=")
                     if not value and i + 1 < len(argv):
                         value = argv[i + 1]
-                    if flag in ("--dashboard-host", "--host", "-h", "--bind", "--ray-client-server-host") and value in (
+                    if flag in (
+                        "--dashboard-host",
+                        "--host",
+                        "-h",
+                        "--bind",
+                        "--ray-client-server-host",
+                    ) and value in (
                         "0.0.0.0",
                         "::",
                         "[::]",
@@ -453,7 +492,9 @@ def mount_targets(text: str) -> list[tuple[str, str]]:
 
 @dataclass
 class SharedStorage:
-    mounts: dict[str, str] = field(default_factory=dict)  # mount point -> how (e.g. "nfs4 mount in setup_commands[6]")
+    mounts: dict[str, str] = field(
+        default_factory=dict
+    )  # mount point -> how (e.g. "nfs4 mount in setup_commands[6]")
     partial: dict[str, list[str]] = field(default_factory=dict)  # mounted on some roles only -> those roles
 
     def covering(self, path: str) -> str | None:
@@ -492,7 +533,9 @@ def storage_problem(key: str, location: str, storage: SharedStorage) -> Problem 
             return None
         if name != "file":
             accepted = ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES)
-            return Problem(key, f"{location!r}: unsupported scheme {name}:// (accepted: {accepted}, or a path)")
+            return Problem(
+                key, f"{location!r}: unsupported scheme {name}:// (accepted: {accepted}, or a path)"
+            )
         location = location[len("file://") :]
     suggestion = next(iter(storage.mounts), None)
     fix = (
@@ -511,7 +554,9 @@ def storage_problem(key: str, location: str, storage: SharedStorage) -> Problem 
     partial = [m for m in storage.partial if location == m or location.startswith(m + "/")]
     if partial:
         roles = ", ".join(storage.partial[partial[0]])
-        return Problem(key, f"{location!r}: {partial[0]} is mounted on {roles} only, not on every node: {fix}")
+        return Problem(
+            key, f"{location!r}: {partial[0]} is mounted on {roles} only, not on every node: {fix}"
+        )
     return Problem(key, f"{location!r} is local to one node (no shared mount covers it): {fix}")
 
 
@@ -544,8 +589,12 @@ def node_inventory(prepared: dict[str, Any], metadata: dict[str, Any]) -> list[N
         return [
             NodeType("head", "head", 1, 1, declared.get("head"), f"{key}.head"),
             NodeType(
-                "worker", "worker", min(types[head].get("min_workers", 0), workers),
-                min(prepared.get("max_workers", workers), workers), declared.get("worker"), f"{key}.worker",
+                "worker",
+                "worker",
+                min(types[head].get("min_workers", 0), workers),
+                min(prepared.get("max_workers", workers), workers),
+                declared.get("worker"),
+                f"{key}.worker",
             ),
         ]
     nodes = []
@@ -553,13 +602,22 @@ def node_inventory(prepared: dict[str, Any], metadata: dict[str, Any]) -> list[N
         role = "head" if name == head else "worker"
         resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()} or None
         lo, hi = (1, 1) if role == "head" else (spec.get("min_workers", 0), spec.get("max_workers", 0))
-        nodes.append(NodeType(name, role, lo, hi, resources, key_path("available_node_types", name, "resources")))
+        nodes.append(
+            NodeType(name, role, lo, hi, resources, key_path("available_node_types", name, "resources"))
+        )
     return nodes
 
 
-def capacity_problems(cfg, nodes: list[NodeType], max_workers: int) -> tuple[list[Problem], str]:
+def capacity_problems(
+    cfg, nodes: list[NodeType], max_workers: int, provider: str = "aws"
+) -> tuple[list[Problem], str]:
     """Can the Ray engine place ``cfg``'s peers on these nodes at ``max_workers``? Problems, and a one-line verdict."""
     eng = cfg.engine
+    more_nodes = (
+        "add machines to provider.worker_ips"
+        if provider == "local"
+        else "raise max_workers (and the node type's max_workers)"
+    )
     k, cpus, gpus = cfg.num_peers, eng.cpus_per_peer, eng.gpus_per_peer
     unknown = [n for n in nodes if n.resources is None and n.max_count > 0]
     if unknown:
@@ -585,25 +643,28 @@ def capacity_problems(cfg, nodes: list[NodeType], max_workers: int) -> tuple[lis
         total_gpus += count * n.resources.get("GPU", 0)
     problems = []
     per_node = ", ".join(
-        f"{n.name} x{1 if n.role == 'head' else n.max_count} ({n.slots(cpus, gpus)} each)" for n in nodes if n.max_count
+        f"{n.name} x{1 if n.role == 'head' else n.max_count} ({n.slots(cpus, gpus)} each)"
+        for n in nodes
+        if n.max_count
     )
     if gpus * k > total_gpus:
         problems.append(
             Problem(
                 "engine.gpus_per_peer",
                 f"{k} peers x {gpus:g} GPU = {gpus * k:g} GPUs, but the cluster has {total_gpus:g} at max_workers: "
-                "raise max_workers, use GPU node types, or lower engine.gpus_per_peer",
+                f"{more_nodes}, use GPU nodes, or lower engine.gpus_per_peer",
             )
         )
     if eng.placement == "strict_spread":
-        verdict = f"strict_spread: {k} peers need {k} nodes that each fit {bundle}; the cluster has {fitting_nodes}"
+        verdict = (
+            f"strict_spread: {k} peers need {k} nodes that each fit {bundle}; the cluster has {fitting_nodes}"
+        )
         if fitting_nodes < k:
             problems.append(
                 Problem(
                     "engine.placement",
                     f"strict_spread puts each of the {k} peers on its own node, but at max_workers={max_workers} only "
-                    f"{fitting_nodes} node(s) fit a peer {bundle} ({per_node}): raise max_workers (and the node "
-                    "type's max_workers) or use engine.placement=pack",
+                    f"{fitting_nodes} node(s) fit a peer {bundle} ({per_node}): {more_nodes} or use engine.placement=pack",
                 )
             )
     else:
@@ -613,7 +674,7 @@ def capacity_problems(cfg, nodes: list[NodeType], max_workers: int) -> tuple[lis
                 Problem(
                     "engine.placement",
                     f"{k} peers of {bundle} do not fit: at max_workers={max_workers} there is room for {slots} "
-                    f"({per_node}): raise max_workers or lower engine.cpus_per_peer / engine.gpus_per_peer",
+                    f"({per_node}): {more_nodes} or lower engine.cpus_per_peer / engine.gpus_per_peer",
                 )
             )
     return problems, verdict
@@ -631,13 +692,21 @@ class ClusterReport:
     warnings: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        lines = [f"{self.source}: accepted by `ray up` (Ray {RAY_VERSION} schema and {self.provider} defaults)"]
+        lines = [
+            f"{self.source}: accepted by `ray up` (Ray {RAY_VERSION} schema and {self.provider} defaults)"
+        ]
         rows = [("node type", "role", "nodes", "CPU", "GPU")]
         for n in self.nodes:
             count = "1" if n.role == "head" else f"{n.min_count}..{n.max_count}"
             res = n.resources or {}
             rows.append(
-                (n.name, n.role, count, f"{res['CPU']:g}" if "CPU" in res else "?", f"{res.get('GPU', 0):g}" if n.resources else "?")
+                (
+                    n.name,
+                    n.role,
+                    count,
+                    f"{res['CPU']:g}" if "CPU" in res else "?",
+                    f"{res.get('GPU', 0):g}" if n.resources else "?",
+                )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -659,7 +728,9 @@ def _metadata(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
     if not isinstance(meta, dict):
         return {}, [Problem("metadata.kdray", "must be a mapping")]
     problems = [
-        Problem(key_path("metadata", "kdray", k), f"unknown key (accepted: {', '.join(sorted(METADATA_KEYS))})")
+        Problem(
+            key_path("metadata", "kdray", k), f"unknown key (accepted: {', '.join(sorted(METADATA_KEYS))})"
+        )
         for k in meta
         if k not in METADATA_KEYS
     ]
@@ -675,7 +746,10 @@ def _metadata(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
                 isinstance(v, (int, float)) and v >= 0 for v in res.values()
             ):
                 problems.append(
-                    Problem(key_path("metadata", "kdray", "node_resources", role), f"{res!r}: e.g. {{CPU: 16, GPU: 1}}")
+                    Problem(
+                        key_path("metadata", "kdray", "node_resources", role),
+                        f"{res!r}: e.g. {{CPU: 16, GPU: 1}}",
+                    )
                 )
     return meta, problems
 
@@ -685,7 +759,9 @@ def _local_file_mounts(raw: dict[str, Any], base: Path) -> list[str]:
     for remote, local in (raw.get("file_mounts") or {}).items():
         path = Path(os.path.expanduser(str(local)))
         if not (path if path.is_absolute() else Path.cwd() / path).exists():
-            missing.append(f"file_mounts[{remote!r}]: local path {local!r} does not exist here, so `ray up` will fail")
+            missing.append(
+                f"file_mounts[{remote!r}]: local path {local!r} does not exist here, so `ray up` will fail"
+            )
     return missing
 
 
@@ -715,7 +791,10 @@ def check_cluster(
         lo, hi = spec.get("min_workers", 0), spec.get("max_workers", 0)
         if lo > hi:
             problems.append(
-                Problem(key_path("available_node_types", name, "min_workers"), f"{lo} is more than max_workers {hi}")
+                Problem(
+                    key_path("available_node_types", name, "min_workers"),
+                    f"{lo} is more than max_workers {hi}",
+                )
             )
     roles = node_commands(raw, prepared, defaults)
     problems += check_ray_version(prepared, roles)
@@ -753,7 +832,7 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
             "--set engine.name=ray spreads the peers over the cluster"
         )
         return []
-    problems, verdict = capacity_problems(cfg, report.nodes, report.max_workers)
+    problems, verdict = capacity_problems(cfg, report.nodes, report.max_workers, report.provider)
     report.experiment.append(f"  {verdict}")
     if multi_node:
         if eng.storage_path is None:
@@ -763,7 +842,11 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
                     "engine.storage_path",
                     "not set: Ray Train would checkpoint to <out>/ray_storage on the node that runs the job, which the "
                     "other nodes cannot reach; set it to "
-                    + (f"a folder under {mount}, e.g. {mount}/ray_storage" if mount else "shared storage (s3://...)"),
+                    + (
+                        f"a folder under {mount}, e.g. {mount}/ray_storage"
+                        if mount
+                        else "shared storage (s3://...)"
+                    ),
                 )
             )
         else:
@@ -771,7 +854,9 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
             if p:
                 problems.append(p)
             else:
-                report.experiment.append(f"  engine.storage_path {eng.storage_path}: reachable from every node")
+                report.experiment.append(
+                    f"  engine.storage_path {eng.storage_path}: reachable from every node"
+                )
     tracking = cfg.tracking
     if tracking.enabled and tracking.uri is None:
         report.warnings.append(
@@ -781,7 +866,9 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
         db = tracking.uri.removeprefix("sqlite:///")
         if not db.startswith("/"):
             problems.append(
-                Problem("tracking.uri", f"{tracking.uri!r}: a relative store lands in the job's temporary folder")
+                Problem(
+                    "tracking.uri", f"{tracking.uri!r}: a relative store lands in the job's temporary folder"
+                )
             )
         elif multi_node and storage_problem("tracking.uri", db, report.storage):
             report.warnings.append(

@@ -70,7 +70,10 @@ def build_entrypoint(config: str, overrides: list[str], out: str | None) -> str:
 
 
 def build_runtime_env(
-    working_dir: str | Path, pip: list[str] | None = None, with_deps: bool = False, env: dict[str, str] | None = None
+    working_dir: str | Path,
+    pip: list[str] | None = None,
+    with_deps: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
@@ -131,7 +134,9 @@ def _client(address: str):
             if "auth" in first.lower() or "401" in first or "403" in first
             else "is the cluster up, and the tunnel open (`ray dashboard cluster.yaml`)?"
         )
-        raise KdrayError(f"kdray submit: cannot reach the Ray Jobs API at {address} ({first}); {hint}") from None
+        raise KdrayError(
+            f"kdray submit: cannot reach the Ray Jobs API at {address} ({first}); {hint}"
+        ) from None
 
 
 async def _follow(client, job_id: str, deadline: float | None) -> None:
@@ -185,7 +190,9 @@ def submit_job(
             time.sleep(1.0)  # the log stream can close a moment before the status turns terminal
             status = str(client.get_job_status(job_id))
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. Stop it with: ray job stop --address {address} {job_id}")
+        print(
+            f"\nstopped following; the job goes on. Stop it with: ray job stop --address {address} {job_id}"
+        )
         return 130
     status = status.split(".")[-1]
     info = client.get_job_info(job_id)
