@@ -210,14 +210,24 @@ def _detach(signals: Signals) -> Signals:
 
 
 class Exchange:
-    """Moves published signals between peers. ``LocalExchange`` hands over references; Ray exchanges ship bytes."""
+    """Moves published signals between peers. ``LocalExchange`` hands over references; Ray exchanges ship bytes
+    (``kdray.exchange``)."""
+
+    def attach(self, peers: list[PeerRuntime]) -> None:
+        """Called once this process's peers are built (the stale exchange copies their architectures)."""
 
     def exchange(
-        self, phase: Phase, step: int, published: dict[int, Signals]
+        self, phase: Phase, step: int, published: dict[int, Signals], inputs: Tensor | None = None
     ) -> dict[int, dict[int, Signals]]:
         """``published``: local peer -> its signals. Returns local peer -> {source peer -> signals}, the sources
-        being those of ``method.phase_topology(phase)``."""
+        being those of ``method.phase_topology(phase)``. ``inputs``: what the networks saw in this phase (the
+        stale exchange runs its copies of the source peers on it)."""
         raise NotImplementedError
+
+    def distilling(self, step: int) -> bool:
+        """False during a burn-in (stale exchange): the peers then train on the method's task terms only
+        (``Method.task_terms``, default ``("ce",)``); every other term is computed and logged with weight 0."""
+        return True
 
     def reduce_shared_grads(self, module: nn.Module) -> None:
         """Sum the shared module's gradients over all processes (no-op when everything is local)."""
@@ -230,7 +240,7 @@ class LocalExchange(Exchange):
     def __init__(self, method: Method):
         self.method = method
 
-    def exchange(self, phase, step, published):
+    def exchange(self, phase, step, published, inputs=None):
         topology = self.method.phase_topology(phase)
         return {k: {s: published[s] for s in topology.sources_of(k) if s in published} for k in published}
 
@@ -288,13 +298,14 @@ class StepRunner:
                     p.index: method.publish(phase, p.index, outs[p.index], p.state) for p in forward_peers
                 }
             published = {k: _detach(v) for k, v in live.items()}
-            received = self.exchange.exchange(phase, step, published)
+            received = self.exchange.exchange(phase, step, published, inputs)
         else:
             inputs, prev_outs, received, published = last
             inputs = inputs.detach()
             outs = {k: _detach(v) for k, v in prev_outs.items()}
             live = published
         participants = self.peers if shared_scope else [p for p in self.peers if not p.frozen]
+        weights = self._weights(step)
         total: Tensor | None = None
         contexts = []
         with self._autocast():
@@ -305,7 +316,7 @@ class StepRunner:
                     self.shared.module if self.shared else None, epoch, step,
                 )  # fmt: skip
                 terms = method.loss(phase, ctx)
-                loss = sum(method.weight(t) * v for t, v in terms.items())
+                loss = sum(weights(t) * v for t, v in terms.items())
                 total = loss if total is None else total + loss
                 prefix = "shared" if shared_scope else p.name
                 for t, v in terms.items():
@@ -342,6 +353,12 @@ class StepRunner:
         for ctx in contexts:
             method.after_phase(phase, ctx)
         return inputs, outs, received, published
+
+    def _weights(self, step: int):
+        if self.exchange.distilling(step):
+            return self.method.weight
+        task_terms = getattr(self.method, "task_terms", ("ce",))
+        return lambda t: self.method.weight(t) if t in task_terms else 0.0
 
     def _clip(self, params: Iterable[Tensor]) -> None:
         if self.cfg.train.grad_clip is not None:
