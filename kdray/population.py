@@ -261,6 +261,8 @@ class StepRunner:
         self.device = device
         self.phases = method.phases()
         self.amp = cfg.train.amp and device.type == "cuda"
+        # Training accuracy is read off the first phase that trains the networks on the batch.
+        self._acc_phase = next((ph for ph in self.phases if ph.optimizer == "net"), self.phases[0])
         # Peers that must run a forward in peer-scope phases: trainable ones, and frozen ones others learn from.
         sources = {s for ph in self.phases for s, _ in method.phase_topology(ph).edges()}
         self._forward_peers = [p for p in peers if not p.frozen or p.index in sources]
@@ -324,9 +326,9 @@ class StepRunner:
                     metrics[key] = metrics.get(key, 0) + v.detach().float()
                 for t, v in ctx.metrics.items():
                     metrics[f"{p.name}/{t}"] = torch.as_tensor(v, dtype=torch.float32)
-                if phase.name == self.phases[0].name and "logits" in outs[p.index]:
-                    acc = (outs[p.index]["logits"].detach().argmax(1) == batch.y).float().mean()
-                    metrics[f"{p.name}/train_acc"] = acc
+                if phase is self._acc_phase and "logits" in outs[p.index]:
+                    pred = outs[p.index]["logits"][: len(batch.y)].detach().argmax(1)
+                    metrics[f"{p.name}/train_acc"] = (pred == batch.y).float().mean()
                 contexts.append(ctx)
         # Zero only the groups this phase steps; each group zeroes before its own backward, so grads that
         # another phase's loss left on these parameters never leak into this update.

@@ -24,7 +24,10 @@ TINY = {
         "val_batch_size": 64,
         "synthetic": {"num_classes": 4, "channels": 1, "image_size": 12, "train_len": 128, "val_len": 64},
     },
-    "peers": [{"arch": "resnet8", "arch_kwargs": {"width": 4}}, {"arch": "resnet8", "arch_kwargs": {"width": 4}}],
+    "peers": [
+        {"arch": "resnet8", "arch_kwargs": {"width": 4}},
+        {"arch": "resnet8", "arch_kwargs": {"width": 4}},
+    ],
     "method": {"name": "dml"},
     "train": {
         "epochs": 1,

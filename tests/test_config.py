@@ -22,7 +22,9 @@ def test_partial_weights_keep_other_defaults(tiny_raw):
 
 
 def test_overrides_are_typed_and_nested(tiny_raw):
-    cfg = load_config(tiny_raw, ["train.epochs=3", "method.temperature=4", "peers.1.arch=resnet14", "data.train_size=null"])
+    cfg = load_config(
+        tiny_raw, ["train.epochs=3", "method.temperature=4", "peers.1.arch=resnet14", "data.train_size=null"]
+    )
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.method.temperature == 4.0
     assert cfg.peers[1].arch == "resnet14"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from kdray.errors import ConfigError
+from kdray.methods.acn import ACN
+from kdray.methods.afd import AFD
 from kdray.methods.base import Method, PeerContext, Phase, PopulationSpec
 from kdray.methods.dml import DML
 from kdray.methods.independent import Independent
 from kdray.methods.kd import HintonKD
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Independent, DML, HintonKD)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Independent, DML, HintonKD, AFD, ACN)}
 
 
 def register(method: type[Method]) -> type[Method]:
