@@ -8,18 +8,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kdray.checkpoint import save_checkpoint
 from kdray.config import ExperimentConfig
-from kdray.engines.process import (
-    EpochCallback,
-    LoopState,
-    PopulationProcess,
-    check_finite,
-    epoch_means,
-    score,
-    summarise_eval,
-    wallclock,
-)
+from kdray.engines.process import EpochCallback, EpochLoop, LoopState, PopulationProcess, wallclock
 from kdray.tracking import Tracker
 
 
@@ -47,57 +37,48 @@ class LocalEngine:
             state = LoopState(
                 resume["epoch"], list(resume.get("history", [])), dict(resume.get("best", state.best))
             )
-        first_step_s: float | None = None
-        ckpt_dir = self.out_dir / "checkpoints"
-        for epoch in range(state.epoch, cfg.train.epochs):
-            bar = tqdm(
-                total=proc.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                disable=not cfg.train.progress, dynamic_ncols=True,
-            )  # fmt: skip
-
-            def on_step(i: int, metrics: dict, bar=bar) -> None:
-                nonlocal first_step_s
-                if first_step_s is None:
-                    first_step_s = wallclock() - t0
-                bar.update(1)
-                if i % 10 == 0 and not bar.disable:
-                    bar.set_postfix_str(progress_text(cfg, metrics))
-
-            sums, n = proc.train_steps(epoch, on_step=on_step)
-            bar.close()
-            metrics = epoch_means(sums, n)
-            check_finite(metrics, epoch)
-            metrics["lr_factor"] = proc.set_epoch_lr(epoch)
-            last = epoch + 1 == cfg.train.epochs
-            if last or (epoch + 1) % cfg.train.eval_every == 0:
-                metrics.update(summarise_eval(cfg, proc.evaluate()))
-            metrics["epoch"] = epoch + 1
-            state.epoch = epoch + 1
-            state.history.append(metrics)
-            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-            improved = score(cfg, metrics) > state.best["metric"]
-            if improved:
-                state.best = {"metric": score(cfg, metrics), "epoch": epoch + 1}
-            payload = {
-                "config": cfg.to_dict(), "epoch": state.epoch, "step": state.epoch * proc.steps_per_epoch,
-                "rng": torch.get_rng_state(), "mlflow_run_id": self.tracker.run_id, "history": state.history,
-                "best": state.best, **proc.state_dict(),
-            }  # fmt: skip
-            save_checkpoint(ckpt_dir / "last.pt", payload)
-            if improved:
-                save_checkpoint(ckpt_dir / "best.pt", payload)
-            if cfg.train.progress:
-                tqdm.write(epoch_line(cfg, metrics))
-            for callback in self.callbacks:
-                callback(metrics, ckpt_dir / "last.pt")
+        loop = LocalLoop(self, proc, t0)
+        loop.run(state)
         return {
             "history": state.history,
             "best": state.best,
             "peer_params": {p.name: proc.pop.peers[p.index].num_params for p in proc.peers},
             "wall_s": wallclock() - t0,
-            "first_step_s": first_step_s,
+            "first_step_s": loop.first_step_s,
             "steps_per_epoch": proc.steps_per_epoch,
         }
+
+
+class LocalLoop(EpochLoop):
+    """The epoch loop with a progress bar, MLflow metrics and the epoch callbacks, all in this process."""
+
+    def __init__(self, engine: LocalEngine, proc: PopulationProcess, t0: float):
+        cfg = engine.cfg
+        super().__init__(cfg, proc, engine.out_dir / "checkpoints", cfg.to_dict(), engine.tracker.run_id, t0)
+        self.engine = engine
+        self.bar: tqdm | None = None
+
+    def before_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        self.bar = tqdm(
+            total=self.proc.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+            disable=not cfg.train.progress, dynamic_ncols=True,
+        )  # fmt: skip
+
+    def after_step(self, epoch: int, local_step: int, metrics: dict) -> None:
+        self.bar.update(1)
+        if local_step % 10 == 0 and not self.bar.disable:
+            self.bar.set_postfix_str(progress_text(self.cfg, metrics))
+
+    def after_train_steps(self, epoch: int) -> None:
+        self.bar.close()
+
+    def after_epoch(self, metrics: dict[str, float], state: LoopState, checkpoint: Path | None) -> None:
+        self.engine.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=state.epoch)
+        if self.cfg.train.progress:
+            tqdm.write(epoch_line(self.cfg, metrics))
+        for callback in self.engine.callbacks:
+            callback(metrics, checkpoint)
 
 
 def progress_text(cfg: ExperimentConfig, metrics: dict) -> str:

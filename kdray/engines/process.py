@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdray.checkpoint import save_checkpoint
 from kdray.config import ExperimentConfig
 from kdray.data import build_data
 from kdray.errors import DivergedError
@@ -59,6 +60,7 @@ class PopulationProcess:
         self.peers: list[PeerRuntime] = [build_peer(cfg, self.method, k, self.device) for k in ids]
         self.shared = build_shared(cfg, self.method, self.device)
         self.exchange = (exchange_factory or LocalExchange)(self.method)
+        self.exchange.attach(self.peers)
         self.runner = StepRunner(cfg, self.method, self.peers, self.shared, self.exchange, self.device)
 
     def set_epoch_lr(self, epoch: int) -> float:
@@ -69,23 +71,26 @@ class PopulationProcess:
             self.shared.set_lr(factor)
         return factor
 
-    def train_steps(
-        self, epoch: int, start_step: int = 0, on_step: Callable[[int, dict], None] | None = None
-    ):
-        """Train the steps ``start_step .. steps_per_epoch - 1`` of ``epoch``; returns summed metrics and the count."""
+    def steps(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """Train the steps ``start_step .. steps_per_epoch - 1`` of ``epoch``, yielding (step in epoch, metrics)."""
         self.set_epoch_lr(epoch)
         for p in self.peers:
             p.train_mode()
-        sums: dict[str, Tensor] = {}
-        n = 0
         for i, batch in enumerate(
             self.data.train_batches(epoch, start_step=start_step, max_steps=self.steps_per_epoch - start_step)
         ):
             local_step = start_step + i
             step = epoch * self.steps_per_epoch + local_step
-            metrics = self.runner.step(batch.to(self.device), epoch, step)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v
+            yield local_step, self.runner.step(batch.to(self.device), epoch, step)
+
+    def train_steps(
+        self, epoch: int, start_step: int = 0, on_step: Callable[[int, dict], None] | None = None
+    ):
+        """Train the steps ``start_step .. steps_per_epoch - 1`` of ``epoch``; returns summed metrics and the count."""
+        sums: dict[str, Tensor] = {}
+        n = 0
+        for local_step, metrics in self.steps(epoch, start_step):
+            add_metrics(sums, metrics)
             n += 1
             if on_step is not None:
                 on_step(local_step, metrics)
@@ -105,6 +110,11 @@ class PopulationProcess:
             p.load_state_dict(sd["peers"][p.name])
         if self.shared is not None and sd.get("shared") is not None:
             self.shared.load_state_dict(sd["shared"])
+
+
+def add_metrics(sums: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0) + v
 
 
 def summarise_eval(cfg: ExperimentConfig, ev: dict[str, Any]) -> dict[str, float]:
@@ -155,3 +165,100 @@ def check_finite(metrics: dict[str, float], epoch: int) -> None:
 
 def wallclock() -> float:
     return time.perf_counter()
+
+
+class EpochLoop:
+    """The epoch loop every engine runs: train the steps, merge the metrics, evaluate, checkpoint, report.
+
+    As written the whole population lives in this process (``LocalEngine``). A Ray worker runs a subclass on its one
+    peer: ``merge_metrics`` / ``merge_eval`` join its sums with the other workers' (every rank gets the same numbers,
+    so every rank takes the same decisions), ``population_state`` gathers every peer to rank 0, the only writer of
+    ``checkpoints/last.pt``, and the ``before_*`` / ``after_*`` hooks report.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        proc: PopulationProcess,
+        ckpt_dir: Path,
+        config: dict[str, Any],
+        run_id: str | None,
+        t0: float,
+    ):
+        self.cfg, self.proc, self.ckpt_dir = cfg, proc, Path(ckpt_dir)
+        self.config, self.run_id, self.t0 = config, run_id, t0
+        self.first_step_s: float | None = None
+        self.sums: dict[str, Tensor] = {}  # this epoch's summed step metrics so far
+        self.n = 0
+
+    # ------------------------------------------------------------------ what engines override
+    def before_epoch(self, epoch: int) -> None:
+        pass
+
+    def after_step(self, epoch: int, local_step: int, metrics: dict[str, Tensor]) -> None:
+        pass
+
+    def after_train_steps(self, epoch: int) -> None:
+        pass
+
+    def merge_metrics(self, sums: dict[str, Tensor], n: int) -> dict[str, float]:
+        return epoch_means(sums, n)
+
+    def merge_eval(self, ev: dict[str, Any]) -> dict[str, Any]:
+        return ev
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {}
+
+    def population_state(self) -> dict[str, Any] | None:
+        """Every peer's state for ``last.pt``; None in processes that do not write it."""
+        return self.proc.state_dict()
+
+    def after_epoch(self, metrics: dict[str, float], state: LoopState, checkpoint: Path | None) -> None:
+        pass
+
+    # ------------------------------------------------------------------ the loop
+    def run(
+        self, state: LoopState, start_step: int = 0, sums: dict[str, Tensor] | None = None, n: int = 0
+    ) -> LoopState:
+        """Train from ``state.epoch`` (and ``start_step`` inside it, with that epoch's ``sums`` so far) to the end."""
+        self.sums, self.n = dict(sums or {}), n
+        for epoch in range(state.epoch, self.cfg.train.epochs):
+            self.before_epoch(epoch)
+            for local_step, metrics in self.proc.steps(epoch, start_step):
+                if self.first_step_s is None:
+                    self.first_step_s = wallclock() - self.t0
+                add_metrics(self.sums, metrics)
+                self.n += 1
+                self.after_step(epoch, local_step, metrics)
+            self.after_train_steps(epoch)
+            self.end_epoch(epoch, state)
+            start_step, self.sums, self.n = 0, {}, 0
+        return state
+
+    def end_epoch(self, epoch: int, state: LoopState) -> None:
+        cfg, proc = self.cfg, self.proc
+        metrics = self.merge_metrics(self.sums, self.n)
+        check_finite(metrics, epoch)
+        metrics["lr_factor"] = proc.set_epoch_lr(epoch)
+        if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.train.eval_every == 0:
+            metrics.update(summarise_eval(cfg, self.merge_eval(proc.evaluate())))
+        metrics.update(self.extra_metrics())
+        metrics["epoch"] = epoch + 1
+        state.epoch = epoch + 1
+        state.history.append(metrics)
+        improved = score(cfg, metrics) > state.best["metric"]
+        if improved:
+            state.best = {"metric": score(cfg, metrics), "epoch": epoch + 1}
+        population = self.population_state()
+        path = None
+        if population is not None:
+            payload = {
+                "config": self.config, "epoch": state.epoch, "step": state.epoch * proc.steps_per_epoch,
+                "rng": torch.get_rng_state(), "mlflow_run_id": self.run_id, "history": state.history,
+                "best": state.best, **population,
+            }  # fmt: skip
+            path = save_checkpoint(self.ckpt_dir / "last.pt", payload)
+            if improved:
+                save_checkpoint(self.ckpt_dir / "best.pt", payload)
+        self.after_epoch(metrics, state, path)

@@ -1,0 +1,197 @@
+"""What every Ray exchange shares: the wire layout of a set of signals, the meter, and the shared-gradient sum.
+
+A set of named tensors (one peer's published signals, or a peer's weights) travels as one flat ``uint8`` buffer:
+an 8-byte signature of its layout, then each tensor's bytes at a 16-byte aligned offset. Both ends know the layout
+(negotiated once per phase, or derived from the architecture), so only bytes move; the signature catches a layout
+that changed under way instead of letting a receiver read garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kdray.errors import KdrayError
+from kdray.population import Exchange
+
+HEADER_BYTES = 8
+ALIGN = 16
+
+
+class ExchangeError(KdrayError):
+    """Signals cannot be exchanged as the method declares them."""
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class SignalLayout:
+    """Names, shapes, dtypes and byte offsets of a set of tensors packed into one buffer (header included)."""
+
+    entries: tuple[tuple[str, tuple[int, ...], str, int], ...]  # (name, shape, dtype, offset)
+    nbytes: int  # header + payload, aligned
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, Tensor]) -> SignalLayout:
+        entries, offset = [], _align(HEADER_BYTES)
+        for name in sorted(tensors):
+            t = tensors[name]
+            entries.append((name, tuple(t.shape), str(t.dtype), offset))
+            offset = _align(offset + t.numel() * t.element_size())
+        return cls(tuple(entries), offset)
+
+    @property
+    def signature(self) -> int:
+        digest = hashlib.blake2b(repr(self.entries).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little", signed=True)
+
+    def pack(self, tensors: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
+        """The tensors as one ``uint8`` buffer of ``nbytes`` (written into ``out`` when given)."""
+        first = next(iter(tensors.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=device) if out is None else out
+        buf[:HEADER_BYTES] = torch.tensor([self.signature], dtype=torch.int64).view(torch.uint8)
+        for name, shape, dtype, offset in self.entries:
+            t = tensors[name]
+            if tuple(t.shape) != shape or str(t.dtype) != dtype:
+                raise ExchangeError(
+                    f"signal '{name}' is {tuple(t.shape)} {t.dtype}, its layout says {shape} {dtype}"
+                )
+            flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            buf[offset : offset + flat.numel()] = flat
+        return buf
+
+    def unpack(self, buf: Tensor, source: str = "a peer") -> dict[str, Tensor]:
+        """Views into ``buf`` (no copy); checks the signature first."""
+        sig = int(buf[:HEADER_BYTES].cpu().view(torch.int64)[0])
+        if sig != self.signature:
+            raise ExchangeError(
+                f"the signals from {source} changed layout between steps (the collective exchange needs fixed "
+                "shapes per phase); use engine.exchange=actor for signals whose shapes vary"
+            )
+        out = {}
+        for name, shape, dtype, offset in self.entries:
+            dt = _dtype(dtype)
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+            out[name] = buf[offset : offset + size].view(dt).view(shape)
+        return out
+
+    def describe(self) -> tuple:
+        return self.entries, self.nbytes
+
+    @classmethod
+    def from_description(cls, desc: tuple) -> SignalLayout:
+        entries, nbytes = desc
+        return cls(tuple((n, tuple(s), d, o) for n, s, d, o in entries), nbytes)
+
+
+class ExchangeMeter:
+    """Bytes delivered to this peer and wall time spent exchanging, per training step."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.seconds = 0.0
+        self.steps = 0
+        self._last_step: int | None = None
+
+    def step(self, step: int) -> None:
+        if step != self._last_step:
+            self._last_step = step
+            self.steps += 1
+
+    @contextlib.contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def summary(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {"bytes_per_step": self.bytes / steps, "ms_per_step": 1000.0 * self.seconds / steps}
+
+
+def weights_of(modules: Mapping[str, nn.Module | None]) -> dict[str, Tensor]:
+    """Parameters and buffers of several modules under one namespace (``net.conv1.weight``, ``state.disc...``)."""
+    out = {}
+    for prefix, module in modules.items():
+        if module is not None:
+            out.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    return out
+
+
+class DistributedExchange(Exchange):
+    """An exchange between the ranks of a ``torch.distributed`` group: one peer per rank (rank = peer index).
+
+    ``group``: the process group of the signals (gloo on CPU, nccl on GPU); ``object_group``: a gloo group for
+    small Python objects (layouts). Shared-module gradients are always summed over ``group``.
+    """
+
+    name = "distributed"
+
+    def __init__(self, method, rank: int, world: int, device: torch.device, group=None, object_group=None):
+        self.method = method
+        self.rank, self.world, self.device = rank, world, device
+        self.group, self.object_group = group, object_group
+        self.meter = ExchangeMeter()
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.object_group)
+        return out
+
+    def reduce_shared_grads(self, module: nn.Module) -> None:
+        """All-reduce (sum) of the shared module's gradients: every replica then takes the same update.
+
+        A parameter that got no gradient on any rank keeps ``grad = None`` (the optimizer skips it, as in one
+        process); one that got a gradient somewhere gets the sum, zeros standing in for the ranks without one.
+        """
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params or self.world == 1:
+            return
+        with self.meter.timed():
+            device = params[0].device
+            has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+            flat = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                + [has]
+            )
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            self.meter.bytes += flat.numel() * flat.element_size()
+            got = flat[-len(params) :].tolist()
+            offset = 0
+            for p, g in zip(params, got):
+                n = p.numel()
+                if g > 0:
+                    p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
+                offset += n
+
+    def stats(self) -> dict[str, float]:
+        """This peer's exchange figures since the last call (the meter restarts)."""
+        out = self.meter.summary()
+        self.meter.reset()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
