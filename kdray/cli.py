@@ -64,7 +64,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from kdray.methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        first = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        first = next(iter(doc.strip().splitlines()), "")
         print(f"{name:<12} terms={','.join(cls.terms):<24} {first}")
     return 0
 

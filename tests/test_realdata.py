@@ -1,0 +1,51 @@
+"""Real data: a short DML run on Fashion-MNIST learns, and its summary and MLflow run hold per-peer metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kdray
+
+pytestmark = pytest.mark.realdata
+
+
+def test_dml_on_fashion_mnist_learns_and_is_tracked(fmnist_root, tmp_path):
+    result = kdray.train(
+        "configs/demo.yaml",
+        overrides=[
+            f"data.root={fmnist_root}",
+            "data.download=false",
+            "data.train_size=6000",
+            "data.val_size=2000",
+            "data.batch_size=64",
+            "peers.1.arch=resnet8",
+            "train.epochs=1",
+            "train.optimizer.lr=0.05",
+            "train.progress=false",
+            "train.device=cpu",
+        ],
+        out=tmp_path / "runs" / "fmnist",
+    )
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    assert summary["method"] == "dml" and summary["epochs"] == 1
+    for peer in summary["peers"]:
+        assert peer["val_acc"] > 0.6, peer  # chance is 0.1
+        assert 0 < peer["val_loss"] < 2.3
+        assert peer["params"] > 0
+    assert summary["ensemble_acc"] > 0.6
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for peer in summary["peers"]:
+        name = peer["name"]
+        assert run.data.metrics[f"{name}/val_acc"] == pytest.approx(peer["val_acc"])
+        assert f"{name}/loss_kl" in run.data.metrics and f"{name}/loss_ce" in run.data.metrics
+    assert run.data.params["method.name"] == "dml"
+    assert run.data.params["data.train_size"] == "6000"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "curves.png", "checkpoints"} <= artifacts
