@@ -1,0 +1,243 @@
+"""A real multi-node Ray cluster on loopback addresses, started with ``ray start`` and stopped by PID.
+
+The head listens on 127.0.0.2 (GCS, dashboard and Jobs API), each worker node on its own 127.0.0.x, so Ray sees as
+many nodes as a real cluster would (distinct node IPs, node_rank 0..n-1). Everything stays private to the test:
+its own temp dir (``RAY_TMPDIR``), free ports it picked, token authentication with a fresh token in the environment
+(never ~/.ray/auth_token), and at the end only the processes it started are stopped (never ``ray stop``).
+
+By hand: ``python -m tests.cluster.loopback`` starts one and prints the address (Ctrl-C stops it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+class LoopbackCluster:
+    def __init__(
+        self, worker_ips=("127.0.0.3", "127.0.0.4"), head_ip: str = "127.0.0.2", cpus_per_node: int = 1
+    ):
+        self.head_ip, self.worker_ips, self.cpus = head_ip, list(worker_ips), cpus_per_node
+        # Short: Ray's unix socket paths must stay under ~107 characters.
+        self.root = Path(tempfile.mkdtemp(prefix="kdr-", dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(
+            RAY_TMPDIR=str(self.root),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        self.gcs_port = free_port(head_ip)
+        self.dashboard_port = free_port(head_ip)
+        self.procs: list[subprocess.Popen] = []
+        self._ports_base = 20000 + secrets.randbelow(200) * 100
+
+    @property
+    def address(self) -> str:
+        return f"{self.head_ip}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.head_ip}:{self.dashboard_port}"
+
+    def _node_args(self, ip: str, index: int) -> list[str]:
+        lo = self._ports_base + index * 30
+        return [
+            f"--node-ip-address={ip}",
+            f"--num-cpus={self.cpus}",
+            "--num-gpus=0",
+            "--object-store-memory=100000000",
+            f"--node-manager-port={free_port(ip)}",
+            f"--object-manager-port={free_port(ip)}",
+            f"--dashboard-agent-listen-port={free_port(ip)}",
+            f"--dashboard-agent-grpc-port={free_port(ip)}",
+            f"--runtime-env-agent-port={free_port(ip)}",
+            f"--metrics-export-port={free_port(ip)}",
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={lo + 29}",
+            "--disable-usage-stats",
+            "--block",
+        ]
+
+    def _spawn(self, args: list[str], name: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+
+    def start(self, timeout_s: float = 60.0) -> LoopbackCluster:
+        head = [
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--temp-dir={self.root}",
+            "--include-dashboard=true",
+            f"--dashboard-host={self.head_ip}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port(self.head_ip)}",
+        ]
+        self._spawn(head + self._node_args(self.head_ip, 0), "head")
+        # One node at a time: on a busy 2-core machine, nodes starting together can miss Ray's fixed 30 s
+        # registration deadline.
+        self._wait_for(lambda: self._started("head"), timeout_s, "the head node")
+        for i, ip in enumerate(self.worker_ips, start=1):
+            self._spawn([f"--address={self.address}", *self._node_args(ip, i)], f"worker{i}")
+            self._wait_for(lambda i=i: self._started(f"worker{i}"), timeout_s, f"worker node {ip}")
+        self._wait_for(lambda: self._listening(self.head_ip, self.dashboard_port), timeout_s, "the dashboard")
+        return self
+
+    def _wait_for(self, ready, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(
+                    f"`ray start` exited ({dead[0].args}); logs in {self.root}:\n{self.logs()}"
+                )
+            if ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{what} not up after {timeout_s:g} s; logs in {self.root}:\n{self.logs()}")
+
+    @staticmethod
+    def _listening(ip: str, port: int) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((ip, port)) == 0
+
+    def _started(self, name: str) -> bool:
+        """`ray start` says so once its node has registered with the GCS."""
+        log = self.root / f"{name}.log"
+        return log.exists() and "Ray runtime started." in log.read_text(errors="replace")
+
+    def pids(self) -> set[int]:
+        """Every process this cluster started: the `ray start` trees, and anything carrying its private temp dir."""
+        table = _process_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        found, todo = set(), [p.pid for p in self.procs]
+        while todo:
+            pid = todo.pop()
+            if pid in table and pid not in found:
+                found.add(pid)
+                todo += children.get(pid, [])
+        found |= {pid for pid, (_, cmd) in table.items() if str(self.root) in cmd}
+        found.discard(os.getpid())
+        return found
+
+    def listening(self) -> list[tuple[str, int, int]]:
+        """``(ip, port, pid)`` of every TCP socket the cluster's processes listen on (from ``ss -tlnpH``)."""
+        mine = self.pids()
+        out = []
+        text = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 6:
+                continue
+            ip, _, port = fields[3].rpartition(":")
+            for pid in map(int, re.findall(r"pid=(\d+)", fields[5])):
+                if pid in mine:
+                    out.append((ip.strip("[]"), int(port), pid))
+        return out
+
+    def logs(self, tail: int = 30) -> str:
+        text = []
+        for f in sorted(self.root.glob("*.log")):
+            lines = f.read_text(errors="replace").splitlines()[-tail:]
+            text.append(f"--- {f.name}\n" + "\n".join(lines))
+        return "\n".join(text)
+
+    def stop(self, grace_s: float = 5.0, keep_files: bool = False) -> None:
+        """SIGTERM every process of this cluster, SIGKILL what is left after ``grace_s``; then remove the temp dir."""
+        pids = self.pids()
+        _signal(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self._reap() and (pids & self.pids()):
+            time.sleep(0.2)
+        _signal(pids | self.pids(), signal.SIGKILL)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace_s)
+        if not keep_files:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _reap(self) -> bool:
+        for proc in self.procs:
+            proc.poll()
+        return True
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) for every process of this user (zombies excluded)."""
+    table = {}
+    me = os.getuid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != me:
+                continue
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] == "Z":
+                continue
+            cmd = (
+                Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
+            table[int(entry.name)] = (int(fields[1]), cmd)
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+if __name__ == "__main__":
+    cluster = LoopbackCluster().start()
+    print(
+        f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.token} ray job submit --address {cluster.dashboard_url} ..."
+    )
+    print("listening:", sorted(cluster.listening()))
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        cluster.stop()
