@@ -60,6 +60,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from kdray.data import locate_fashion_mnist
+
+    folder = locate_fashion_mnist(args.root, download=not args.no_download)
+    print(f"Fashion-MNIST: {folder}")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from kdray.methods import METHODS
 
@@ -98,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.root=/data")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="find (or fetch) Fashion-MNIST, the offline real dataset")
+    p.add_argument("dataset", choices=["fashion_mnist"])
+    p.add_argument("--root", default="data", help="data root (default: data)")
+    p.add_argument("--no-download", action="store_true", help="only look; never fetch")
+    p.set_defaults(func=_cmd_data)
 
     sub.add_parser("methods", help="list the methods").set_defaults(func=_cmd_methods)
     sub.add_parser("models", help="list the architectures").set_defaults(func=_cmd_models)
