@@ -810,6 +810,12 @@ def check_cluster(
             "no shared mount on every node: multi-node runs need engine.storage_path on shared storage "
             "(an s3:// or gs:// URI, or NFS/EFS mounted in setup_commands)"
         )
+    starts = " ".join(c.text for c in roles.get("head", []))
+    if multi_node and "GLOO_SOCKET_IFNAME" not in starts:
+        report.warnings.append(
+            "the head's commands never set GLOO_SOCKET_IFNAME (nor NCCL_SOCKET_IFNAME on GPU nodes): across nodes "
+            "gloo/nccl may pick a wrong interface (docker0, lo); export them in the ray start commands"
+        )
     if config is not None:
         problems += _check_experiment(config, overrides, report, multi_node)
     if problems:

@@ -331,3 +331,13 @@ def test_key_path() -> None:
     )
     assert key_path("setup_commands", 2) == "setup_commands[2]"
     assert key_path() == "<top level>"
+
+
+def test_missing_socket_interface_is_a_warning(tmp_path: Path) -> None:
+    raw = _raw(AWS)
+    raw["head_start_ray_commands"][1] = (
+        "ray start --head --port=6379 --autoscaling-config=~/ray_bootstrap_config.yaml"
+    )
+    report = check_cluster(_write(tmp_path, raw))
+    assert any("GLOO_SOCKET_IFNAME" in w for w in report.warnings)
+    assert not any("GLOO_SOCKET_IFNAME" in w for w in check_cluster(AWS).warnings)
