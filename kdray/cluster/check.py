@@ -605,7 +605,7 @@ def node_inventory(prepared: dict[str, Any], metadata: dict[str, Any]) -> list[N
         nodes.append(
             NodeType(name, role, lo, hi, resources, key_path("available_node_types", name, "resources"))
         )
-    return nodes
+    return sorted(nodes, key=lambda n: n.role != "head")
 
 
 def capacity_problems(

@@ -4,7 +4,9 @@ The job's entrypoint is ``python -m kdray train CONFIG --set ...``; it runs on t
 directory (Ray's ``runtime_env.working_dir``, uploaded without virtualenvs, run folders, data and VCS metadata), so the
 code that runs is the code you submit. The nodes bring the dependencies (``cluster.yaml``'s setup commands install
 kdray's pins); ``--with-deps`` adds the pins to the job's ``runtime_env.pip`` for clusters whose image lacks them.
-The config is validated here first: a typo fails in a second, not after the upload.
+The config is validated here first: a typo fails in a second, not after the upload. With ``engine.name: ray`` and
+no ``engine.address``, the job gets ``--set engine.address=auto``: the RayEngine attaches to the cluster the job runs
+on (Ray sets ``RAY_ADDRESS`` in every job) rather than starting a Ray of its own inside the job.
 """
 
 from __future__ import annotations
@@ -168,10 +170,15 @@ def submit_job(
     if not working_dir.is_dir():
         raise KdrayError(f"kdray submit: --working-dir '{working_dir}': no such folder")
     rel_config = _relative_config(config, working_dir)
-    load_config(config, overrides)  # a bad key fails here, with the key named, before any upload
+    cfg = load_config(config, overrides)  # a bad key fails here, with the key named, before any upload
+    overrides = list(overrides or [])
+    if cfg.engine.name == "ray" and cfg.engine.address is None:
+        # In a job, RAY_ADDRESS names the cluster; "auto" makes the RayEngine attach to it instead of starting a
+        # private Ray inside the job.
+        overrides.append("engine.address=auto")
     address = _address(address)
     client = _client(address)
-    entrypoint = build_entrypoint(rel_config, list(overrides or []), out)
+    entrypoint = build_entrypoint(rel_config, overrides, out)
     runtime_env = build_runtime_env(working_dir, pip, with_deps, _env_pairs(env or []))
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)

@@ -98,6 +98,11 @@ def test_each_peer_on_its_own_node(ring3_on_cluster: dict) -> None:
     workers = ring3_on_cluster["train_workers"]
     assert len(workers) == 3, workers
     assert sorted(w["node_ip"] for w in workers) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    # The engine's own record agrees: one peer per node.
+    placement = json.loads((ring3_on_cluster["out"] / "ray_run.json").read_text())["placement"]
+    by_peer = {p["peer"]: p["node_ip"] for p in placement}
+    assert sorted(by_peer) == ["peer0", "peer1", "peer2"]
+    assert sorted(by_peer.values()) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
 def test_summary_and_mlflow_run_hold_per_peer_metrics(ring3_on_cluster: dict) -> None:

@@ -109,6 +109,18 @@ def test_submit_and_follow_until_success(workdir: Path, fake_jobs: FakeJobs, cap
     assert "done in 1.0 s" in out and out.rstrip().endswith("job kd-1 SUCCEEDED")
 
 
+def test_ray_engine_attaches_to_the_jobs_cluster(workdir: Path, fake_jobs: FakeJobs) -> None:
+    cfg = str(workdir / "configs/tiny.yaml")
+    assert submit_job("h:8265", cfg, ["engine.name=ray"], working_dir=workdir, wait=False) == 0
+    assert fake_jobs.submitted[-1]["entrypoint"].endswith("--set engine.name=ray --set engine.address=auto")
+    submit_job(
+        "h:8265", cfg, ["engine.name=ray", "engine.address=10.0.0.1:6379"], working_dir=workdir, wait=False
+    )
+    assert "auto" not in fake_jobs.submitted[-1]["entrypoint"]
+    submit_job("h:8265", cfg, working_dir=workdir, wait=False)  # engine.name=local: nothing to attach
+    assert "engine.address" not in fake_jobs.submitted[-1]["entrypoint"]
+
+
 def test_failed_job_exits_1_with_ray_message(workdir: Path, fake_jobs: FakeJobs, capsys) -> None:
     fake_jobs.final, fake_jobs.message = "FAILED", "Job entrypoint command failed with exit code 2"
     assert submit_job("http://h:8265", str(workdir / "configs/tiny.yaml"), working_dir=workdir) == 1
