@@ -1,0 +1,121 @@
+"""A study in MLflow: one parent run, one nested run per trial (created by ``kdray.train`` with the parent's id).
+
+The parent holds the study's settings, its best value, and the artifacts (trials table, best config, best checkpoint,
+plots). Trials log their own params (the resolved config) and per-epoch metrics; the trial adds the objective and the
+searched values per epoch (``hp/<key>``: PBT's schedule). A trial stopped by the scheduler never returns from
+``kdray.train``, so the driver settles every trial run's final status and tags at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kdray.config import TrackingConfig
+from kdray.tracking import Tracker
+
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_trial_run(uri: str | None, parent_run_id: str | None, out_dir: Path) -> str | None:
+    """The MLflow run ``kdray.train`` opened for the run folder ``out_dir`` (nested under ``parent_run_id``)."""
+    if not uri or not parent_run_id:
+        return None
+    client = _client(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`kdray.out` = '{out_dir}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_trial_epoch(uri: str, run_id: str, objective: float, hp: dict[str, float], epoch: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric("objective", float(objective), now, epoch)]
+    items += [Metric(k, float(v), now, epoch) for k, v in hp.items()]
+    _client(uri).log_batch(run_id, metrics=items)
+
+
+class StudyTracking:
+    """The study's parent run (reopened on ``--resume``) and the settling of its trial runs."""
+
+    def __init__(self, cfg: TrackingConfig, study_dir: Path):
+        self.tracker = Tracker(cfg, study_dir)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracker.enabled
+
+    @property
+    def uri(self) -> str | None:
+        return self.tracker.uri if self.enabled else None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def start(self, name: str, resume_run_id: str | None, params: dict[str, Any]) -> str | None:
+        self.tracker.check()
+        run_id = self.tracker.start(name, resume_run_id=resume_run_id)
+        self.tracker.log_params(params)
+        self.tracker.set_tags({"kdray.kind": "study"})
+        return run_id
+
+    def finish(self, study: dict[str, Any], artifacts: list[tuple[Path, str | None]], status: str) -> None:
+        if not self.run_id:
+            return
+        trials = study["trials"]
+        counts = {
+            s: sum(t["status"] == s for t in trials) for s in ("finished", "stopped", "diverged", "failed")
+        }
+        metrics = {f"trials_{s}": float(n) for s, n in counts.items()}
+        metrics["trials"] = float(len(trials))
+        metrics["epochs_trained"] = float(study["compute"]["epochs_trained"])
+        metrics["compute_saved_share"] = float(study["compute"]["saved_share"])
+        if study["best"] is not None:
+            metrics["best_objective"] = float(study["best"]["objective"])
+        self.tracker.log_metrics(metrics, step=0)
+        for i, t in enumerate(trials):
+            if t["objective"] is not None:
+                self.tracker.log_metrics({"trial_objective": t["objective"]}, step=i)
+        self._settle_trials(trials)
+        for path, subdir in artifacts:
+            self.tracker.log_artifact(path, subdir)
+        self.tracker.end(status)
+
+    def _settle_trials(self, trials: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Param
+
+        client = self.tracker.client
+        for t in trials:
+            run_id = t.get("mlflow_run_id")
+            if not run_id:
+                continue
+            client.set_tag(run_id, "kdray.trial_id", t["trial_id"])
+            client.set_tag(run_id, "kdray.tune_status", t["status"])
+            existing = client.get_run(run_id).data.params
+            params = [
+                Param(f"tune.{k}", str(v)) for k, v in t["values"].items() if f"tune.{k}" not in existing
+            ]
+            if params:
+                client.log_batch(run_id, params=params)
+            client.set_terminated(run_id, status=MLFLOW_STATUS.get(t["status"], "KILLED"))
+
+    def child_runs(self) -> list[Any]:
+        if not self.run_id:
+            return []
+        client = self.tracker.client
+        experiment = client.get_run(self.run_id).info.experiment_id
+        return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'")

@@ -1,0 +1,570 @@
+"""``kdray tune``: a study of populations, searched with Ray Tune.
+
+Search: OptunaSearch (TPE, seeded, first trial = the config's own values) or random search, with ASHA (default) or
+FIFO; or Population Based Training, which starts from random samples and perturbs the loss weights and temperature
+while the populations train, a worse trial continuing from a better trial's checkpoint. Each trial is one population
+(see :mod:`kdray.search.trial`). Everything about the study lands in ``runs/<study>/``::
+
+    study.json      settings, the space, per-trial values / metrics / status, the best trial, compute used
+    best.yaml       the best trial's config, ready for ``kdray train``
+    best.pt         the best trial's final population checkpoint
+    trials.csv      the trials table
+    plots/          optimisation history, parameter importances, PBT schedules (PNG)
+    trials/<id>/    each trial's kdray run folder (config.yaml, checkpoints/, summary.json)
+    tune/           Ray Tune's experiment state (what ``--resume`` restores)
+
+and in MLflow: a parent run with one nested run per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdray.config import ExperimentConfig, apply_overrides, load_config
+from kdray.errors import KdrayError, PlacementError
+from kdray.search.space import SearchSpace, load_space, parse_space
+from kdray.search.trial import (
+    HISTORY_FILE,
+    OBJECTIVES,
+    TrialPlan,
+    _read_json,
+    _write_json,
+    read_history,
+    run_trial,
+)
+
+SCHEDULERS = ("asha", "fifo", "pbt")
+SEARCHES = ("tpe", "random")
+TUNE_DIR = "tune"
+STUDY_FILE = "study.json"
+PROGRESS_FILE = "progress.json"
+
+
+class StudyError(KdrayError):
+    """A study cannot start or resume as asked."""
+
+
+@dataclass
+class StudySettings:
+    samples: int = 16
+    scheduler: str = "asha"
+    search: str = "tpe"  # ignored by PBT, which starts from random samples (Tune allows no searcher with PBT)
+    metric: str = "mean_peer"
+    max_concurrent: int | None = None
+    seed: int = 0
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/rf at each rung
+    perturbation_interval: int = 1  # PBT: epochs between exploit/explore decisions
+    quantile_fraction: float = 0.25  # PBT: the bottom fraction copies the top fraction
+    resample_probability: float = 0.25  # PBT: chance a perturbed value is drawn afresh instead of scaled
+    start_from_config: bool = True  # the first trial runs the config's own values
+    extra_points: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # more fixed first trials (tests, benchmarks)
+    cpus_per_trial: float | None = None
+
+    def check(self) -> None:
+        def bad(key: str, value: Any, accepted: str) -> StudyError:
+            return StudyError(f"{key} = {value!r}: {accepted}")
+
+        if self.samples < 1:
+            raise bad("--samples", self.samples, "need at least 1 trial")
+        if self.scheduler not in SCHEDULERS:
+            raise bad("--scheduler", self.scheduler, f"accepted: {list(SCHEDULERS)}")
+        if self.search not in SEARCHES:
+            raise bad("--search", self.search, f"accepted: {list(SEARCHES)}")
+        if self.metric not in OBJECTIVES:
+            raise bad("--metric", self.metric, f"accepted: {list(OBJECTIVES)}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise bad("--max-concurrent", self.max_concurrent, "need at least 1")
+        if self.grace_period < 1 or self.perturbation_interval < 1:
+            raise bad("grace_period/perturbation_interval", self.grace_period, "need at least 1 epoch")
+        if self.reduction_factor <= 1:
+            raise bad("reduction_factor", self.reduction_factor, "must be > 1")
+        if not 0 < self.quantile_fraction <= 0.5:
+            raise bad("quantile_fraction", self.quantile_fraction, "must be in (0, 0.5]")
+        if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
+            raise bad("--cpus-per-trial", self.cpus_per_trial, "must be > 0")
+
+
+@dataclass
+class StudyResult:
+    study_dir: Path
+    study: dict[str, Any]
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.study["best"]
+
+
+# ------------------------------------------------------------------------------------------------- resources
+@dataclass(frozen=True)
+class TrialResources:
+    resources: dict[str, float]  # what Tune reserves for the trial process
+    max_concurrent: int
+    threads: int | None  # torch threads per trial (local engine)
+    note: str
+
+
+def plan_resources(
+    cfg: ExperimentConfig, cluster: dict[str, float], max_concurrent: int | None, cpus_per_trial: float | None
+) -> TrialResources:
+    """Per-trial resources and how many trials run at once, from the cluster and the population.
+
+    Local engine: the population trains in the trial process, on ``cpus_per_trial`` CPUs (default: the cluster's
+    CPUs shared by the concurrent trials, at least one) with as many torch threads. Ray engine: the trial is only the
+    Train driver (a sliver of a CPU); its K workers need K x ``engine.cpus_per_peer`` CPUs, and no more trials start
+    than the cluster can host, or their worker groups would wait for each other forever.
+    """
+    cpus = float(cluster.get("CPU", 1))
+    gpus = float(cluster.get("GPU", 0))
+    if cfg.engine.name == "ray":
+        need = cfg.num_peers * cfg.engine.cpus_per_peer
+        need_gpu = cfg.num_peers * cfg.engine.gpus_per_peer
+        fits = int(cpus // need)
+        if need_gpu:
+            fits = min(fits, int(gpus // need_gpu))
+        if fits < 1:
+            raise PlacementError(
+                f"one population needs {need:g} CPU(s) and {need_gpu:g} GPU(s) ({cfg.num_peers} peers x "
+                f"engine.cpus_per_peer/gpus_per_peer); the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s)"
+            )
+        concurrent = min(max_concurrent or fits, fits)
+        note = f"{concurrent} trial(s) at once, each a Train driver with {cfg.num_peers} workers"
+        if max_concurrent and max_concurrent > fits:
+            note += f" (asked {max_concurrent}; the cluster hosts {fits})"
+        return TrialResources({"cpu": 0.01}, concurrent, None, note)
+    if cpus_per_trial is None:
+        cpus_per_trial = max(1.0, math.floor(cpus / (max_concurrent or cpus)))
+    fits = max(1, int(cpus // cpus_per_trial))
+    concurrent = min(max_concurrent or fits, fits)
+    resources: dict[str, float] = {"cpu": cpus_per_trial}
+    if gpus and cfg.train.device != "cpu":
+        resources["gpu"] = min(1.0, gpus / concurrent)
+    note = f"{concurrent} trial(s) at once, {cpus_per_trial:g} CPU(s) each"
+    if max_concurrent and max_concurrent > fits:
+        note += f" (asked {max_concurrent}; {cpus:g} CPU(s) host {fits})"
+    return TrialResources(resources, concurrent, max(1, int(cpus_per_trial)), note)
+
+
+# ---------------------------------------------------------------------------------------------------- Ray
+@contextlib.contextmanager
+def ray_session(address: str | None = None, object_store_mb: int = 300, num_cpus: int | None = None):
+    """Attach to ``address`` or start a private Ray on loopback (own temp dir, small object store); shut down only
+    what was started here. A Ray already initialised in this process (a test fixture) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    tmp = None
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP 127.0.0.1 (RAY_NOTES.md)
+        tmp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        os.environ["RAY_TMPDIR"] = tmp
+        ray.init(
+            address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024,
+            include_dashboard=False, _temp_dir=tmp, configure_logging=False, log_to_driver=False,
+        )  # fmt: skip
+    else:
+        ray.init(address=address, configure_logging=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class StudyProgress(_tune_callback_base()):
+    """Driver-side: prints one line per finished trial and keeps ``progress.json`` current (what has finished),
+    so a killed driver leaves an up-to-date record."""
+
+    def __init__(self, study_dir: str, epochs: int, verbose: bool = True):
+        self.path = Path(study_dir) / PROGRESS_FILE
+        self.epochs, self.verbose = epochs, verbose
+        self.trials: dict[str, dict[str, Any]] = _read_json(self.path, {})
+        self.started: dict[str, float] = {}
+
+    def _save(self) -> None:
+        _write_json(self.path, self.trials)
+
+    def _entry(self, trial) -> dict[str, Any]:
+        return self.trials.setdefault(trial.trial_id, {"status": "pending", "epoch": 0, "objective": None})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        entry = self._entry(trial)
+        entry["status"] = "running"
+        entry.setdefault("started", time.time())
+        self._save()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        entry = self._entry(trial)
+        entry.update(status="running", epoch=result.get("epoch"), objective=result.get("objective"))
+        self._save()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        entry = self._entry(trial)
+        entry["status"] = "finished" if (entry.get("epoch") or 0) >= self.epochs else "stopped"
+        self._save()
+        if self.verbose:
+            obj = entry.get("objective")
+            print(
+                f"trial {trial.trial_id} {entry['status']} at epoch {entry.get('epoch')}: objective "
+                + (f"{obj:.4f}" if isinstance(obj, float) else "-"),
+                flush=True,
+            )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        entry = self._entry(trial)
+        entry["status"] = "error"
+        self._save()
+        if self.verbose:
+            print(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- the study
+def _clip_explore(space: SearchSpace):
+    keys = list(space.perturb)
+
+    def explore(config: dict[str, Any]) -> dict[str, Any]:
+        for k in keys:
+            config[k] = space.params[k].clip(config[k])
+        return config
+
+    return explore
+
+
+def _study_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
+    if out is None:
+        out = Path("runs") / f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(out).resolve()
+
+
+def _initial_points(
+    space: SearchSpace, base: ExperimentConfig, settings: StudySettings
+) -> list[dict[str, Any]]:
+    points = []
+    if settings.start_from_config:
+        own = space.config_values(base)
+        if own is not None:
+            points.append(own)
+    for extra in settings.extra_points:
+        missing = sorted(set(space.keys) - set(extra))
+        point = {**(space.config_values(base) or {}), **extra}
+        if missing and any(k not in point for k in missing):
+            raise StudyError(f"extra point {extra} lacks {missing}")
+        points.append({k: point[k] for k in space.keys})
+    return points[: settings.samples]
+
+
+def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, settings: StudySettings,
+                 res: TrialResources, study_dir: Path, verbose: bool):  # fmt: skip
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.resources)
+    epochs = base.train.epochs
+    points = _initial_points(space, base, settings)
+    param_space: dict[str, Any] = {}
+    if settings.scheduler == "pbt":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        random.seed(settings.seed)  # PBT draws its perturbations from Python's random module
+        search_alg = BasicVariantGenerator(
+            points_to_evaluate=points or None, max_concurrent=res.max_concurrent, random_state=settings.seed
+        )
+        param_space = {k: p.to_tune() for k, p in space.params.items()}
+        scheduler = PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+            hyperparam_mutations={k: space.params[k].to_tune() for k in space.perturb},
+            quantile_fraction=settings.quantile_fraction, resample_probability=settings.resample_probability,
+            custom_explore_fn=_clip_explore(space), log_config=True,
+        )  # fmt: skip
+        keep = None  # every checkpoint stays: a donor's must outlive the exploits that copy it
+    else:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = (
+            optuna.samplers.TPESampler(seed=settings.seed)
+            if settings.search == "tpe"
+            else optuna.samplers.RandomSampler(seed=settings.seed)
+        )
+        search_alg = OptunaSearch(
+            space={k: p.to_optuna() for k, p in space.params.items()},
+            metric="objective", mode="max", points_to_evaluate=points or None, sampler=sampler,
+        )  # fmt: skip
+        if settings.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+                reduction_factor=settings.reduction_factor,
+            )  # fmt: skip
+        else:
+            scheduler = FIFOScheduler()
+        keep = 2
+    tune_config = tune.TuneConfig(
+        metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
+        num_samples=settings.samples, max_concurrent_trials=res.max_concurrent, reuse_actors=True,
+        trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
+    )  # fmt: skip
+    run_config = tune.RunConfig(
+        name=TUNE_DIR, storage_path=str(study_dir),
+        callbacks=[StudyProgress(str(study_dir), epochs, verbose)],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+    )  # fmt: skip
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def run_study(
+    config: str | Path | dict[str, Any] | None = None,
+    space: str | Path | dict[str, Any] | SearchSpace | None = None,
+    *,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    settings: StudySettings | None = None,
+    verbose: bool = True,
+) -> StudyResult:
+    """Run (or resume) a study. Everything is checked (config, space, settings, tracking store, cluster) before
+    any trial starts."""
+    from ray import tune
+
+    if resume is not None:
+        study_dir = Path(resume).resolve()
+        state = _read_json(study_dir / STUDY_FILE, None)
+        if state is None:
+            raise StudyError(f"--resume '{resume}': no {STUDY_FILE} there; is it a study folder?")
+        raw = state["config"]
+        space_obj = parse_space(state["space"], state.get("space_source", "<study>"))
+        space_obj.source = state.get("space_source", space_obj.source)
+        settings = StudySettings(**state["settings"])
+    else:
+        if config is None or space is None:
+            raise StudyError("kdray tune: give a CONFIG and --space (or --resume STUDY_DIR)")
+        settings = settings or StudySettings()
+        if isinstance(config, dict):
+            raw = apply_overrides(config, overrides)
+        else:
+            path = Path(config)
+            load_config(path)  # a clear error for a missing or invalid file
+            raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
+        space_obj = space if isinstance(space, SearchSpace) else load_space(space)
+    settings.check()
+    base = space_obj.check_against(raw)
+    if resume is None:
+        study_dir = _study_dir(base, out)
+        if (study_dir / STUDY_FILE).exists():
+            raise StudyError(
+                f"--out '{study_dir}' already holds a study; continue it with --resume {study_dir}"
+            )
+        state = {}
+    name = study_dir.name
+
+    from kdray.search.mlflow_study import StudyTracking
+
+    tracking = StudyTracking(base.tracking, study_dir)
+    if tracking.enabled:
+        tracking.tracker.check()  # before anything is written
+    study_dir.mkdir(parents=True, exist_ok=True)
+
+    with ray_session(base.engine.address, base.engine.object_store_mb):
+        import ray
+
+        res = plan_resources(base, ray.cluster_resources(), settings.max_concurrent, settings.cpus_per_trial)
+        forced: dict[str, Any] = {"train.progress": False, "train.eval_every": 1}
+        if res.threads and base.train.threads is None:
+            forced["train.threads"] = res.threads
+        if tracking.enabled:
+            forced["tracking.uri"] = tracking.uri
+        parent = tracking.start(
+            f"{name}", (state.get("mlflow") or {}).get("parent_run_id"), _study_params(settings, space_obj, res)
+        ) if tracking.enabled else None  # fmt: skip
+        plan = TrialPlan(name, str(study_dir), raw, tuple(space_obj.keys), settings.metric, forced, parent)
+        state = {
+            "name": name, "status": "running", "config": raw, "space": space_obj.to_dict(),
+            "space_source": space_obj.source, "settings": asdict(settings), "resources": asdict(res),
+            "mlflow": {"uri": tracking.uri, "experiment": base.tracking.experiment, "parent_run_id": parent},
+            "started": state.get("started", time.time()),
+        }  # fmt: skip
+        _write_json(study_dir / STUDY_FILE, state)
+        if verbose:
+            print(
+                f"study {name}: {settings.samples} trial(s), {settings.scheduler}"
+                + ("" if settings.scheduler == "pbt" else f" + {settings.search}")
+                + f", objective {settings.metric}; {res.note}; folder {study_dir}",
+                flush=True,
+            )
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the resumable state at most 1 s old
+        tune_path = study_dir / TUNE_DIR
+        status = "FAILED"
+        try:
+            if tune.Tuner.can_restore(str(tune_path)):
+                trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.resources)
+                tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True)
+            else:
+                tuner = _build_tuner(plan, space_obj, base, settings, res, study_dir, verbose)
+            fit_start = time.time()
+            grid = tuner.fit()
+            state["timing"] = {"fit_s": round(time.time() - fit_start, 2)}
+            study = summarise_study(state, grid, base, space_obj, study_dir)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if status != "FINISHED" and tracking.run_id:
+                tracking.tracker.end(status)
+    artifacts = write_outputs(study, base, study_dir)
+    tracking.finish(study, artifacts, "FINISHED")
+    if tracking.enabled:
+        study["mlflow"]["children"] = len(tracking.child_runs())
+        _write_json(study_dir / STUDY_FILE, study)
+    return StudyResult(study_dir, study)
+
+
+def _study_params(settings: StudySettings, space: SearchSpace, res: TrialResources) -> dict[str, Any]:
+    params = {f"study.{k}": v for k, v in asdict(settings).items() if k != "extra_points"}
+    params["study.max_concurrent_trials"] = res.max_concurrent
+    params["study.trial_resources"] = res.resources
+    params.update({f"space.{k}": p.describe() for k, p in space.params.items()})
+    params["space.perturb"] = space.perturb
+    return params
+
+
+# ------------------------------------------------------------------------------------------------ results
+def _trial_rows(trial_dir: Path) -> list[dict[str, Any]]:
+    """Epochs the trial trained, in order (replayed reports after a pause carry no new epoch)."""
+    rows = [r for r in read_history(trial_dir / HISTORY_FILE) if not r.get("replay")]
+    return [{k: v for k, v in r.items() if k not in ("replay", "time")} for r in rows]
+
+
+def summarise_study(
+    state: dict[str, Any], grid, base: ExperimentConfig, space: SearchSpace, study_dir: Path
+) -> dict[str, Any]:
+    """study.json: every trial's values, per-epoch objective, status, and the best finished trial."""
+    from kdray.search.mlflow_study import find_trial_run
+
+    epochs = base.train.epochs
+    trials = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        metrics = result.metrics or {}
+        trial_dir = study_dir / "trials" / trial_id
+        rows = _trial_rows(trial_dir)
+        own = _read_json(trial_dir / "status.json", {})
+        last_epoch = int(metrics.get("epoch") or 0)
+        if result.error is not None:
+            status = "diverged" if own.get("status") == "diverged" else "failed"
+        else:
+            status = "finished" if last_epoch >= epochs else "stopped"
+        error = None
+        if result.error is not None:
+            error = own.get("error") or str(result.error).strip().splitlines()[-1][:500]
+        objective = metrics.get("objective")
+        if objective is not None and not math.isfinite(objective):
+            objective = None
+        values = dict(result.config or {})
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "values": {k: values.get(k) for k in space.keys},
+                "objective": objective,
+                "best_objective": max((r["objective"] for r in rows if r.get("objective") is not None), default=None),
+                "epoch": last_epoch,
+                "epochs_trained": len(rows),
+                "history": rows,
+                "exploits": _read_json(trial_dir / "exploits.json", []),
+                "error": error,
+                "first_step_after_entry_s": own.get("first_step_after_entry_s"),
+                "incarnations": len(own.get("incarnations", [])),
+                "started": (own.get("incarnations") or [{}])[0].get("entered"),
+                "mlflow_run_id": find_trial_run(state["mlflow"]["uri"], state["mlflow"]["parent_run_id"], trial_dir),
+                "dir": str(trial_dir),
+            }
+        )  # fmt: skip
+    trials.sort(key=lambda t: (t["started"] or math.inf, t["trial_id"]))
+    finished = [t for t in trials if t["status"] == "finished" and t["objective"] is not None]
+    pool = finished or [t for t in trials if t["objective"] is not None]
+    best = max(pool, key=lambda t: t["objective"]) if pool else None
+    trained = sum(t["epochs_trained"] for t in trials)
+    budget = state["settings"]["samples"] * epochs
+    return {
+        **state,
+        "status": "finished",
+        "finished": time.time(),
+        "metric": state["settings"]["metric"],
+        "best": None if best is None else {
+            "trial_id": best["trial_id"], "objective": best["objective"], "epoch": best["epoch"],
+            "values": best["values"], "status": best["status"], "config": str(study_dir / "best.yaml"),
+            "checkpoint": str(study_dir / "best.pt"),
+        },
+        "trials": trials,
+        "compute": {
+            "epochs_trained": trained, "epochs_budget": budget,
+            "saved_share": round(1 - trained / budget, 4) if budget else 0.0,
+        },
+    }  # fmt: skip
+
+
+def write_outputs(
+    study: dict[str, Any], base: ExperimentConfig, study_dir: Path
+) -> list[tuple[Path, str | None]]:
+    """study.json, best.yaml, best.pt, trials.csv, plots; returns the artifacts for the parent run."""
+    from kdray.search.plots import plot_study
+
+    artifacts: list[tuple[Path, str | None]] = []
+    best = study["best"]
+    if best is not None:
+        trial_dir = study_dir / "trials" / best["trial_id"]
+        best_cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
+        best_cfg["name"] = f"{study['name']}-best"
+        best_cfg["tracking"] = copy.deepcopy(base.to_dict()["tracking"])
+        best_cfg["train"]["progress"] = base.train.progress
+        header = (
+            f"# Best trial {best['trial_id']} of study {study['name']} (kdray tune): {study['metric']} = "
+            f"{best['objective']:.4f} after {best['epoch']} epoch(s).\n# Reproduce it: kdray train {study_dir / 'best.yaml'}\n"
+        )
+        if study["settings"]["scheduler"] == "pbt":
+            header += (
+                "# PBT changed the searched values during training (study.json holds the schedule); this file has\n"
+                "# the final values, which `kdray train` uses from the first epoch.\n"
+            )
+        (study_dir / "best.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
+        shutil.copy2(trial_dir / "checkpoints" / "last.pt", study_dir / "best.pt")
+        artifacts += [(study_dir / "best.yaml", None), (study_dir / "best.pt", "checkpoints")]
+    keys = list(study["space"]["params"])
+    with (study_dir / "trials.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["trial_id", "status", "objective", "best_objective", "epoch", "epochs_trained", *keys,
+                         "mlflow_run_id", "error"])  # fmt: skip
+        for t in study["trials"]:
+            writer.writerow([t["trial_id"], t["status"], t["objective"], t["best_objective"], t["epoch"],
+                             t["epochs_trained"], *[t["values"].get(k) for k in keys], t["mlflow_run_id"],
+                             t["error"] or ""])  # fmt: skip
+    _write_json(study_dir / STUDY_FILE, study)
+    artifacts += [(study_dir / "trials.csv", None), (study_dir / STUDY_FILE, None)]
+    artifacts += [(p, "plots") for p in plot_study(study, study_dir / "plots")]
+    return artifacts

@@ -1,0 +1,283 @@
+"""One Tune trial = one population, trained by ``kdray.train`` inside the trial process.
+
+The trial reports after every epoch (``ray.tune.report``) with a Tune checkpoint that holds the kdray population
+checkpoint. When Tune hands the trial a checkpoint back, it resumes from it:
+
+- its own (the study driver was killed and restored): ``kdray.train(resume=...)`` continues the run, same MLflow run;
+- another trial's (PBT exploit): the donor's population state, step counter and history are copied into this
+  trial's folder and training continues from there with this trial's (mutated) config in effect. Only the MLflow run
+  id is rewritten, so the trial keeps logging into its own nested run.
+
+With ``engine.name: ray`` the same function is the Ray Train driver: ``kdray.train`` starts the RayEngine, which runs
+the workers and calls the same epoch callbacks in this process (the Tune-with-Train-V2 pattern in RAY_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdray.config import ExperimentConfig
+
+OBJECTIVES = ("min_peer", "mean_peer", "ensemble")
+CHECKPOINT_FILE = "population.pt"  # the kdray checkpoint inside a Tune checkpoint folder
+TRIAL_META = "trial.json"  # who wrote a Tune checkpoint, at which epoch
+HISTORY_FILE = "history.jsonl"  # in the trial folder: one line per reported epoch
+
+
+def objective_value(cfg: ExperimentConfig, metrics: dict[str, float], metric: str) -> float:
+    """The number the study maximises: the smallest or the mean validation accuracy of the trained peers, or the
+    ensemble's (NaN when the epoch was not evaluated)."""
+    if metric == "ensemble":
+        return float(metrics.get("ensemble/val_acc", math.nan))
+    accs = [
+        metrics[f"{p.name}/val_acc"] for p in cfg.peers if not p.frozen and f"{p.name}/val_acc" in metrics
+    ]
+    if not accs:
+        return math.nan
+    return float(min(accs) if metric == "min_peer" else sum(accs) / len(accs))
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs besides the sampled values; built once by the study driver."""
+
+    study_name: str
+    study_dir: str  # absolute
+    base_config: dict[str, Any]  # the user's config with --set applied (raw)
+    keys: tuple[str, ...]  # the searched keys
+    metric: str
+    forced: dict[str, Any] = field(default_factory=dict)  # per-trial settings: threads, tracking store, ...
+    parent_run_id: str | None = None
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return Path(self.study_dir) / "trials" / trial_id
+
+    def trial_config(self, values: dict[str, Any], trial_id: str) -> ExperimentConfig:
+        from kdray.search.space import apply_values
+
+        return apply_values(
+            self.base_config, {**values, **self.forced, "name": f"{self.study_name}-{trial_id}"}
+        )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+class TuneReporter:
+    """The epoch callback: objective + kdray metrics + the current searched values to Tune, with a checkpoint.
+
+    The last epoch is held back and reported after ``kdray.train`` returns (:meth:`report_final`): a scheduler stops
+    a trial at its final report (ASHA at ``max_t``), and the run must first write its summary and close its MLflow
+    run."""
+
+    def __init__(self, plan: TrialPlan, cfg: ExperimentConfig, trial_id: str, values: dict[str, Any]):
+        self.plan, self.cfg, self.trial_id, self.values = plan, cfg, trial_id, values
+        self.out = plan.trial_dir(trial_id)
+        self.final: tuple[dict[str, float], Path] | None = None
+        self.engine_done_at: float | None = None  # the engine stops its clock right after its last callback
+        self._run_id: str | None = None
+        self._looked_up = False
+
+    def __call__(self, metrics: dict[str, float], checkpoint_path: Path) -> None:
+        if int(metrics["epoch"]) >= self.cfg.train.epochs:
+            self.final = (dict(metrics), Path(checkpoint_path))
+            self.engine_done_at = time.time()
+            return
+        self.report(metrics, checkpoint_path)
+
+    def report_final(self) -> None:
+        if self.final is not None:
+            self.report(*self.final)
+
+    def _mlflow_run(self) -> str | None:
+        """This trial's MLflow run (found by its run folder tag), to log the searched values per epoch."""
+        if not self._looked_up:
+            self._looked_up = True
+            if self.cfg.tracking.enabled:
+                from kdray.search.mlflow_study import find_trial_run
+
+                self._run_id = find_trial_run(self.cfg.tracking.uri, self.plan.parent_run_id, self.out)
+        return self._run_id
+
+    def report(self, metrics: dict[str, float], checkpoint_path: Path) -> None:
+        from ray import tune
+
+        epoch = int(metrics["epoch"])
+        objective = objective_value(self.cfg, metrics, self.plan.metric)
+        hp = {f"hp/{k}": v for k, v in self.values.items() if isinstance(v, (int, float))}
+        replay = float(metrics.get("replay", 0.0))
+        report = {"objective": objective, "epoch": epoch, "replay": replay, **hp}
+        report.update({k: float(v) for k, v in metrics.items() if k not in ("epoch", "replay")})
+        # The trial's own record of every epoch it reported (Tune's progress.csv loses rows around PBT exploits).
+        row = {"epoch": epoch, "objective": objective, "replay": bool(replay), "time": time.time(), **hp}
+        with (self.out / HISTORY_FILE).open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        run_id = self._mlflow_run()
+        if run_id:
+            from kdray.search.mlflow_study import log_trial_epoch
+
+            log_trial_epoch(self.cfg.tracking.uri, run_id, objective, hp, epoch)
+        folder = self.out / "tune_checkpoint"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            (folder / CHECKPOINT_FILE).hardlink_to(checkpoint_path)
+        except OSError:
+            shutil.copy2(checkpoint_path, folder / CHECKPOINT_FILE)
+        _write_json(folder / TRIAL_META, {"trial_id": self.trial_id, "epoch": epoch, "values": self.values})
+        # Tune copies the folder into the study's storage before report returns (or stops this thread).
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+
+def _resume_point(ckpt_dir: Path, trial_id: str, out: Path, values: dict[str, Any]) -> tuple[Path, dict]:
+    """The kdray checkpoint to resume from, and what it is. A donor's checkpoint (PBT) is copied into this trial's
+    folder with this trial's MLflow run id, so the recipient logs into its own run."""
+    import torch
+
+    from kdray.checkpoint import load_checkpoint, save_checkpoint
+
+    meta = _read_json(ckpt_dir / TRIAL_META, {})
+    source = ckpt_dir / CHECKPOINT_FILE
+    if meta.get("trial_id", trial_id) == trial_id:
+        return source, {"kind": "own", "epoch": meta.get("epoch")}
+    payload = load_checkpoint(source)
+    own_run = None
+    own_last = out / "checkpoints" / "last.pt"
+    if own_last.is_file():
+        own_run = torch.load(own_last, map_location="cpu", weights_only=True).get("mlflow_run_id")
+    payload["mlflow_run_id"] = own_run
+    target = out / "checkpoints" / f"exploit-{meta['trial_id']}-epoch{payload['epoch']}.pt"
+    save_checkpoint(target, payload)
+    event = {
+        "kind": "exploit",
+        "donor": meta["trial_id"],
+        "epoch": int(payload["epoch"]),
+        "step": int(payload["step"]),
+        "donor_values": meta.get("values", {}),
+        "values": values,
+        "donor_checkpoint": str(source),
+        "copied_to": str(target),
+        "time": time.time(),
+    }
+    log = _read_json(out / "exploits.json", [])
+    _write_json(out / "exploits.json", [*log, event])
+    return target, event
+
+
+def _update_status(out: Path, **fields: Any) -> dict[str, Any]:
+    """``trials/<id>/status.json``: the trial's own record (status, incarnations, timing), merged on each write."""
+    path = out / "status.json"
+    status = {**_read_json(path, {}), **fields}
+    _write_json(path, status)
+    return status
+
+
+def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """The Tune function trainable."""
+    from ray import tune
+
+    from kdray.api import train
+    from kdray.errors import DivergedError
+
+    entered = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    out = plan.trial_dir(trial_id)
+    values = {k: config[k] for k in plan.keys}
+    cfg = plan.trial_config(values, trial_id)
+    reporter = TuneReporter(plan, cfg, trial_id, values)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and out.exists():
+        # Restarted without a checkpoint (killed before its first report): start over in a clean folder.
+        shutil.rmtree(out)
+    if checkpoint is not None and (out / HISTORY_FILE).exists():
+        # Epochs reported after the checkpoint we resume from are trained again: mark the old lines superseded.
+        _truncate_history(out / HISTORY_FILE, trial_id, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _read_json(out / "status.json", {})
+    incarnations = [*previous.get("incarnations", []), {"entered": entered, "values": values}]
+    _update_status(out, trial_id=trial_id, status="running", values=values, incarnations=incarnations)
+    try:
+        if checkpoint is None:
+            result = train(cfg, out=out, callbacks=[reporter], parent_run_id=plan.parent_run_id)
+        else:
+            with checkpoint.as_directory() as folder:
+                source, event = _resume_point(Path(folder), trial_id, out, values)
+                incarnations[-1]["resumed"] = event
+                _update_status(out, incarnations=incarnations)
+                if event["kind"] == "own" and (event.get("epoch") or 0) >= cfg.train.epochs:
+                    _replay_final(reporter, source, out)
+                    _update_status(out, status="finished")
+                    return
+                result = train(
+                    cfg, out=out, resume=source, callbacks=[reporter], parent_run_id=plan.parent_run_id
+                )
+    except DivergedError as exc:
+        _update_status(out, status="diverged", error=str(exc))
+        raise
+    timing = _timing(entered, reporter, result.summary)
+    if "first_step_after_entry_s" in previous:  # keep the first incarnation's start-up time
+        timing.pop("first_step_after_entry_s", None)
+    _update_status(out, status="finished", **timing)
+    reporter.report_final()
+
+
+def _replay_final(reporter: TuneReporter, source: Path, out: Path) -> None:
+    """The trial had trained all its epochs when it was paused (PBT) or the driver was killed: report the last epoch
+    again, flagged ``replay`` (no compute spent), so Tune records the trial as done."""
+    from kdray.checkpoint import load_checkpoint
+
+    last = {**load_checkpoint(source)["history"][-1], "replay": 1.0}
+    last_ckpt = out / "checkpoints" / "last.pt"
+    reporter.report(last, last_ckpt if last_ckpt.is_file() else source)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def _truncate_history(path: Path, trial_id: str, checkpoint) -> None:
+    """On a restore from this trial's own checkpoint at epoch e (driver killed), rows after e are re-trained."""
+    with checkpoint.as_directory() as folder:
+        meta = _read_json(Path(folder) / TRIAL_META, {})
+    if meta.get("trial_id") != trial_id or meta.get("epoch") is None:
+        return
+    rows = read_history(path)
+    kept, cut = [], False
+    for row in rows:
+        if cut or (row["epoch"] > meta["epoch"] and not row.get("replay")):
+            cut = True
+            row = {**row, "superseded": True}
+        kept.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _timing(entered: float, reporter: TuneReporter, summary: dict[str, Any]) -> dict[str, Any]:
+    """Seconds from entering the trial to the first training step (config, data, models, MLflow run). The engine
+    times its first step from its own start and stops its clock right after the last epoch callback returns."""
+    wall, first = summary.get("wall_s"), summary.get("first_step_s")
+    if wall is None or first is None or reporter.engine_done_at is None:
+        return {}
+    engine_start = reporter.engine_done_at - wall
+    return {"first_step_after_entry_s": round(engine_start + first - entered, 3), "train_wall_s": wall}
