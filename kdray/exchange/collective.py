@@ -74,7 +74,7 @@ class CollectiveExchange(DistributedExchange):
         send = torch.zeros(slot, dtype=torch.uint8, device=device)
         layouts[self.rank].pack(mine, out=send)
         gathered = torch.empty(self.world * slot, dtype=torch.uint8, device=device)
-        dist.all_gather_into_tensor(gathered, send, group=self.group)
+        dist.all_gather_single(gathered, send, group=self.group)
         self.meter.bytes += slot * (self.world - 1)
         chunks = gathered.split(slot)
         return {r: layouts[r].unpack(chunks[r], f"peer {r}") for r in range(self.world) if r != self.rank}
