@@ -39,6 +39,12 @@ def find_trial_run(uri: str | None, parent_run_id: str | None, out_dir: Path) ->
     return runs[0].info.run_id if runs else None
 
 
+def delete_trial_run(uri: str | None, parent_run_id: str | None, out_dir: Path) -> None:
+    run_id = find_trial_run(uri, parent_run_id, out_dir)
+    if run_id:
+        _client(uri).delete_run(run_id)
+
+
 def log_trial_epoch(uri: str, run_id: str, objective: float, hp: dict[str, float], epoch: int) -> None:
     from mlflow.entities import Metric
 

@@ -373,6 +373,11 @@ def run_study(
         space_obj = space if isinstance(space, SearchSpace) else load_space(space)
     settings.check()
     base = space_obj.check_against(raw)
+    if settings.scheduler == "pbt" and not space_obj.perturb:
+        raise StudyError(
+            f"--scheduler pbt: the space '{space_obj.source}' lists nothing under 'perturb' for PBT to change; "
+            "name keys there (loss weights, temperature) or use --scheduler asha"
+        )
     if resume is None:
         study_dir = _study_dir(base, out)
         if (study_dir / STUDY_FILE).exists():
@@ -457,7 +462,7 @@ def _study_params(settings: StudySettings, space: SearchSpace, res: TrialResourc
 def _trial_rows(trial_dir: Path) -> list[dict[str, Any]]:
     """Epochs the trial trained, in order (replayed reports after a pause carry no new epoch)."""
     rows = [r for r in read_history(trial_dir / HISTORY_FILE) if not r.get("replay")]
-    return [{k: v for k, v in r.items() if k not in ("replay", "time")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("replay", "time", "metrics")} for r in rows]
 
 
 def summarise_study(

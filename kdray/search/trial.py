@@ -127,6 +127,7 @@ class TuneReporter:
         report.update({k: float(v) for k, v in metrics.items() if k not in ("epoch", "replay")})
         # The trial's own record of every epoch it reported (Tune's progress.csv loses rows around PBT exploits).
         row = {"epoch": epoch, "objective": objective, "replay": bool(replay), "time": time.time(), **hp}
+        row["metrics"] = {k: v for k, v in report.items() if "/" in k and not k.startswith("hp/")}
         with (self.out / HISTORY_FILE).open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         run_id = self._mlflow_run()
@@ -204,7 +205,12 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     reporter = TuneReporter(plan, cfg, trial_id, values)
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and out.exists():
-        # Restarted without a checkpoint (killed before its first report): start over in a clean folder.
+        # Restarted without a checkpoint (killed before its first report): start over in a clean folder, and drop
+        # the half-begun MLflow run so the study keeps one nested run per trial.
+        if cfg.tracking.enabled:
+            from kdray.search.mlflow_study import delete_trial_run
+
+            delete_trial_run(cfg.tracking.uri, plan.parent_run_id, out)
         shutil.rmtree(out)
     if checkpoint is not None and (out / HISTORY_FILE).exists():
         # Epochs reported after the checkpoint we resume from are trained again: mark the old lines superseded.

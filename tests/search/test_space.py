@@ -1,0 +1,195 @@
+"""Search spaces as data: parsing, checks against the config (before any trial), translations, shipped spaces."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdray.cli import main
+from kdray.config import load_config
+from kdray.errors import PlacementError
+from kdray.search.space import SpaceError, load_space, parse_space
+from kdray.search.study import plan_resources
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _space(**params) -> dict:
+    return {"params": params}
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"dist": "uniform", "low": 2.0, "high": 1.0}, "low (2.0) must be smaller than high (1.0)"),
+        ({"dist": "loguniform", "low": 0.0, "high": 1.0}, "loguniform needs low > 0"),
+        ({"dist": "loguniform", "low": -1.0, "high": 1.0}, "loguniform needs low > 0"),
+        ({"dist": "normal", "low": 0.0, "high": 1.0}, "not one of"),
+        ({"dist": "choice", "values": []}, "non-empty list"),
+        ({"dist": "int", "low": 1.5, "high": 4}, "whole-number"),
+        ({"dist": "uniform", "low": 0.1, "hgih": 1.0}, "unknown field 'hgih'"),
+        ({"dist": "uniform", "low": "a", "high": 1.0}, "'low' must be a finite number"),
+    ],
+)
+def test_malformed_ranges_are_refused_with_the_key(entry, fragment):
+    with pytest.raises(SpaceError) as exc:
+        parse_space(_space(**{"method.temperature": entry}), "s.yaml")
+    msg = str(exc.value)
+    assert "'method.temperature'" in msg and fragment in msg, msg
+
+
+def test_perturb_must_name_searched_keys():
+    raw = _space(**{"method.temperature": {"dist": "uniform", "low": 1, "high": 4}})
+    assert parse_space(raw).perturb == ["method.temperature"]  # default: weights and temperature
+    raw["perturb"] = ["method.weights.kl"]
+    with pytest.raises(SpaceError, match=r"'method.weights.kl'.*not in 'params'"):
+        parse_space(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "entry", "fragment"),
+    [
+        ("method.weights.kd", {"dist": "uniform", "low": 0.1, "high": 1.0}, "loss terms ['ce', 'kl']"),
+        ("method.adv_every", {"dist": "int", "low": 1, "high": 4}, "unknown key"),
+        ("train.optimizr.lr", {"dist": "loguniform", "low": 0.01, "high": 0.1}, "unknown key"),
+        ("train.optimizer.lr", {"dist": "uniform", "low": 0.0, "high": 0.1}, "greater than 0"),
+        ("train.optimizer.name", {"dist": "choice", "values": ["sgd", "rmsprop"]}, "'rmsprop'"),
+    ],
+)
+def test_values_the_config_refuses_are_caught_before_any_trial(tiny_raw, key, entry, fragment):
+    space = parse_space(_space(**{key: entry}), "s.yaml")
+    with pytest.raises(SpaceError) as exc:
+        space.check_against(tiny_raw)
+    msg = str(exc.value)
+    assert f"'{key}'" in msg and fragment in msg, msg
+
+
+def test_space_for_another_method_is_refused(tiny_raw):
+    raw = {"method": "afd", **_space(**{"method.temperature": {"dist": "uniform", "low": 1, "high": 4}})}
+    with pytest.raises(SpaceError, match="written for method 'afd'.*trains 'dml'"):
+        parse_space(raw).check_against(tiny_raw)
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"method.weights.bogus": {"dist": "uniform", "low": 0.1, "high": 1.0}}, "method.weights.bogus"),
+        ({"method.temperature": {"dist": "uniform", "low": 4.0, "high": 1.0}}, "method.temperature"),
+        ({"train.optimizer.lr": {"dist": "loguniform", "low": 0.0, "high": 0.1}}, "train.optimizer.lr"),
+    ],
+)
+def test_cli_exits_2_naming_the_key_and_writes_nothing(tmp_path, tiny_raw, capsys, entry, fragment):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"params": entry}))
+    out = tmp_path / "study"
+    code = main(["tune", str(cfg), "--space", str(space), "--samples", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and f"'{fragment}'" in err, err
+    assert not out.exists()
+
+
+def test_cli_refuses_missing_space_and_bad_settings(tmp_path, tiny_raw, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw))
+    assert main(["tune", str(cfg), "--space", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["tune", str(cfg)]) == 2
+    assert "--space" in capsys.readouterr().err
+    space = tmp_path / "s.yaml"
+    space.write_text(
+        yaml.safe_dump(_space(**{"method.temperature": {"dist": "uniform", "low": 1, "high": 4}}))
+    )
+    assert main(["tune", str(cfg), "--space", str(space), "--samples", "0"]) == 2
+    assert "--samples" in capsys.readouterr().err
+
+
+def test_config_values_are_the_first_point_only_when_in_range(tiny_raw):
+    cfg = load_config(tiny_raw)
+    space = parse_space(
+        _space(
+            **{
+                "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10},
+                "train.optimizer.name": {"dist": "choice", "values": ["sgd", "adam"]},
+                "train.optimizer.momentum": {"dist": "uniform", "low": 0.5, "high": 0.95},
+            }
+        )
+    )
+    assert space.config_values(cfg) == {
+        "method.weights.kl": 1.0, "train.optimizer.name": "sgd", "train.optimizer.momentum": 0.9
+    }  # fmt: skip
+    tiny_raw["train"]["optimizer"]["momentum"] = 0.0
+    assert space.config_values(load_config(tiny_raw)) is None
+
+
+def test_translations_and_clipping():
+    space = parse_space(
+        _space(
+            a={"dist": "loguniform", "low": 0.1, "high": 10.0},
+            b={"dist": "int", "low": 1, "high": 4},
+            c={"dist": "choice", "values": ["x", "y"]},
+            d={"dist": "uniform", "low": -1.0, "high": 1.0},
+        )
+    )
+    a, b, c, d = (space.params[k] for k in "abcd")
+    assert a.to_optuna().log and a.to_optuna().low == 0.1 and a.to_optuna().high == 10.0
+    assert (b.to_optuna().low, b.to_optuna().high) == (1, 4)
+    assert list(c.to_optuna().choices) == ["x", "y"]
+    assert not d.to_optuna().log
+    assert a.to_tune().lower == 0.1 and b.to_tune().upper == 5  # tune's randint excludes the upper bound
+    assert a.clip(12.0) == 10.0 and b.clip(4.6) == 4 and b.clip(0.2) == 1 and d.clip(-1.2) == -1.0
+    assert a.contains(10.0) and not a.contains(10.01) and not b.contains(2.5) and c.contains("y")
+
+
+def test_resources_follow_cluster_and_population(tiny_raw):
+    cfg = load_config(tiny_raw)
+    r = plan_resources(cfg, {"CPU": 8}, None, None)
+    assert (r.resources, r.max_concurrent, r.threads) == ({"cpu": 1.0}, 8, 1)
+    r = plan_resources(cfg, {"CPU": 8}, 2, None)
+    assert (r.resources, r.max_concurrent, r.threads) == ({"cpu": 4.0}, 2, 4)
+    r = plan_resources(cfg, {"CPU": 2}, 4, None)
+    assert (r.resources["cpu"], r.max_concurrent) == (1.0, 2)
+    ray_cfg = load_config(tiny_raw, ["engine.name=ray", "engine.cpus_per_peer=1"])
+    r = plan_resources(ray_cfg, {"CPU": 5}, None, None)  # 2 peers x 1 CPU: 2 populations fit in 5 CPUs
+    assert (r.resources, r.max_concurrent, r.threads) == ({"cpu": 0.01}, 2, None)
+    assert plan_resources(ray_cfg, {"CPU": 5}, 4, None).max_concurrent == 2
+    with pytest.raises(PlacementError, match="needs 2 CPU"):
+        plan_resources(ray_cfg, {"CPU": 1}, None, None)
+
+
+SHIPPED = sorted((REPO / "tune_spaces").glob("*.yaml"))
+
+
+def _config_for(method: str, tiny_raw: dict) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    raw["method"] = {"name": method}
+    if method == "kd":
+        raw["peers"][0].update(frozen=True, checkpoint="teacher.pt")
+    if method == "independent":
+        raw["peers"] = raw["peers"][:1]
+    return raw
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_spaces_are_valid_and_say_where_ranges_come_from(path, tiny_raw):
+    space = load_space(path)
+    assert space.method == path.stem
+    from kdray.methods import METHODS
+
+    if path.stem not in METHODS:
+        pytest.skip(f"method '{path.stem}' is not registered in this checkout")
+    space.check_against(_config_for(path.stem, tiny_raw))
+    for key, param in space.params.items():
+        assert param.source.strip(), f"{path.name}: '{key}' has no source"
+
+
+def test_every_method_has_a_space():
+    from kdray.methods import METHODS
+
+    missing = sorted(set(METHODS) - {p.stem for p in SHIPPED})
+    assert not missing, f"no tune_spaces/<method>.yaml for {missing}"
