@@ -110,6 +110,7 @@ def _ranks_main(rank: int, init_file: str, stale_raw: dict, results: dict) -> No
     out["grad_b"] = module["b"].weight.grad.clone()
     out["grad_c"] = module["c"].weight.grad
     out["stale"] = _stale_scenario(rank, stale_raw)
+    out["generator_grads"] = _generator_grads(_acn_raw(), ranks=[rank])
     results[rank] = out
     dist.destroy_process_group()
 
@@ -123,6 +124,48 @@ def _stale_raw() -> dict:
     raw["train"]["max_steps_per_epoch"] = 5
     raw["engine"] = {"name": "ray", "exchange": "stale", "stale_every": 2, "stale_burn_in": 1}
     return raw
+
+
+def _acn_raw() -> dict | None:
+    from conftest import TINY
+
+    from kdray.methods import METHODS
+
+    if "acn" not in METHODS:
+        return None
+    raw = copy.deepcopy(TINY)
+    raw["peers"] = [copy.deepcopy(raw["peers"][0]) for _ in range(WORLD)]
+    raw["method"] = {"name": "acn"}
+    raw["engine"] = {"name": "ray", "exchange": "collective"}
+    return raw
+
+
+def _generator_grads(raw: dict | None, ranks: list[int] | None) -> list[torch.Tensor] | None:
+    """The shared generator's gradients as the step hands them to its optimizer, after one step of ACN: with the
+    whole population in one process (``ranks=None``), or one peer per process with the collective exchange."""
+    if raw is None:
+        return None
+    from kdray.config import load_config
+    from kdray.engines.process import PopulationProcess
+    from kdray.exchange import exchange_factory
+
+    cfg = load_config(raw)
+    factory = None
+    if ranks is not None:
+        factory = exchange_factory(cfg, ranks[0], WORLD, torch.device("cpu"))
+    proc = PopulationProcess(cfg, local_ids=ranks, exchange_factory=factory)
+    captured = []
+    reduce = proc.exchange.reduce_shared_grads
+
+    def spy(module):
+        reduce(module)
+        captured.append([q.grad.clone() for q in module.parameters()])
+
+    proc.exchange.reduce_shared_grads = spy
+    batch = next(iter(proc.data.train_batches(0)))
+    proc.runner.step(batch, 0, 0)
+    assert len(captured) == 1
+    return captured[0]
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +266,17 @@ def test_signal_store_waits_releases_and_forgets_failed_attempts():
         assert await store.size() == 1
 
     asyncio.run(scenario())
+
+
+def test_distributed_generator_gradients_equal_the_in_process_ones(three_ranks):
+    """ACN's generator phase: each worker back-propagates its own peer's part, the all-reduce sums the parts; the
+    sum equals what one process gets by back-propagating every part together."""
+    whole = _generator_grads(_acn_raw(), ranks=None)
+    if whole is None:
+        pytest.skip("method 'acn' is not in kdray.methods.METHODS yet")
+    assert any(g.abs().sum() > 0 for g in whole)
+    for rank in range(WORLD):
+        got = three_ranks[rank]["generator_grads"]
+        assert len(got) == len(whole)
+        for a, b in zip(got, whole):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()

@@ -1,0 +1,182 @@
+"""RayEngine against LocalEngine: the same seed on CPU gives the same parameters for every peer (the central
+invariant), through each exchange, across a killed worker, with a shared generator; placement errors; loopback.
+
+Each Ray run costs ~20 s of fixed overhead on two cores (controller, placement group, worker processes importing
+torch), so each run here proves several things at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import kdray
+from kdray.checkpoint import load_checkpoint
+from kdray.methods import METHODS
+
+pytestmark = pytest.mark.ray
+
+TOL = 1e-5
+
+
+def _population(raw: dict, method: str) -> dict:
+    raw = copy.deepcopy(raw)
+    small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
+    raw["peers"] = [copy.deepcopy(small) for _ in range(3)]
+    raw["method"] = {"name": method}
+    if method == "afd":  # a heterogeneous ring of three: the feature maps differ in channels
+        raw["peers"][1] = {"arch": "resnet14", "arch_kwargs": {"width": 8}}
+        raw["method"]["transfer"] = "auto"
+    raw["train"].update({"epochs": 2, "threads": 1})
+    return raw
+
+
+def _compare_states(ray_ckpt: dict, local_ckpt: dict) -> float:
+    """Largest absolute difference over every peer's network and private state, and the shared module."""
+    worst = 0.0
+    pairs = []
+    for name, local in local_ckpt["peers"].items():
+        pairs += [
+            (ray_ckpt["peers"][name]["net"], local["net"]),
+            (ray_ckpt["peers"][name]["state"], local["state"]),
+        ]
+    if local_ckpt.get("shared") is not None:
+        pairs.append((ray_ckpt["shared"]["module"], local_ckpt["shared"]["module"]))
+    for got, want in pairs:
+        assert set(got) == set(want)
+        for k, v in want.items():
+            worst = max(worst, (got[k].double() - v.double()).abs().max().item() if v.numel() else 0.0)
+    return worst
+
+
+def _run_pair(raw: dict, tmp_path: Path, **engine) -> tuple[kdray.api.RunResult, kdray.api.RunResult]:
+    local = kdray.train(raw, out=tmp_path / "local")
+    ray_raw = copy.deepcopy(raw)
+    ray_raw["engine"] = {"name": "ray", "cpus_per_peer": 0.5, **engine}
+    ray = kdray.train(ray_raw, out=tmp_path / "ray")
+    return local, ray
+
+
+def _peer_metrics(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if not k.startswith("exchange/")} for h in history]
+
+
+CASES = {
+    # method, engine keys; DML through the collective exchange also loses a worker mid-epoch (fault tolerance)
+    "dml-collective-killed-worker": (
+        "dml",
+        {
+            "exchange": "collective",
+            "max_failures": 1,
+            "checkpoint_every_steps": 3,
+            "inject_failure_at_step": 5,
+        },
+    ),
+    "dml-actor": ("dml", {"exchange": "actor"}),
+    "afd-ring3-hetero-collective": ("afd", {"exchange": "collective"}),
+    "acn-collective": ("acn", {"exchange": "collective"}),
+    "afd-ring3-hetero-actor": ("afd", {"exchange": "actor"}),
+    "acn-actor": ("acn", {"exchange": "actor"}),
+    "dml-stale-every-step": ("dml", {"exchange": "stale", "stale_every": 1}),
+}
+SLOW = {"afd-ring3-hetero-actor", "acn-actor", "dml-stale-every-step"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW else []) for c in CASES]
+)
+def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local):
+    method, engine = CASES[case]
+    if method not in METHODS:
+        pytest.skip(f"method '{method}' is not in kdray.methods.METHODS yet")
+    raw = _population(tiny_raw, method)
+    raw["tracking"] = {"enabled": True}  # embedded store in tmp_path: the Ray run must keep one MLflow run
+    local, ray = _run_pair(raw, tmp_path, **engine)
+
+    ray_ckpt, local_ckpt = load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)
+    assert _compare_states(ray_ckpt, local_ckpt) <= TOL
+    # the same per-peer and ensemble metrics, epoch by epoch, mid-epoch restarts included
+    for got, want in zip(_peer_metrics(ray.summary["history"]), local.summary["history"], strict=True):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+    # last.pt is a LocalEngine-format population checkpoint: kdray eval reads it and agrees with the run
+    report = kdray.evaluate(ray.checkpoint)
+    assert [p["val_acc"] for p in report["peers"]] == [p["val_acc"] for p in ray.summary["peers"]]
+    assert ray_ckpt["mlflow_run_id"] == ray.summary["mlflow_run_id"]
+
+    # exchange figures are logged; one MLflow run per population (restarts included), every epoch logged once
+    exchange = ray.summary["exchange"]
+    assert exchange["name"] == engine["exchange"] and exchange["bytes_per_step"] > 0
+    assert 0 < exchange["ms_per_step"] < exchange["step_ms"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kdray").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(
+        [local.summary["mlflow_run_id"], ray.summary["mlflow_run_id"]]
+    )
+    kl = client.get_metric_history(ray.summary["mlflow_run_id"], "peer0/loss_kl")
+    assert [m.step for m in kl] == [1, 2]
+    assert kl[-1].value == pytest.approx(local.summary["history"][-1]["peer0/loss_kl"], rel=1e-4)
+    assert len(client.get_metric_history(ray.summary["mlflow_run_id"], "exchange/ms_per_step")) == 2
+
+    import json
+
+    run_info = json.loads((ray.out_dir / "ray_run.json").read_text())
+    assert [p["rank"] for p in run_info["placement"]] == [0, 1, 2]
+    assert [p["peer"] for p in run_info["placement"]] == [p["name"] for p in ray.summary["peers"]]
+    if engine.get("inject_failure_at_step"):
+        assert run_info["attempts"] == 2  # the group was restarted once and resumed from step 3
+        assert len({p["pid"] for p in run_info["placement"]}) == 3
+
+
+def test_ray_engine_resumes_a_local_checkpoint(tiny_raw, tmp_path, ray_local):
+    """``--resume`` of a population checkpoint onto Ray: epoch 2 on Ray after epoch 1 locally equals 2 local epochs."""
+    raw = _population(tiny_raw, "dml")
+    full = kdray.train(raw, out=tmp_path / "full")
+    one = copy.deepcopy(raw)
+    one["train"]["epochs"] = 1
+    half = kdray.train(one, out=tmp_path / "half")
+    resumed = kdray.train(
+        None, overrides=["train.epochs=2", "engine.name=ray", "engine.cpus_per_peer=0.5"], resume=half.out_dir
+    )
+    assert resumed.summary["engine"] == "ray" and resumed.summary["epochs"] == 2
+    assert _compare_states(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint)) <= TOL
+
+
+def test_infeasible_placement_fails_fast_and_names_the_cluster(tiny_raw, tmp_path, ray_local):
+    from kdray.errors import PlacementError
+
+    raw = _population(tiny_raw, "dml")
+    raw["engine"] = {
+        "name": "ray",
+        "placement": "strict_spread",
+        "placement_timeout_s": 2,
+        "cpus_per_peer": 0.5,
+    }
+    start = time.monotonic()
+    with pytest.raises(PlacementError) as err:
+        kdray.train(raw, out=tmp_path / "run")
+    assert time.monotonic() - start < 15
+    message = str(err.value)
+    assert "strict_spread" in message and "3 different nodes" in message and "1 node(s)" in message
+    assert "\n" not in message
+
+
+def test_local_ray_listens_on_loopback_only(ray_local):
+    """Every socket the test's Ray processes listen on is bound to 127.0.0.0/8."""
+    me = psutil.Process()
+    pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+    listening = [
+        c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
+    assert listening, "expected the local Ray's servers among the listening sockets"
+    for conn in listening:
+        host = conn.laddr.ip.removeprefix("::ffff:")
+        assert ipaddress.ip_address(host).is_loopback, f"pid {conn.pid} listens on {conn.laddr}"
