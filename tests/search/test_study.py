@@ -1,0 +1,187 @@
+"""Studies on a private local Ray: ASHA + TPE end to end with MLflow, PBT exploits, diverging trials.
+
+Tiny synthetic populations (2 x ResNet-8 width 4, 12x12 inputs), 1-4 epochs; most of each test's time is the trial
+processes importing torch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+import kdray
+from kdray.checkpoint import load_checkpoint
+from kdray.search.space import parse_space
+from kdray.search.study import StudySettings, run_study
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ASHA_SPACE = {
+    "params": {
+        "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0},
+        "method.temperature": {"dist": "uniform", "low": 1.0, "high": 4.0},
+        "train.optimizer.name": {"dist": "choice", "values": ["sgd", "adam"]},
+    }
+}
+
+
+def _history(trial_dir):
+    return [json.loads(line) for line in (trial_dir / "history.jsonl").read_text().splitlines()]
+
+
+def test_asha_study_end_to_end(ray_local, tiny_raw, tmp_path):
+    """4 trials, TPE + ASHA: values in range, the config's own values first, study.json and MLflow agree, and
+    best.yaml reproduces the best trial."""
+    tiny_raw["train"]["epochs"] = 2
+    tiny_raw["tracking"] = {"enabled": True}
+    out = tmp_path / "runs" / "asha"
+    result = run_study(
+        tiny_raw, ASHA_SPACE, out=out, settings=StudySettings(samples=4, max_concurrent=2, seed=3)
+    )
+    study = json.loads((out / "study.json").read_text())
+    trials = study["trials"]
+    assert study["status"] == "finished" and len(trials) == 4
+    assert {t["status"] for t in trials} <= {"finished", "stopped"}
+    space = parse_space(ASHA_SPACE)
+    for t in trials:
+        for key, value in t["values"].items():
+            assert space.params[key].contains(value), (key, value)
+        cfg = yaml.safe_load((out / "trials" / t["trial_id"] / "config.yaml").read_text())
+        assert (
+            cfg["method"]["weights"]["kl"] == t["values"]["method.weights.kl"]
+        )  # the trial trained what it says
+        assert cfg["train"]["optimizer"]["name"] == t["values"]["train.optimizer.name"]
+    assert {"method.weights.kl": 1.0, "method.temperature": 1.0, "train.optimizer.name": "sgd"} in [
+        t["values"] for t in trials
+    ]  # points_to_evaluate: the config's own values
+    finished = [t for t in trials if t["status"] == "finished"]
+    assert finished and all(t["epoch"] == 2 for t in finished)
+    best = study["best"]
+    assert best["objective"] == max(t["objective"] for t in finished)
+    assert study["compute"]["epochs_trained"] == sum(t["epochs_trained"] for t in trials) <= 8
+    assert result.best == best
+
+    # MLflow: a parent run with one nested run per trial; the best value agrees
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(study["mlflow"]["uri"])
+    parent = client.get_run(study["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_objective"] == pytest.approx(best["objective"])
+    assert parent.data.metrics["trials"] == 4
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4 == study["mlflow"]["children"]
+    by_trial = {r.data.tags["kdray.trial_id"]: r for r in children}
+    assert set(by_trial) == {t["trial_id"] for t in trials}
+    best_run = by_trial[best["trial_id"]]
+    assert best_run.data.metrics["objective"] == pytest.approx(best["objective"])
+    assert best_run.data.params["tune.method.weights.kl"] == str(best["values"]["method.weights.kl"])
+    assert best_run.data.params["method.weights.kl"] == str(
+        best["values"]["method.weights.kl"]
+    )  # resolved config
+    assert all(r.info.status == "FINISHED" for r in children)
+    objective_steps = [m.step for m in client.get_metric_history(best_run.info.run_id, "objective")]
+    assert objective_steps == [1, 2]  # per-epoch metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best.yaml", "trials.csv", "study.json", "checkpoints", "plots"} <= artifacts
+    assert (out / "plots" / "history.png").stat().st_size > 0
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 5
+
+    # best.yaml is ready to run and reproduces the best trial (same seed, same thread count, CPU)
+    rerun = kdray.train(out / "best.yaml", overrides=["tracking.enabled=false"], out=tmp_path / "rerun")
+    best_summary = json.loads((out / "trials" / best["trial_id"] / "summary.json").read_text())
+    assert [p["val_acc"] for p in rerun.summary["peers"]] == [p["val_acc"] for p in best_summary["peers"]]
+    assert load_checkpoint(out / "best.pt")["epoch"] == 2
+
+
+def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local, tiny_raw, tmp_path):
+    """Two trials, one with a useless learning rate: it copies the better trial's checkpoint (weights, step, history)
+    and continues with a perturbed KL weight, which is in effect from the next step."""
+    tiny_raw["train"]["epochs"] = 4
+    space = {
+        "params": {
+            "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0},
+            "train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.1},
+        },
+        "perturb": ["method.weights.kl"],
+    }
+    settings = StudySettings(
+        samples=2, scheduler="pbt", max_concurrent=2, quantile_fraction=0.5, seed=1,
+        extra_points=[{"method.weights.kl": 1.0, "train.optimizer.lr": 1e-5}],
+    )  # fmt: skip
+    out = tmp_path / "pbt"
+    study = run_study(tiny_raw, space, out=out, settings=settings).study
+    events = [(t, e) for t in study["trials"] for e in t["exploits"]]
+    assert events, "no exploit happened"
+    recipient, event = events[0]
+    donor = event["donor"]
+    assert donor != recipient["trial_id"]
+    e = event["epoch"]
+
+    # the copy is the donor's state at the exploit point: same step counter, same weights, its history
+    donor_payload = load_checkpoint(event["donor_checkpoint"])
+    copied = load_checkpoint(event["copied_to"])
+    assert copied["epoch"] == donor_payload["epoch"] == e and copied["step"] == donor_payload["step"] == e * 8
+    for peer, state in donor_payload["peers"].items():
+        for name, tensor in state["net"].items():
+            assert torch.equal(copied["peers"][peer]["net"][name], tensor), (peer, name)
+    assert copied["history"] == donor_payload["history"]
+
+    # the recipient went on from epoch e + 1 with the perturbed weight
+    rows = _history(out / "trials" / recipient["trial_id"])
+    after = [r for r in rows if r["time"] > event["time"] and not r["replay"]]
+    assert after[0]["epoch"] == e + 1
+    new_kl = event["values"]["method.weights.kl"]
+    assert new_kl != event["donor_values"]["method.weights.kl"]
+    assert after[0]["hp/method.weights.kl"] == new_kl
+    assert event["values"]["train.optimizer.lr"] == event["donor_values"]["train.optimizer.lr"]  # cloned
+
+    # re-running that epoch from the donor's checkpoint reproduces it with the new weight, not with the old one
+    cfg = yaml.safe_load((out / "trials" / recipient["trial_id"] / "config.yaml").read_text())
+    cfg["tracking"]["enabled"] = False
+    cfg["train"]["optimizer"]["lr"] = event["values"]["train.optimizer.lr"]
+
+    def continue_with(kl: float, name: str) -> dict:
+        c = copy.deepcopy(cfg)
+        c["method"]["weights"]["kl"] = kl
+        seen = []
+
+        def stop_after_one(metrics, _path):
+            seen.append(metrics)
+            raise StopIteration
+
+        with pytest.raises(StopIteration):
+            kdray.train(c, out=tmp_path / name, resume=event["donor_checkpoint"], callbacks=[stop_after_one])
+        return seen[0]
+
+    with_new = continue_with(new_kl, "new")
+    with_old = continue_with(event["donor_values"]["method.weights.kl"], "old")
+    for key, value in after[0]["metrics"].items():
+        assert with_new[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert with_old["peer0/loss_kl"] != pytest.approx(after[0]["metrics"]["peer0/loss_kl"], rel=1e-6)
+
+    # the schedule is recorded and drawn
+    assert (out / "plots" / "pbt_method.weights.kl.png").exists()
+    assert all(t["status"] == "finished" for t in study["trials"])
+
+
+def test_diverging_trial_is_marked_and_the_study_finishes(ray_local, tiny_raw, tmp_path):
+    space = {"params": {"train.optimizer.lr": {"dist": "loguniform", "low": 0.01, "high": 1e6}}}
+    settings = StudySettings(
+        samples=2, scheduler="fifo", max_concurrent=1, extra_points=[{"train.optimizer.lr": 1e6}]
+    )
+    out = tmp_path / "nan"
+    study = run_study(tiny_raw, space, out=out, settings=settings).study
+    by_lr = {t["values"]["train.optimizer.lr"]: t for t in study["trials"]}
+    assert set(by_lr) == {0.05, 1e6}
+    bad, good = by_lr[1e6], by_lr[0.05]
+    assert bad["status"] == "diverged" and "diverged" in bad["error"] and bad["objective"] is None
+    assert good["status"] == "finished" and math.isfinite(good["objective"])
+    assert study["status"] == "finished" and study["best"]["trial_id"] == good["trial_id"]
+    assert json.loads((out / "trials" / bad["trial_id"] / "status.json").read_text())["status"] == "diverged"
