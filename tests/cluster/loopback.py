@@ -65,6 +65,8 @@ class LoopbackCluster:
         lo = self._ports_base + index * 30
         return [
             f"--node-ip-address={ip}",
+            # A temp dir per node, as on separate machines: nodes sharing one would tail each other's logs.
+            f"--temp-dir={self.root / f'n{index}'}",
             f"--num-cpus={self.cpus}",
             "--num-gpus=0",
             "--object-store-memory=100000000",
@@ -96,7 +98,6 @@ class LoopbackCluster:
         head = [
             "--head",
             f"--port={self.gcs_port}",
-            f"--temp-dir={self.root}",
             "--include-dashboard=true",
             f"--dashboard-host={self.head_ip}",
             f"--dashboard-port={self.dashboard_port}",
