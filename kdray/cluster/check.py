@@ -4,8 +4,10 @@ the experiment fit the cluster it describes?
 1. What ``ray up`` does first, offline: Ray's own ``prepare_config`` (fill the provider's defaults, merge setup
    commands, the local provider's node type) and ``validate_config`` (Ray's JSON schema: unknown or mistyped keys at
    the top level and in node types, ``head_node_type`` one of ``available_node_types``, the sum of ``min_workers`` at
-   most ``max_workers``). Neither contacts a cloud: ``ray up`` only does that afterwards, in the provider's
-   ``bootstrap_config``. That Ray API is private, so it is used only with the Ray version kdray pins.
+   most ``max_workers``). Neither contacts a cloud: ``ray up`` does that in two steps kdray skips, the detection of
+   each instance type's CPUs/GPUs (``fillout_available_node_types_resources``, the EC2 API) and the provider's
+   ``bootstrap_config`` (IAM, key pair, subnets). That Ray API is private, so it is used only with the Ray version
+   kdray pins.
 2. kdray's rules, on the file Ray accepted (each named by its key path):
 
    - every node type has ``min_workers <= max_workers`` (Ray checks only the sum against the global ``max_workers``);
