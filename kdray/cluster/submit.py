@@ -12,6 +12,7 @@ on (Ray sets ``RAY_ADDRESS`` in every job) rather than starting a Ray of its own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -142,12 +143,10 @@ def _client(address: str):
         ) from None
 
 
-async def _follow(client, job_id: str, deadline: float | None) -> None:
+async def _follow(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         sys.stdout.write(lines)
         sys.stdout.flush()
-        if deadline is not None and time.monotonic() > deadline:
-            return
 
 
 def submit_job(
@@ -192,7 +191,8 @@ def submit_job(
         return 0
     deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
-        asyncio.run(_follow(client, job_id, deadline))
+        with contextlib.suppress(asyncio.TimeoutError):
+            asyncio.run(asyncio.wait_for(_follow(client, job_id), timeout_s))
         status = str(client.get_job_status(job_id))
         while status.split(".")[-1] not in TERMINAL and (deadline is None or time.monotonic() < deadline):
             time.sleep(1.0)  # the log stream can close a moment before the status turns terminal

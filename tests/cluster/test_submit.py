@@ -166,3 +166,16 @@ def test_unreachable_cluster_is_named(workdir: Path, monkeypatch, capsys) -> Non
     assert (
         "cannot reach the Ray Jobs API at http://127.0.0.1:9" in err and "ray dashboard cluster.yaml" in err
     )
+
+
+def test_timeout_stops_following_not_the_job(workdir: Path, fake_jobs: FakeJobs, monkeypatch, capsys) -> None:
+    import asyncio
+
+    async def silent(job_id):
+        await asyncio.sleep(3600)
+        yield ""
+
+    monkeypatch.setattr(fake_jobs, "tail_job_logs", silent)
+    fake_jobs.final = "RUNNING"
+    assert submit_job("h:8265", str(workdir / "configs/tiny.yaml"), working_dir=workdir, timeout_s=0.5) == 1
+    assert "still RUNNING after 0.5 s; it goes on" in capsys.readouterr().out
