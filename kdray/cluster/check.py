@@ -47,7 +47,7 @@ import math
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -842,6 +842,17 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
         return []
     problems, verdict = capacity_problems(cfg, report.nodes, report.max_workers, report.provider)
     report.experiment.append(f"  {verdict}")
+    if not problems and report.provider != "local" and eng.placement_timeout_s < 900:
+        # The nodes up from the start (min_workers) may not hold the population: the autoscaler then launches more,
+        # which takes minutes (boot + setup_commands), longer than the engine waits for its placement by default.
+        at_start = [replace(n, max_count=n.min_count) for n in report.nodes]
+        short, _ = capacity_problems(cfg, at_start, sum(n.min_count for n in at_start if n.role != "head"))
+        if short:
+            report.warnings.append(
+                f"the nodes up at start (min_workers) cannot hold the population, and new nodes take minutes to boot "
+                f"and set up: engine.placement_timeout_s={eng.placement_timeout_s:g} s will likely expire first; "
+                "--set engine.placement_timeout_s=1200, or raise the node type's min_workers"
+            )
     if multi_node:
         if eng.storage_path is None:
             mount = next(iter(report.storage.mounts), None)

@@ -54,7 +54,7 @@ def main(result_file: str, submit_args: list[str]) -> int:
             env=cluster.env,
             capture_output=True,
             text=True,
-            timeout=240,
+            timeout=360,
         )
         result["timings"]["job_s"] = round(time.monotonic() - t1, 1)
         result["submit_rc"], result["submit_output"] = proc.returncode, proc.stdout + proc.stderr

@@ -175,6 +175,17 @@ def test_too_few_nodes_for_strict_spread(tmp_path: Path, experiment: Path, capsy
     assert main([*argv, "--set", SHARED[0], "--set", SHARED[1]]) == 0
 
 
+def test_autoscaling_needs_a_longer_placement_timeout(experiment: Path) -> None:
+    report = check_cluster(AWS, config=experiment, overrides=RING3_GPU)  # min_workers 0: the GPUs come later
+    assert any("engine.placement_timeout_s=60 s will likely expire first" in w for w in report.warnings)
+    report = check_cluster(AWS, config=experiment, overrides=[*RING3_GPU, "engine.placement_timeout_s=1200"])
+    assert not any("placement_timeout_s" in w for w in report.warnings)
+    report = check_cluster(
+        AWS, config=experiment, overrides=SHARED
+    )  # CPU peers fit on the head from the start
+    assert not any("placement_timeout_s" in w for w in report.warnings)
+
+
 def test_too_few_machines_on_premise(experiment: Path) -> None:
     four = [*RING3_GPU, "peers=[{arch: resnet8}, {arch: resnet8}, {arch: resnet8}, {arch: resnet8}]"]
     gpus, placement = _problems(ONPREM, config=experiment, overrides=four)

@@ -65,13 +65,13 @@ def ring3_on_cluster(tmp_path_factory) -> dict:
         "--set",
         f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         "--timeout",
-        "200",
+        "300",
     ]
     result_file = tmp / "result.json"
     subprocess.run(
         [*netns, sys.executable, str(HERE / "loopback_job.py"), str(result_file), "--", *submit],
         env={**_clean_env(), "KDRAY_E2E_NETNS": "1"},
-        timeout=420,
+        timeout=540,
         check=True,
     )
     result = json.loads(result_file.read_text())
