@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
+import re
+import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 import kdray
@@ -169,14 +171,35 @@ def test_infeasible_placement_fails_fast_and_names_the_cluster(tiny_raw, tmp_pat
     assert "\n" not in message
 
 
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
 def test_local_ray_listens_on_loopback_only(ray_local):
-    """Every socket the test's Ray processes listen on is bound to 127.0.0.0/8."""
-    me = psutil.Process()
-    pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
-    listening = [
-        c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids
-    ]
-    assert listening, "expected the local Ray's servers among the listening sockets"
-    for conn in listening:
-        host = conn.laddr.ip.removeprefix("::ffff:")
-        assert ipaddress.ip_address(host).is_loopback, f"pid {conn.pid} listens on {conn.laddr}"
+    """Every socket the test session's Ray processes listen on is bound to 127.0.0.0/8 (``ss -tlnp``)."""
+    mine = _descendants(os.getpid())
+    listening = []
+    for line in subprocess.run(
+        ["ss", "-Htlnp"], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
+        pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if pids & mine:
+            listening.append(line.split()[3])
+    assert len(listening) >= 3, (
+        "expected the local Ray's servers (GCS, raylet, dashboard, ...) to be listening"
+    )
+    for address in listening:
+        host = address.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+        assert ipaddress.ip_address(host).is_loopback, address
