@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +49,6 @@ SCHEDULERS = ("asha", "fifo", "pbt")
 SEARCHES = ("tpe", "random")
 TUNE_DIR = "tune"
 STUDY_FILE = "study.json"
-PROGRESS_FILE = "progress.json"
 
 
 class StudyError(KdrayError):
@@ -162,85 +160,16 @@ def plan_resources(
 
 # ---------------------------------------------------------------------------------------------------- Ray
 @contextlib.contextmanager
-def ray_session(address: str | None = None, object_store_mb: int = 300, num_cpus: int | None = None):
-    """Attach to ``address`` or start a private Ray on loopback (own temp dir, small object store); shut down only
-    what was started here. A Ray already initialised in this process (a test fixture) is used as it is."""
-    import ray
+def study_ray(cfg: ExperimentConfig):
+    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.address`` is
+    attached to; otherwise a private Ray on loopback, shut down at the end). The loopback switch is read when
+    ``ray`` is first imported, so it is set here before anything imports it."""
+    if cfg.engine.address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from kdray.engines.ray_runtime import ray_session
 
-    if ray.is_initialized():
-        yield
-        return
-    tmp = None
-    if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP 127.0.0.1 (RAY_NOTES.md)
-        tmp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        os.environ["RAY_TMPDIR"] = tmp
-        ray.init(
-            address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024,
-            include_dashboard=False, _temp_dir=tmp, configure_logging=False, log_to_driver=False,
-        )  # fmt: skip
-    else:
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------ progress
-def _tune_callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class StudyProgress(_tune_callback_base()):
-    """Driver-side: prints one line per finished trial and keeps ``progress.json`` current (what has finished),
-    so a killed driver leaves an up-to-date record."""
-
-    def __init__(self, study_dir: str, epochs: int, verbose: bool = True):
-        self.path = Path(study_dir) / PROGRESS_FILE
-        self.epochs, self.verbose = epochs, verbose
-        self.trials: dict[str, dict[str, Any]] = _read_json(self.path, {})
-        self.started: dict[str, float] = {}
-
-    def _save(self) -> None:
-        _write_json(self.path, self.trials)
-
-    def _entry(self, trial) -> dict[str, Any]:
-        return self.trials.setdefault(trial.trial_id, {"status": "pending", "epoch": 0, "objective": None})
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        entry = self._entry(trial)
-        entry["status"] = "running"
-        entry.setdefault("started", time.time())
-        self._save()
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        entry = self._entry(trial)
-        entry.update(status="running", epoch=result.get("epoch"), objective=result.get("objective"))
-        self._save()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        entry = self._entry(trial)
-        entry["status"] = "finished" if (entry.get("epoch") or 0) >= self.epochs else "stopped"
-        self._save()
-        if self.verbose:
-            obj = entry.get("objective")
-            print(
-                f"trial {trial.trial_id} {entry['status']} at epoch {entry.get('epoch')}: objective "
-                + (f"{obj:.4f}" if isinstance(obj, float) else "-"),
-                flush=True,
-            )
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        entry = self._entry(trial)
-        entry["status"] = "error"
-        self._save()
-        if self.verbose:
-            print(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}", flush=True)
+    with ray_session(cfg.engine, cfg.num_peers) as how:
+        yield how
 
 
 # ------------------------------------------------------------------------------------------------- the study
@@ -282,6 +211,8 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
                  res: TrialResources, study_dir: Path, verbose: bool):  # fmt: skip
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    from kdray.search.progress import StudyProgress
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.resources)
     epochs = base.train.epochs
@@ -325,7 +256,10 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
         keep = 2
     tune_config = tune.TuneConfig(
         metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
-        num_samples=settings.samples, max_concurrent_trials=res.max_concurrent, reuse_actors=True,
+        num_samples=settings.samples, max_concurrent_trials=res.max_concurrent,
+        # A reused actor skips the imports (seconds per trial); a Ray-engine trial's actor is not reused, so
+        # the Train run of a stopped trial ends with its actor.
+        reuse_actors=base.engine.name != "ray",
         trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
     )  # fmt: skip
     run_config = tune.RunConfig(
@@ -349,7 +283,6 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) a study. Everything is checked (config, space, settings, tracking store, cluster) before
     any trial starts."""
-    from ray import tune
 
     if resume is not None:
         study_dir = Path(resume).resolve()
@@ -394,7 +327,7 @@ def run_study(
         tracking.tracker.check()  # before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
 
-    with ray_session(base.engine.address, base.engine.object_store_mb):
+    with study_ray(base):
         import ray
 
         res = plan_resources(base, ray.cluster_resources(), settings.max_concurrent, settings.cpus_per_trial)
@@ -421,6 +354,8 @@ def run_study(
                 + f", objective {settings.metric}; {res.note}; folder {study_dir}",
                 flush=True,
             )
+        from ray import tune
+
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the resumable state at most 1 s old
         tune_path = study_dir / TUNE_DIR
         status = "FAILED"

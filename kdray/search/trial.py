@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -198,6 +199,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     from kdray.errors import DivergedError
 
     entered = time.time()
+    for name in ("ray.train", "ray.tune"):  # one INFO line per checkpoint otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     trial_id = tune.get_context().get_trial_id()
     out = plan.trial_dir(trial_id)
     values = {k: config[k] for k in plan.keys}

@@ -7,8 +7,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """Ray on 127.0.0.1 with 2 CPUs; ``run_study`` reuses it (and leaves it running) instead of starting its own."""
-    from kdray.search.study import ray_session
+    """Ray on 127.0.0.1 (tests/conftest.py sets the loopback switch before ray is imported); ``run_study`` uses it
+    (and leaves it running) instead of starting its own."""
+    import ray
 
-    with ray_session(num_cpus=2):
-        yield
+    from kdray.config import EngineConfig
+    from kdray.engines.ray_runtime import ray_session
+
+    with ray_session(EngineConfig(), 2):
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        yield ray.get_runtime_context().gcs_address

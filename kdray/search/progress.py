@@ -1,0 +1,58 @@
+"""Driver-side progress of a study: one line per finished trial, and ``progress.json`` kept current, so a killed
+driver leaves an up-to-date record of what had finished."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from kdray.search.trial import _read_json, _write_json
+
+PROGRESS_FILE = "progress.json"
+
+
+class StudyProgress(Callback):
+    def __init__(self, study_dir: str, epochs: int, verbose: bool = True):
+        self.path = Path(study_dir) / PROGRESS_FILE
+        self.epochs, self.verbose = epochs, verbose
+        self.trials: dict[str, dict[str, Any]] = _read_json(self.path, {})
+        self.started: dict[str, float] = {}
+
+    def _save(self) -> None:
+        _write_json(self.path, self.trials)
+
+    def _entry(self, trial) -> dict[str, Any]:
+        return self.trials.setdefault(trial.trial_id, {"status": "pending", "epoch": 0, "objective": None})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        entry = self._entry(trial)
+        entry["status"] = "running"
+        entry.setdefault("started", time.time())
+        self._save()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        entry = self._entry(trial)
+        entry.update(status="running", epoch=result.get("epoch"), objective=result.get("objective"))
+        self._save()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        entry = self._entry(trial)
+        entry["status"] = "finished" if (entry.get("epoch") or 0) >= self.epochs else "stopped"
+        self._save()
+        if self.verbose:
+            obj = entry.get("objective")
+            print(
+                f"trial {trial.trial_id} {entry['status']} at epoch {entry.get('epoch')}: objective "
+                + (f"{obj:.4f}" if isinstance(obj, float) else "-"),
+                flush=True,
+            )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        entry = self._entry(trial)
+        entry["status"] = "error"
+        self._save()
+        if self.verbose:
+            print(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}", flush=True)

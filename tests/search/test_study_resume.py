@@ -1,0 +1,87 @@
+"""A study whose driver is killed (SIGKILL, no chance to clean up) continues with ``--resume``: finished trials are
+kept as they were, the interrupted one continues from its own checkpoint, the MLflow parent run is reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdray.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _progress(out: Path) -> dict:
+    try:
+        return json.loads((out / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_killed_study_resumes_without_rerunning_finished_trials(ray_local, tiny_raw, tmp_path):
+    tiny_raw["train"]["epochs"] = 3
+    tiny_raw["tracking"] = {"enabled": True}
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw))
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10}}})
+    )
+    out = tmp_path / "runs" / "study"
+    # The driver attaches to this session's Ray (saves starting one); killing it ends its job and the job's actors.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "tune", str(cfg), "--space", str(space), "--samples", "3",
+         "--scheduler", "fifo", "--max-concurrent", "1", "--out", str(out), "--set", f"engine.address={ray_local}"],
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            prog = _progress(out)
+            done = [k for k, v in prog.items() if v["status"] == "finished"]
+            running = [k for k, v in prog.items() if v["status"] == "running" and (v.get("epoch") or 0) >= 1]
+            if done and running:
+                break
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no finished + running trial within 240 s: {prog}")
+        time.sleep(1.5)  # Tune keeps its resumable state at most 1 s old
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver we started, nothing else
+        driver.wait()
+    before = json.loads((out / "study.json").read_text())
+    assert before["status"] == "running"
+    finished_before = {
+        k: (out / "trials" / k / "history.jsonl").read_text()
+        for k, v in _progress(out).items()
+        if v["status"] == "finished"
+    }
+    interrupted = running[0]
+
+    assert main(["tune", "--resume", str(out)]) == 0
+    after = json.loads((out / "study.json").read_text())
+    trials = {t["trial_id"]: t for t in after["trials"]}
+    assert after["status"] == "finished" and len(trials) == 3
+    assert all(t["status"] == "finished" for t in trials.values())
+    for trial_id, history in finished_before.items():
+        assert trials[trial_id]["incarnations"] == 1  # not run again
+        assert (out / "trials" / trial_id / "history.jsonl").read_text() == history
+    resumed = json.loads((out / "trials" / interrupted / "status.json").read_text())["incarnations"]
+    assert len(resumed) == 2 and resumed[1]["resumed"]["kind"] == "own"
+    epochs = [r["epoch"] for r in trials[interrupted]["history"] if not r.get("superseded")]
+    assert epochs == [1, 2, 3]  # continued from its checkpoint: each epoch once
+
+    assert after["mlflow"]["parent_run_id"] == before["mlflow"]["parent_run_id"]
+    assert after["mlflow"]["children"] == 3  # one nested run per trial, none duplicated by the restart
