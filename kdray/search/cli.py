@@ -21,6 +21,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         samples=args.samples, scheduler=args.scheduler, search=args.search, metric=args.metric,
         max_concurrent=args.max_concurrent, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
         grace_period=args.grace_period, perturbation_interval=args.perturbation_interval,
+        epoch_budget=args.epoch_budget,
     )  # fmt: skip
     result = run_study(
         args.config, args.space, overrides=args.set, out=args.out, resume=args.resume, settings=settings

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.stopper import Stopper
 
-from kdray.search.trial import _read_json, _write_json
-
-PROGRESS_FILE = "progress.json"
+from kdray.search.trial import PROGRESS_FILE, _read_json, _write_json
 
 
 class StudyProgress(Callback):
@@ -56,3 +55,19 @@ class StudyProgress(Callback):
         self._save()
         if self.verbose:
             print(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}", flush=True)
+
+
+class EpochBudget(Stopper):
+    """Ends the study once its trials have trained ``epochs`` epochs in all (a fixed compute budget; trials still
+    running are stopped). Replayed reports (a finished trial re-reporting after a pause) cost nothing."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.used = epochs, 0
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if not result.get("replay"):
+            self.used += 1
+        return False
+
+    def stop_all(self) -> bool:
+        return self.used >= self.epochs

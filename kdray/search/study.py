@@ -38,6 +38,7 @@ from kdray.search.space import SearchSpace, load_space, parse_space
 from kdray.search.trial import (
     HISTORY_FILE,
     OBJECTIVES,
+    PROGRESS_FILE,
     TrialPlan,
     _read_json,
     _write_json,
@@ -73,6 +74,9 @@ class StudySettings:
         default_factory=list
     )  # more fixed first trials (tests, benchmarks)
     cpus_per_trial: float | None = None
+    epoch_budget: int | None = (
+        None  # stop the study after this many epochs trained in all (fixed compute budget)
+    )
 
     def check(self) -> None:
         def bad(key: str, value: Any, accepted: str) -> StudyError:
@@ -94,6 +98,8 @@ class StudySettings:
             raise bad("reduction_factor", self.reduction_factor, "must be > 1")
         if not 0 < self.quantile_fraction <= 0.5:
             raise bad("quantile_fraction", self.quantile_fraction, "must be in (0, 0.5]")
+        if self.epoch_budget is not None and self.epoch_budget < 1:
+            raise bad("--epoch-budget", self.epoch_budget, "need at least 1 epoch")
         if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
             raise bad("--cpus-per-trial", self.cpus_per_trial, "must be > 0")
 
@@ -212,7 +218,7 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    from kdray.search.progress import StudyProgress
+    from kdray.search.progress import EpochBudget, StudyProgress
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.resources)
     epochs = base.train.epochs
@@ -267,6 +273,7 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
         callbacks=[StudyProgress(str(study_dir), epochs, verbose)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+        stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None,
     )  # fmt: skip
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -339,7 +346,9 @@ def run_study(
         parent = tracking.start(
             f"{name}", (state.get("mlflow") or {}).get("parent_run_id"), _study_params(settings, space_obj, res)
         ) if tracking.enabled else None  # fmt: skip
-        plan = TrialPlan(name, str(study_dir), raw, tuple(space_obj.keys), settings.metric, forced, parent)
+        plan = TrialPlan(
+            name, str(study_dir), raw, tuple(space_obj.keys), settings.metric, forced, parent, os.getcwd()
+        )
         state = {
             "name": name, "status": "running", "config": raw, "space": space_obj.to_dict(),
             "space_source": space_obj.source, "settings": asdict(settings), "resources": asdict(res),
@@ -400,6 +409,16 @@ def _trial_rows(trial_dir: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in ("replay", "time", "metrics")} for r in rows]
 
 
+def _start_to_first_step(driver_start: float | None, own: dict[str, Any]) -> float | None:
+    """Seconds from Tune starting the trial (driver clock) to its first training step: actor start or reuse,
+    imports, config, data, models, MLflow run."""
+    first = own.get("first_step_after_entry_s")
+    incarnations = own.get("incarnations") or []
+    if driver_start is None or first is None or not incarnations:
+        return None
+    return round(incarnations[0]["entered"] - driver_start + first, 3)
+
+
 def summarise_study(
     state: dict[str, Any], grid, base: ExperimentConfig, space: SearchSpace, study_dir: Path
 ) -> dict[str, Any]:
@@ -408,6 +427,7 @@ def summarise_study(
 
     epochs = base.train.epochs
     trials = []
+    driver_starts = {k: v.get("started") for k, v in _read_json(study_dir / PROGRESS_FILE, {}).items()}
     for result in grid:
         trial_id = Path(result.path).name
         metrics = result.metrics or {}
@@ -439,6 +459,7 @@ def summarise_study(
                 "exploits": _read_json(trial_dir / "exploits.json", []),
                 "error": error,
                 "first_step_after_entry_s": own.get("first_step_after_entry_s"),
+                "start_to_first_step_s": _start_to_first_step(driver_starts.get(trial_id), own),
                 "incarnations": len(own.get("incarnations", [])),
                 "started": (own.get("incarnations") or [{}])[0].get("entered"),
                 "mlflow_run_id": find_trial_run(state["mlflow"]["uri"], state["mlflow"]["parent_run_id"], trial_dir),
@@ -450,7 +471,7 @@ def summarise_study(
     pool = finished or [t for t in trials if t["objective"] is not None]
     best = max(pool, key=lambda t: t["objective"]) if pool else None
     trained = sum(t["epochs_trained"] for t in trials)
-    budget = state["settings"]["samples"] * epochs
+    budget = len(trials) * epochs  # what these trials would have cost had every one run all its epochs
     return {
         **state,
         "status": "finished",

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ OBJECTIVES = ("min_peer", "mean_peer", "ensemble")
 CHECKPOINT_FILE = "population.pt"  # the kdray checkpoint inside a Tune checkpoint folder
 TRIAL_META = "trial.json"  # who wrote a Tune checkpoint, at which epoch
 HISTORY_FILE = "history.jsonl"  # in the trial folder: one line per reported epoch
+PROGRESS_FILE = "progress.json"  # in the study folder: the driver's live view of every trial
 
 
 def objective_value(cfg: ExperimentConfig, metrics: dict[str, float], metric: str) -> float:
@@ -56,6 +58,7 @@ class TrialPlan:
     metric: str
     forced: dict[str, Any] = field(default_factory=dict)  # per-trial settings: threads, tracking store, ...
     parent_run_id: str | None = None
+    cwd: str | None = None  # the driver's working directory: relative paths in the config (data.root) mean it
 
     def trial_dir(self, trial_id: str) -> Path:
         return Path(self.study_dir) / "trials" / trial_id
@@ -201,6 +204,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     entered = time.time()
     for name in ("ray.train", "ray.tune"):  # one INFO line per checkpoint otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
+    if plan.cwd and Path(plan.cwd).is_dir():
+        os.chdir(plan.cwd)  # Tune starts trials in their own folder
     trial_id = tune.get_context().get_trial_id()
     out = plan.trial_dir(trial_id)
     values = {k: config[k] for k in plan.keys}
