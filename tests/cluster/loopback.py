@@ -65,8 +65,6 @@ class LoopbackCluster:
         lo = self._ports_base + index * 30
         return [
             f"--node-ip-address={ip}",
-            # A temp dir per node, as on separate machines: nodes sharing one would tail each other's logs.
-            f"--temp-dir={self.root / f'n{index}'}",
             f"--num-cpus={self.cpus}",
             "--num-gpus=0",
             "--object-store-memory=100000000",
@@ -82,10 +80,11 @@ class LoopbackCluster:
             "--block",
         ]
 
-    def _spawn(self, args: list[str], name: str) -> None:
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", *args],
+            # A temp dir per node, as on separate machines: nodes sharing one would tail each other's logs.
+            [str(BIN / "ray"), "start", *args, f"--temp-dir={self.root / name}"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -93,8 +92,23 @@ class LoopbackCluster:
             start_new_session=True,
         )
         self.procs.append(proc)
+        return proc
 
-    def start(self, timeout_s: float = 60.0) -> LoopbackCluster:
+    def _start_node(self, args: list[str], name: str, timeout_s: float, attempts: int) -> None:
+        """Start one node and wait until it has registered. On a busy 2-core machine a node can miss Ray's fixed
+        30 s registration deadline, and `ray start` gives up: then its processes are killed and it starts again."""
+        for attempt in range(attempts):
+            label = name if attempt == 0 else f"{name}-retry{attempt}"
+            proc = self._spawn(args, label)
+            try:
+                self._wait_for(lambda label=label: self._started(label), timeout_s, f"node {name}", proc)
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                _signal(self._pids_under(self.root / label), signal.SIGKILL)
+
+    def start(self, timeout_s: float = 90.0) -> LoopbackCluster:
         head = [
             "--head",
             f"--port={self.gcs_port}",
@@ -103,20 +117,19 @@ class LoopbackCluster:
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port(self.head_ip)}",
         ]
-        self._spawn(head + self._node_args(self.head_ip, 0), "head")
-        # One node at a time: on a busy 2-core machine, nodes starting together can miss Ray's fixed 30 s
-        # registration deadline.
-        self._wait_for(lambda: self._started("head"), timeout_s, "the head node")
+        self._start_node(head + self._node_args(self.head_ip, 0), "head", timeout_s, attempts=1)
+        # One node at a time: nodes starting together on 2 cores often miss the registration deadline.
         for i, ip in enumerate(self.worker_ips, start=1):
-            self._spawn([f"--address={self.address}", *self._node_args(ip, i)], f"worker{i}")
-            self._wait_for(lambda i=i: self._started(f"worker{i}"), timeout_s, f"worker node {ip}")
+            self._start_node(
+                [f"--address={self.address}", *self._node_args(ip, i)], f"worker{i}", timeout_s, attempts=3
+            )
         self._wait_for(lambda: self._listening(self.head_ip, self.dashboard_port), timeout_s, "the dashboard")
         return self
 
-    def _wait_for(self, ready, timeout_s: float, what: str) -> None:
+    def _wait_for(self, ready, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            dead = [p for p in self.procs if p.poll() is not None]
+            dead = [p for p in ([proc] if proc else self.procs) if p.poll() is not None]
             if dead:
                 raise RuntimeError(
                     f"`ray start` exited ({dead[0].args}); logs in {self.root}:\n{self.logs()}"
@@ -136,6 +149,9 @@ class LoopbackCluster:
         """`ray start` says so once its node has registered with the GCS."""
         log = self.root / f"{name}.log"
         return log.exists() and "Ray runtime started." in log.read_text(errors="replace")
+
+    def _pids_under(self, folder: Path) -> set[int]:
+        return {pid for pid, (_, cmd) in _process_table().items() if str(folder) in cmd}
 
     def pids(self) -> set[int]:
         """Every process this cluster started: the `ray start` trees, and anything carrying its private temp dir."""
