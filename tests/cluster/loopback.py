@@ -107,6 +107,7 @@ class LoopbackCluster:
                 if attempt == attempts - 1:
                     raise
                 _signal(self._pids_under(self.root / label), signal.SIGKILL)
+                self.procs.remove(proc)  # gone: only the live attempt's `ray start` is watched from here on
 
     def start(self, timeout_s: float = 90.0) -> LoopbackCluster:
         head = [
