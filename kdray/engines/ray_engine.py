@@ -57,6 +57,7 @@ class RayEngine:
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
+        from kdray.engines.ray_backend import NodeBoundTorchConfig
         from kdray.engines.ray_runtime import STRATEGIES, ray_session, require_placement, worker_resources
         from kdray.exchange.actor import create_signal_store
         from kdray.methods import METHODS
@@ -89,6 +90,7 @@ class RayEngine:
             trainer = TorchTrainer(
                 train_worker,
                 train_loop_config=loop_config,
+                torch_config=NodeBoundTorchConfig(),
                 scaling_config=ScalingConfig(
                     num_workers=cfg.num_peers,
                     use_gpu=eng.gpus_per_peer > 0,
@@ -222,6 +224,41 @@ def user_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def listening_addresses() -> list[str]:
+    """The ``address:port`` pairs this process listens on (Linux ``/proc``; empty elsewhere)."""
+    try:
+        inodes = set()
+        for fd in Path("/proc/self/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        out = []
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    out.append(_decode_proc_address(fields[1]))
+        return out
+    except OSError:
+        return []
+
+
+def _decode_proc_address(text: str) -> str:
+    import ipaddress
+
+    hex_ip, hex_port = text.split(":")
+    raw = bytes.fromhex(hex_ip)
+    # /proc/net/tcp* prints the address as 32-bit words in host (little-endian) order
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return f"{ip}:{int(hex_port, 16)}"
+
+
 # ---------------------------------------------------------------------------------------------- the workers
 def train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (rank = peer index)."""
@@ -327,6 +364,7 @@ class RayWorkerLoop(EpochLoop):
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(self.proc.device),
+            "listening": listening_addresses(),
         }
         self._post({"kind": "start", "placement": self._all_gather(me)})
 

@@ -13,6 +13,7 @@ Three cases, in this order:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import os
 import shutil
@@ -67,8 +68,15 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         yield "existing"
         return
     if engine.address:
+        kwargs = {}
+        host = engine.address.rsplit(":", 1)[0].strip("[]")
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_loopback:
+                # several loopback nodes on one machine (127.0.0.2, .3, ...): join as the head's address, not
+                # the machine's, or Ray finds no raylet of this node
+                kwargs["_node_ip_address"] = host
         try:
-            ray.init(address=engine.address, logging_level="warning")
+            ray.init(address=engine.address, logging_level="warning", **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the same problem for the user
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise KdrayError(

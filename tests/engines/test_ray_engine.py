@@ -56,12 +56,21 @@ def _compare_states(ray_ckpt: dict, local_ckpt: dict) -> float:
     return worst
 
 
-def _run_pair(raw: dict, tmp_path: Path, **engine) -> tuple[kdray.api.RunResult, kdray.api.RunResult]:
+def _run_pair(
+    raw: dict, tmp_path: Path, resume_epoch: int | None = None, **engine
+) -> tuple[kdray.api.RunResult, kdray.api.RunResult]:
     local = kdray.train(raw, out=tmp_path / "local")
     ray_raw = copy.deepcopy(raw)
     ray_raw["engine"] = {"name": "ray", "cpus_per_peer": 0.5, **engine}
-    ray = kdray.train(ray_raw, out=tmp_path / "ray")
-    return local, ray
+    if resume_epoch is None:
+        return local, kdray.train(ray_raw, out=tmp_path / "ray")
+    first = copy.deepcopy(raw)
+    first["train"]["epochs"] = resume_epoch
+    kdray.train(first, out=tmp_path / "ray")
+    overrides = [f"engine.{k}={v}" for k, v in ray_raw["engine"].items()] + [
+        f"train.epochs={raw['train']['epochs']}"
+    ]
+    return local, kdray.train(None, overrides=overrides, resume=tmp_path / "ray")
 
 
 def _peer_metrics(history: list[dict]) -> list[dict]:
@@ -79,7 +88,8 @@ CASES = {
             "inject_failure_at_step": 5,
         },
     ),
-    "dml-actor": ("dml", {"exchange": "actor"}),
+    # DML through the actor exchange starts from a LocalEngine checkpoint of epoch 1 (``--resume`` onto Ray)
+    "dml-actor-resumed": ("dml", {"exchange": "actor"}),
     "afd-ring3-hetero-collective": ("afd", {"exchange": "collective"}),
     "acn-collective": ("acn", {"exchange": "collective"}),
     "afd-ring3-hetero-actor": ("afd", {"exchange": "actor"}),
@@ -98,7 +108,10 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local):
         pytest.skip(f"method '{method}' is not in kdray.methods.METHODS yet")
     raw = _population(tiny_raw, method)
     raw["tracking"] = {"enabled": True}  # embedded store in tmp_path: the Ray run must keep one MLflow run
-    local, ray = _run_pair(raw, tmp_path, **engine)
+    resumed = case.endswith("-resumed")
+    local, ray = _run_pair(raw, tmp_path, resume_epoch=1 if resumed else None, **engine)
+    if resumed:
+        assert ray.summary["engine"] == "ray" and ray.summary["epochs"] == 2
 
     ray_ckpt, local_ckpt = load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)
     assert _compare_states(ray_ckpt, local_ckpt) <= TOL
@@ -124,32 +137,25 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local):
         [local.summary["mlflow_run_id"], ray.summary["mlflow_run_id"]]
     )
     kl = client.get_metric_history(ray.summary["mlflow_run_id"], "peer0/loss_kl")
-    assert [m.step for m in kl] == [1, 2]
+    assert [m.step for m in kl] == [1, 2]  # a resumed run continues its MLflow run: epoch 1 is there
     assert kl[-1].value == pytest.approx(local.summary["history"][-1]["peer0/loss_kl"], rel=1e-4)
-    assert len(client.get_metric_history(ray.summary["mlflow_run_id"], "exchange/ms_per_step")) == 2
+    ex_steps = [
+        m.step for m in client.get_metric_history(ray.summary["mlflow_run_id"], "exchange/ms_per_step")
+    ]
+    assert ex_steps == ([2] if resumed else [1, 2])
 
     import json
 
     run_info = json.loads((ray.out_dir / "ray_run.json").read_text())
     assert [p["rank"] for p in run_info["placement"]] == [0, 1, 2]
     assert [p["peer"] for p in run_info["placement"]] == [p["name"] for p in ray.summary["peers"]]
+    for worker in run_info["placement"]:  # taken in each worker while training: the process group included
+        assert worker["listening"]
+        for address in worker["listening"]:
+            assert ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback, (worker["rank"], address)
     if engine.get("inject_failure_at_step"):
         assert run_info["attempts"] == 2  # the group was restarted once and resumed from step 3
         assert len({p["pid"] for p in run_info["placement"]}) == 3
-
-
-def test_ray_engine_resumes_a_local_checkpoint(tiny_raw, tmp_path, ray_local):
-    """``--resume`` of a population checkpoint onto Ray: epoch 2 on Ray after epoch 1 locally equals 2 local epochs."""
-    raw = _population(tiny_raw, "dml")
-    full = kdray.train(raw, out=tmp_path / "full")
-    one = copy.deepcopy(raw)
-    one["train"]["epochs"] = 1
-    half = kdray.train(one, out=tmp_path / "half")
-    resumed = kdray.train(
-        None, overrides=["train.epochs=2", "engine.name=ray", "engine.cpus_per_peer=0.5"], resume=half.out_dir
-    )
-    assert resumed.summary["engine"] == "ray" and resumed.summary["epochs"] == 2
-    assert _compare_states(load_checkpoint(resumed.checkpoint), load_checkpoint(full.checkpoint)) <= TOL
 
 
 def test_infeasible_placement_fails_fast_and_names_the_cluster(tiny_raw, tmp_path, ray_local):

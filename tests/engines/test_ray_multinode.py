@@ -1,0 +1,132 @@
+"""A real three-node Ray cluster on loopback (``ray start``: head on 127.0.0.2, workers on 127.0.0.3 and 127.0.0.4),
+an AFD ring of three with ``placement: strict_spread`` through the CLI: every peer runs on its own node, and the run
+listens on loopback only. The test stops exactly the processes it started, by PID (SIGTERM, then SIGKILL after 5 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdray.methods import METHODS
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+RAY = str(Path(sys.executable).parent / "ray")
+NODES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo += children.get(pid, [])
+    return out
+
+
+def _stop(pids: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+        pids = {p for p in pids if Path(f"/proc/{p}").exists()}
+        if not pids:
+            return
+
+
+@pytest.fixture
+def loopback_cluster():
+    """Head + two worker nodes, each a ``ray start --block`` of our own; yields the head's address."""
+    temp_dir = tempfile.mkdtemp(prefix="kdmn-", dir="/tmp")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+    }
+    env.update({"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
+    port = _free_port(NODES[0])
+    address = f"{NODES[0]}:{port}"
+    common = ["--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000"]
+    commands = [
+        [RAY, "start", "--head", f"--node-ip-address={NODES[0]}", f"--port={port}", f"--temp-dir={temp_dir}",
+         f"--dashboard-host={NODES[0]}", f"--dashboard-port={_free_port(NODES[0])}", *common],
+    ] + [[RAY, "start", f"--address={address}", f"--node-ip-address={ip}", *common] for ip in NODES[1:]]  # fmt: skip
+    started: list[subprocess.Popen] = []
+    try:
+        log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 - closed below
+        started.append(subprocess.Popen(commands[0], env=env, stdout=log, stderr=log))
+        time.sleep(8)  # the workers need the head's GCS up
+        for cmd in commands[1:]:
+            started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+        yield address, env
+    finally:
+        _stop(_descendants({p.pid for p in started}))
+        log.close()
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_raw, tmp_path):
+    if "afd" not in METHODS:
+        pytest.skip("method 'afd' is not in kdray.methods.METHODS yet")
+    address, env = loopback_cluster
+    raw = tiny_raw
+    raw["peers"] = [
+        {"arch": "resnet8", "arch_kwargs": {"width": 4}},
+        {"arch": "resnet14", "arch_kwargs": {"width": 8}},
+        {"arch": "resnet8", "arch_kwargs": {"width": 4}},
+    ]
+    raw["method"] = {"name": "afd"}
+    raw["train"]["threads"] = 1
+    raw["train"]["max_steps_per_epoch"] = 4
+    raw["engine"] = {
+        "name": "ray", "address": address, "placement": "strict_spread", "cpus_per_peer": 0.5,
+        "placement_timeout_s": 90,
+    }  # fmt: skip
+    config = tmp_path / "ring3.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = subprocess.run(
+        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
+    placement = info["placement"]
+    assert [p["rank"] for p in placement] == [0, 1, 2]
+    assert len({p["node_id"] for p in placement}) == 3  # strict_spread: one peer per node
+    assert sorted(p["node_ip"] for p in placement) == sorted(NODES)
+    for worker in placement:
+        for listening in worker["listening"]:
+            assert ipaddress.ip_address(listening.rsplit(":", 1)[0]).is_loopback, (worker["rank"], listening)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert all(p["val_acc"] is not None for p in summary["peers"])
+    assert summary["exchange"]["bytes_per_step"] > 0
