@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,17 @@ def build_shared(cfg: ExperimentConfig, method: Method, device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------------------------------- the step
+def weighted_sum(terms: dict[str, Tensor], weight: Callable[[str], float]) -> Tensor:
+    """``sum_t w_t * term_t``, skipping the multiplications by 1."""
+    total: Tensor | None = None
+    for name, value in terms.items():
+        w = weight(name)
+        part = value if w == 1.0 else w * value
+        total = part if total is None else total + part
+    assert total is not None, "a method's loss returned no terms"
+    return total
+
+
 def _detach(signals: Signals) -> Signals:
     return {k: v.detach() for k, v in signals.items()}
 
@@ -318,12 +329,13 @@ class StepRunner:
                     self.shared.module if self.shared else None, epoch, step,
                 )  # fmt: skip
                 terms = method.loss(phase, ctx)
-                loss = sum(weights(t) * v for t, v in terms.items())
+                loss = weighted_sum(terms, weights)
                 total = loss if total is None else total + loss
                 prefix = "shared" if shared_scope else p.name
                 for t, v in terms.items():
                     key = f"{prefix}/loss_{t}"
-                    metrics[key] = metrics.get(key, 0) + v.detach().float()
+                    # No "0 + v": on a GPU every avoidable small op is a kernel launch in the hot step.
+                    metrics[key] = metrics[key] + v.detach() if key in metrics else v.detach()
                 for t, v in ctx.metrics.items():
                     metrics[f"{p.name}/{t}"] = torch.as_tensor(v, dtype=torch.float32)
                 if phase is self._acc_phase and "logits" in outs[p.index]:
