@@ -35,6 +35,13 @@ WORKING_DIR_EXCLUDES = [
     "*.db",
     "*.pt",
     "*.ckpt",
+    # Data archives and arrays: on a cluster, data lives on shared storage (data.root), not in the job's upload.
+    "*.gz",
+    "*.tgz",
+    "*.tar",
+    "*.zip",
+    "*.npy",
+    "*.npz",
     # Top-level folders only (a leading slash anchors the pattern): a package may well have a data/ module folder.
     "/runs/",
     "/data/",

@@ -72,7 +72,7 @@ def test_runtime_env_ships_code_not_environments_or_outputs(tmp_path: Path) -> N
     for rel in (
         "kdray/__init__.py", "kdray/data/loader.py", "configs/a.yaml", "pyproject.toml",
         ".venv/lib/torch.so", "runs/x/summary.json", "data/FashionMNIST/raw/t.gz", "mlartifacts/1/a.png",
-        "kdray/__pycache__/x.pyc", "ckpt/best.pt", "mlflow.db", ".git/HEAD",
+        "kdray/__pycache__/x.pyc", "ckpt/best.pt", "mlflow.db", ".git/HEAD", ".gpudata/fmnist/t10k.gz",
     ):  # fmt: skip
         (tmp_path / "wd" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "wd" / rel).write_text("x")
