@@ -41,7 +41,7 @@ def _bind_rendezvous() -> tuple[str, int]:
 
 
 def _init_process_group(
-    backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: int
+    backend: str, world_rank: int, world_size: int, addr: str, port: int, timeout_s: int
 ) -> None:
     import torch.distributed as dist
 
@@ -51,9 +51,11 @@ def _init_process_group(
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # fail on timeouts, as Ray's setup does
     timeout = timedelta(seconds=timeout_s)
-    fd = _LISTENER.fileno() if rank == 0 and _LISTENER is not None else None
-    store = dist.TCPStore(addr, port, world_size, rank == 0, timeout, master_listen_fd=fd)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    fd = _LISTENER.fileno() if world_rank == 0 and _LISTENER is not None else None
+    store = dist.TCPStore(addr, port, world_size, world_rank == 0, timeout, master_listen_fd=fd)
+    dist.init_process_group(
+        backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout
+    )
 
 
 class _NodeBoundTorchBackend(_TorchBackend):
@@ -72,7 +74,7 @@ class _NodeBoundTorchBackend(_TorchBackend):
                     i,
                     _init_process_group,
                     backend=backend,
-                    rank=i,
+                    world_rank=i,
                     world_size=n,
                     addr=addr,
                     port=port,
