@@ -121,6 +121,11 @@ class TrialResources:
     max_concurrent: int
     threads: int | None  # torch threads per trial (local engine)
     note: str
+    worker_cpus: float | None = None  # Ray engine: CPUs per Train worker
+
+
+DRIVER_CPUS = 0.01  # a Ray-engine trial only drives its Train run (0 is refused by Tune)
+WORKER_CPU_SHARE = 0.99
 
 
 def plan_resources(
@@ -136,11 +141,14 @@ def plan_resources(
     cpus = float(cluster.get("CPU", 1))
     gpus = float(cluster.get("GPU", 0))
     if cfg.engine.name == "ray":
-        need = cfg.num_peers * cfg.engine.cpus_per_peer
+        # The trial (Train driver) holds a sliver of a CPU, so each worker gets 99 % of engine.cpus_per_peer:
+        # K workers at 1 CPU then fit beside their driver on K CPUs (RAY_NOTES.md, Tune with Train V2).
+        worker_cpus = round(cfg.engine.cpus_per_peer * WORKER_CPU_SHARE, 4)
+        need = cfg.num_peers * worker_cpus + DRIVER_CPUS
         need_gpu = cfg.num_peers * cfg.engine.gpus_per_peer
-        fits = int(cpus // need)
+        fits = int((cpus + 1e-6) // need)
         if need_gpu:
-            fits = min(fits, int(gpus // need_gpu))
+            fits = min(fits, int((gpus + 1e-6) // need_gpu))
         if fits < 1:
             raise PlacementError(
                 f"one population needs {need:g} CPU(s) and {need_gpu:g} GPU(s) ({cfg.num_peers} peers x "
@@ -150,7 +158,7 @@ def plan_resources(
         note = f"{concurrent} trial(s) at once, each a Train driver with {cfg.num_peers} workers"
         if max_concurrent and max_concurrent > fits:
             note += f" (asked {max_concurrent}; the cluster hosts {fits})"
-        return TrialResources({"cpu": 0.01}, concurrent, None, note)
+        return TrialResources({"cpu": DRIVER_CPUS}, concurrent, None, note, worker_cpus)
     if cpus_per_trial is None:
         cpus_per_trial = max(1.0, math.floor(cpus / (max_concurrent or cpus)))
     fits = max(1, int(cpus // cpus_per_trial))
@@ -341,6 +349,8 @@ def run_study(
         forced: dict[str, Any] = {"train.progress": False, "train.eval_every": 1}
         if res.threads and base.train.threads is None:
             forced["train.threads"] = res.threads
+        if res.worker_cpus is not None:
+            forced["engine.cpus_per_peer"] = res.worker_cpus
         if tracking.enabled:
             forced["tracking.uri"] = tracking.uri
         parent = tracking.start(
@@ -502,8 +512,12 @@ def write_outputs(
         trial_dir = study_dir / "trials" / best["trial_id"]
         best_cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
         best_cfg["name"] = f"{study['name']}-best"
-        best_cfg["tracking"] = copy.deepcopy(base.to_dict()["tracking"])
-        best_cfg["train"]["progress"] = base.train.progress
+        # Undo the study's own settings (tracking store, progress, evaluation, worker sliver); keep the thread
+        # count, which the numbers depend on.
+        mine = base.to_dict()
+        best_cfg["tracking"] = copy.deepcopy(mine["tracking"])
+        for section, key in (("train", "progress"), ("train", "eval_every"), ("engine", "cpus_per_peer")):
+            best_cfg[section][key] = mine[section][key]
         header = (
             f"# Best trial {best['trial_id']} of study {study['name']} (kdray tune): {study['metric']} = "
             f"{best['objective']:.4f} after {best['epoch']} epoch(s).\n# Reproduce it: kdray train {study_dir / 'best.yaml'}\n"
