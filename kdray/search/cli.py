@@ -76,6 +76,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between perturbations")
     p.add_argument(
+        "--epoch-budget",
+        type=int,
+        help="stop the study after this many epochs trained in all (a compute budget)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the search (the trials keep the config's seed)"
     )
     p.add_argument(
