@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     t0 = time.time()
+    load_before = os.getloadavg()
     with study_ray(load_config(REPO / CONFIGS[args.methods[0]], overrides(args))):
         for method in args.methods:
             rows += run_method(method, args, out)
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "rows": rows,
         "total_wall_s": round(time.time() - t0, 1),
+        # Other work on the machine slows every trial alike, but inflates wall times and overheads.
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -185,3 +185,21 @@ def test_diverging_trial_is_marked_and_the_study_finishes(ray_local, tiny_raw, t
     assert good["status"] == "finished" and math.isfinite(good["objective"])
     assert study["status"] == "finished" and study["best"]["trial_id"] == good["trial_id"]
     assert json.loads((out / "trials" / bad["trial_id"] / "status.json").read_text())["status"] == "diverged"
+
+
+def test_ray_engine_trial_is_the_train_driver(ray_local, tiny_raw, tmp_path):
+    """engine.name=ray: the trial drives a TorchTrainer (Train V2 inside Tune), reports through the same epoch
+    callbacks, and lands where the in-process engine does."""
+    tiny_raw["engine"] = {"name": "ray"}
+    space = {"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0}}}
+    out = tmp_path / "ray"
+    study = run_study(tiny_raw, space, out=out, settings=StudySettings(samples=1)).study
+    assert study["resources"]["resources"] == {"cpu": 0.01} and study["resources"]["worker_cpus"] == 0.99
+    (trial,) = study["trials"]
+    assert trial["status"] == "finished" and trial["epoch"] == 1
+    trial_dir = out / "trials" / trial["trial_id"]
+    assert json.loads((trial_dir / "ray_run.json").read_text())["attempts"] == 1  # the RayEngine ran it
+    local = kdray.train(tiny_raw, overrides=["engine.name=local", "train.threads=1"], out=tmp_path / "local")
+    assert trial["objective"] == pytest.approx(local.summary["best"]["metric"], abs=2 / 64)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["engine"]["name"] == "ray" and best["engine"]["cpus_per_peer"] == 1.0  # the user's, not 0.99
