@@ -74,11 +74,28 @@ def loopback_cluster():
     env.update({"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
     port = _free_port(NODES[0])
     address = f"{NODES[0]}:{port}"
-    common = ["--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000"]
+    worker_ports: list[range] = []
+
+    def node_args(ip: str, name: str) -> list[str]:
+        # several nodes on one machine: give each its own ports and folder (defaults such as the dashboard
+        # agent's 52365 would collide)
+        ports = {
+            flag: _free_port(ip)
+            for flag in ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
+                         "runtime-env-agent", "metrics-export")
+        }  # fmt: skip
+        low = _free_port(ip)
+        worker_ports.append(range(low, low + 41))
+        return [
+            f"--node-ip-address={ip}", *(f"--{flag}-port={p}" for flag, p in ports.items()),
+            f"--min-worker-port={low}", f"--max-worker-port={low + 40}", f"--temp-dir={temp_dir}/{name}",
+            "--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats",
+        ]  # fmt: skip
+
     commands = [
-        [RAY, "start", "--head", f"--node-ip-address={NODES[0]}", f"--port={port}", f"--temp-dir={temp_dir}",
-         f"--dashboard-host={NODES[0]}", f"--dashboard-port={_free_port(NODES[0])}", *common],
-    ] + [[RAY, "start", f"--address={address}", f"--node-ip-address={ip}", *common] for ip in NODES[1:]]  # fmt: skip
+        [RAY, "start", "--head", f"--port={port}", f"--dashboard-host={NODES[0]}",
+         f"--dashboard-port={_free_port(NODES[0])}", *node_args(NODES[0], "head")],
+    ] + [[RAY, "start", f"--address={address}", *node_args(ip, f"node{i}")] for i, ip in enumerate(NODES[1:], 1)]  # fmt: skip
     started: list[subprocess.Popen] = []
     try:
         log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 - closed below
@@ -86,7 +103,7 @@ def loopback_cluster():
         time.sleep(8)  # the workers need the head's GCS up
         for cmd in commands[1:]:
             started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
-        yield address, env
+        yield address, env, Path(temp_dir) / "ray_start.log", worker_ports
     finally:
         _stop(_descendants({p.pid for p in started}))
         log.close()
@@ -98,7 +115,7 @@ def loopback_cluster():
 def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_raw, tmp_path):
     if "afd" not in METHODS:
         pytest.skip("method 'afd' is not in kdray.methods.METHODS yet")
-    address, env = loopback_cluster
+    address, env, start_log, ray_worker_ports = loopback_cluster
     raw = tiny_raw
     raw["peers"] = [
         {"arch": "resnet8", "arch_kwargs": {"width": 4}},
@@ -110,7 +127,7 @@ def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_
     raw["train"]["max_steps_per_epoch"] = 4
     raw["engine"] = {
         "name": "ray", "address": address, "placement": "strict_spread", "cpus_per_peer": 0.5,
-        "placement_timeout_s": 90,
+        "placement_timeout_s": 120,
     }  # fmt: skip
     config = tmp_path / "ring3.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -118,15 +135,22 @@ def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_
         [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
     info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
     placement = info["placement"]
     assert [p["rank"] for p in placement] == [0, 1, 2]
     assert len({p["node_id"] for p in placement}) == 3  # strict_spread: one peer per node
     assert sorted(p["node_ip"] for p in placement) == sorted(NODES)
     for worker in placement:
+        # kdray's own sockets (the rendezvous store, gloo) are on loopback. Ray's core worker binds its gRPC server
+        # to all interfaces unless the node IP is exactly 127.0.0.1 (Ray 2.60, C++), so on 127.0.0.2-4 that one
+        # listener, in the node's worker-port range, is Ray's and the only exception.
+        if worker["rank"] == 0:  # the rendezvous store, on the node's own address
+            assert any(a.startswith(f"{worker['node_ip']}:") for a in worker["listening"])
         for listening in worker["listening"]:
-            assert ipaddress.ip_address(listening.rsplit(":", 1)[0]).is_loopback, (worker["rank"], listening)
+            host, port = listening.rsplit(":", 1)
+            if not ipaddress.ip_address(host).is_loopback:
+                assert any(int(port) in r for r in ray_worker_ports), (worker["rank"], listening)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert all(p["val_acc"] is not None for p in summary["peers"])
     assert summary["exchange"]["bytes_per_step"] > 0
