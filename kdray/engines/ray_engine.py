@@ -115,6 +115,7 @@ class RayEngine:
             "run_name": run_name,
             "storage_path": str(storage),
             "attempts": outcome.pop("attempts"),
+            "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
         }
         (self.out_dir / "ray_run.json").write_text(
             json.dumps(
@@ -172,6 +173,7 @@ class RayEngine:
             "exchange": exchange,
             "placement": state["placement"],
             "attempts": state["attempts"],
+            "first_step_at": state.get("first_step_at"),
         }
 
     def _handle(self, message: dict[str, Any], state: dict[str, Any], t0: float) -> None:
@@ -183,6 +185,7 @@ class RayEngine:
             state["placement"] = message["placement"]
         elif kind == "first_step" and state["first_step_s"] is None:
             state["first_step_s"] = message["time"] - t0
+            state["first_step_at"] = message["time"]
         elif kind == "epoch" and message["epoch"] > state["logged_epoch"]:
             # a group restarted after a failure repeats no epoch it reported (it resumes after it), but be safe
             state["logged_epoch"] = message["epoch"]
