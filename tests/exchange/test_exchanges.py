@@ -280,3 +280,37 @@ def test_distributed_generator_gradients_equal_the_in_process_ones(three_ranks):
         assert len(got) == len(whole)
         for a, b in zip(got, whole):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------- burn-in
+def test_burn_in_trains_on_the_task_terms_only(tiny_raw):
+    """While the exchange is not distilling (the stale exchange's burn-in), a step equals one with every
+    non-task weight at 0; the distillation terms are still computed and logged."""
+    from kdray.config import load_config
+    from kdray.engines.process import PopulationProcess
+    from kdray.population import LocalExchange
+
+    class BurningIn(LocalExchange):
+        def distilling(self, step: int) -> bool:
+            return step >= 2
+
+    tiny_raw["train"]["max_steps_per_epoch"] = 3
+    burn = PopulationProcess(load_config(tiny_raw), exchange_factory=BurningIn)
+    ce_only = copy.deepcopy(tiny_raw)
+    ce_only["method"]["weights"] = {"ce": 1.0, "kl": 0.0}
+    ref = PopulationProcess(load_config(ce_only))
+    logged = []
+    for _, (_, m_burn), _ in zip(
+        range(2), burn.steps(0), ref.steps(0)
+    ):  # range first: zip stops before a 3rd step
+        logged.append(float(m_burn["peer0/loss_kl"]))
+    for p, q in zip(burn.peers, ref.peers):
+        for a, b in zip(p.net.parameters(), q.net.parameters()):
+            assert torch.equal(a, b)
+    assert all(v > 0 for v in logged)  # computed and logged during the burn-in
+    # from step 2 on the method's weights apply again: the third step differs from a CE-only one
+    next(iter(burn.steps(0, start_step=2)))
+    next(iter(ref.steps(0, start_step=2)))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(burn.peers[0].net.parameters(), ref.peers[0].net.parameters())
+    )
