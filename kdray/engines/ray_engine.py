@@ -222,7 +222,12 @@ def user_error(exc: BaseException) -> BaseException:
         seen.add(id(e))
         if isinstance(e, KdrayError):
             return e
-        stack += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+        stack += [
+            e.__cause__,
+            e.__context__,
+            getattr(e, "controller_failure", None),
+            getattr(e, "cause", None),
+        ]
         stack += list(getattr(e, "worker_failures", {}).values())
     return exc
 

@@ -209,3 +209,22 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     for address in listening:
         host = address.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
         assert ipaddress.ip_address(host).is_loopback, address
+
+
+def test_a_worker_kdray_error_reaches_the_user_as_itself():
+    """A KdrayError raised in a worker (a diverged loss, a bad checkpoint) comes out of RayEngine as that error,
+    one line, not as Ray's wrapper with a traceback per worker."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from kdray.engines.ray_engine import user_error
+    from kdray.errors import DivergedError
+
+    diverged = DivergedError("training diverged in epoch 1: peer1/loss_kl = nan (1 non-finite metric(s))")
+    assert (
+        user_error(WorkerGroupError("worker 1 failed", {1: RuntimeError("other"), 2: diverged})) is diverged
+    )
+    wrapped = RuntimeError("task failed")
+    wrapped.cause = diverged  # how Ray's task errors carry the original exception
+    assert user_error(ControllerError(wrapped)) is diverged
+    plain = WorkerGroupError("worker 0 failed", {0: ValueError("a bug")})
+    assert user_error(plain) is plain
