@@ -151,24 +151,29 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     t0 = time.time()
     load_before = os.getloadavg()
-    with study_ray(load_config(REPO / CONFIGS[args.methods[0]], overrides(args))):
-        for method in args.methods:
-            rows += run_method(method, args, out)
-            print_table(rows)
-            print(flush=True)
-    report = {
-        "command": "python benchmarks/tune_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": vars(args),
-        "rows": rows,
-        "total_wall_s": round(time.time() - t0, 1),
-        # Other work on the machine slows every trial alike, but inflates wall times and overheads.
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "cpus": os.cpu_count(),
-    }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    # Each method's rows replace that method's rows in the file (methods can be run one at a time).
+    report = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    command = "python benchmarks/tune_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with study_ray(load_config(REPO / CONFIGS[args.methods[0]], overrides(args))):
+        for method in args.methods:
+            t = time.time()
+            method_rows = run_method(method, args, out)
+            rows += method_rows
+            print_table(rows)
+            print(flush=True)
+            report["runs"][method] = {
+                "command": command,
+                "settings": vars(args),
+                "rows": method_rows,
+                "wall_s": round(time.time() - t, 1),
+                # Other work on the machine slows every trial alike, but inflates wall times and overheads.
+                "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                "cpus": os.cpu_count(),
+            }
+            path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
     return 0
 
 

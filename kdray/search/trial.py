@@ -235,13 +235,15 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
                 source, event = _resume_point(Path(folder), trial_id, out, values)
                 incarnations[-1]["resumed"] = event
                 _update_status(out, incarnations=incarnations)
-                if event["kind"] == "own" and (event.get("epoch") or 0) >= cfg.train.epochs:
-                    _replay_final(reporter, source, out)
-                    _update_status(out, status="finished")
-                    return
                 result = train(
                     cfg, out=out, resume=source, callbacks=[reporter], parent_run_id=plan.parent_run_id
                 )
+                if reporter.final is None and result.summary["history"]:
+                    # Nothing was left to train: this trial had finished when it was paused (PBT) or the driver
+                    # was killed, or it copied a donor that had. Report where it stands, flagged as no new epoch.
+                    if event["kind"] == "exploit":
+                        shutil.copy2(source, out / "checkpoints" / "last.pt")
+                    reporter.final = ({**result.summary["history"][-1], "replay": 1.0}, source)
     except DivergedError as exc:
         _update_status(out, status="diverged", error=str(exc))
         raise
@@ -250,16 +252,6 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         timing.pop("first_step_after_entry_s", None)
     _update_status(out, status="finished", **timing)
     reporter.report_final()
-
-
-def _replay_final(reporter: TuneReporter, source: Path, out: Path) -> None:
-    """The trial had trained all its epochs when it was paused (PBT) or the driver was killed: report the last epoch
-    again, flagged ``replay`` (no compute spent), so Tune records the trial as done."""
-    from kdray.checkpoint import load_checkpoint
-
-    last = {**load_checkpoint(source)["history"][-1], "replay": 1.0}
-    last_ckpt = out / "checkpoints" / "last.pt"
-    reporter.report(last, last_ckpt if last_ckpt.is_file() else source)
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
