@@ -187,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                 ] / max(by["stale"]["bytes_per_step"], 1)
     extra["stale_reduction_afd_ring3_32"] = collective["bytes_per_step"] / max(stale["bytes_per_step"], 1)
     report = {
-        "machine": {"cores": CORES, "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cores": CORES,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),  # other processes sharing the cores skew every figure
+        },  # fmt: skip
         "settings": {
             "steps_per_epoch": args.steps,
             "batch": 128,
