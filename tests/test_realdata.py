@@ -25,6 +25,7 @@ def test_dml_on_fashion_mnist_learns_and_is_tracked(fmnist_root, tmp_path):
             "train.optimizer.lr=0.05",
             "train.progress=false",
             "train.device=cpu",
+            "engine.name=local",
         ],
         out=tmp_path / "runs" / "fmnist",
     )
