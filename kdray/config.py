@@ -198,7 +198,9 @@ class ExperimentConfig(Section):
         return len(self.peers)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # serialize_as_any: `method` is declared as MethodConfig; without it pydantic drops the method's own keys
+        # (AFD's adv_optimizer, disc_every, ...) from config.yaml, checkpoints and MLflow params.
+        return self.model_dump(mode="json", serialize_as_any=True)
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as ``{"a.b.c": value}`` (MLflow params, Tune spaces)."""
