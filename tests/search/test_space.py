@@ -194,3 +194,15 @@ def test_every_method_has_a_space():
 
     missing = sorted(set(METHODS) - {p.stem for p in SHIPPED})
     assert not missing, f"no tune_spaces/<method>.yaml for {missing}"
+
+
+def test_method_specific_keys_are_seen_in_the_resolved_config(tiny_raw):
+    """AFD's own keys (adversarial lr, step ratio) must reach the resolved config: the first trial runs the config's
+    own values only if they are found, and best.yaml / checkpoints are written from the resolved config."""
+    tiny_raw["method"] = {"name": "afd", "disc_every": 2, "adv_optimizer": {"lr": 0.02}}
+    cfg = load_config(tiny_raw)
+    flat = cfg.flat()
+    assert flat["method.disc_every"] == 2 and flat["method.adv_optimizer.lr"] == 0.02
+    assert load_config(cfg.to_dict()).method.adv_optimizer.lr == 0.02  # round trip (config.yaml, checkpoints)
+    own = load_space(REPO / "tune_spaces" / "afd.yaml").config_values(cfg)
+    assert own is not None and own["method.disc_every"] == 2 and own["method.adv_optimizer.lr"] == 0.02
