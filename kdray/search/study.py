@@ -252,7 +252,11 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
         from ray.tune.search.optuna import OptunaSearch
 
         sampler = (
-            optuna.samplers.TPESampler(seed=settings.seed)
+            # TPE models once n_startup_trials are done (Optuna's default 10): small studies would never get
+            # there, so a third of the samples (3..10) start at random.
+            optuna.samplers.TPESampler(
+                seed=settings.seed, n_startup_trials=max(3, min(10, settings.samples // 3))
+            )
             if settings.search == "tpe"
             else optuna.samplers.RandomSampler(seed=settings.seed)
         )
