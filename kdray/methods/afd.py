@@ -21,6 +21,7 @@ ring or is all-to-all (``logit_topology``, default ring), the default learning r
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch.nn.functional as F
@@ -51,7 +52,9 @@ class AFDConfig(MethodConfig):
         name="adam", lr=2e-4, betas=(0.5, 0.999), weight_decay=0.0
     )
     adv_every: int = Field(1, ge=1, description="run the adversarial feature update every N steps")
-    disc_every: int = Field(1, ge=1, description="run the discriminator update every N steps")
+    disc_every: int = Field(
+        1, ge=1, description="discriminator update every N steps (only where the adv phase ran)"
+    )
 
 
 class AFD(Method):
@@ -87,7 +90,14 @@ class AFD(Method):
         return [
             Phase("logit", optimizer="net"),
             Phase("adv", optimizer="adv", every=self.cfg.adv_every),
-            Phase("disc", optimizer="disc", forward=False, every=self.cfg.disc_every),
+            # The discriminator reads the maps the adversarial phase just published, so it can only run on steps
+            # where that phase ran: every lcm(adv_every, disc_every) steps.
+            Phase(
+                "disc",
+                optimizer="disc",
+                forward=False,
+                every=math.lcm(self.cfg.adv_every, self.cfg.disc_every),
+            ),
         ]
 
     def phase_topology(self, phase: Phase) -> Topology:

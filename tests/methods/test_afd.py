@@ -133,3 +133,14 @@ def test_bce_switch_changes_the_adversarial_loss(tiny_raw):
     # Same initial weights; the discriminators differ only in the loss: BCE(0.5-ish logit) ~ log 2, LSGAN ~ (1-D)^2.
     assert not torch.isclose(m1["peer0/loss_adv"], m2["peer0/loss_adv"])
     assert float(m2["peer0/loss_disc"]) == pytest.approx(2 * 0.693, abs=0.5)
+
+
+def test_step_ratios_keep_the_discriminator_on_adversarial_steps(tiny_raw):
+    proc = _proc(tiny_raw, None, adv_every=2, disc_every=3)
+    adv, disc = proc.method.phases()[1:]
+    assert (adv.every, disc.every) == (2, 6)
+    batches = list(proc.data.train_batches(0, max_steps=3))
+    for step, batch in enumerate(batches):  # steps 0, 1, 2: adversarial on 0 and 2, discriminator on 0
+        metrics = proc.runner.step(batch, 0, step)
+        assert ("peer0/loss_adv" in metrics) == (step % 2 == 0)
+        assert ("peer0/loss_disc" in metrics) == (step % 6 == 0)
