@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ray.train.torch import TorchConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 _LISTENER: socket.socket | None = None  # rank 0's rendezvous socket, kept open for the store's lifetime
@@ -92,3 +92,17 @@ class NodeBoundTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return _NodeBoundTorchBackend
+
+
+class PopulationTrainer(TorchTrainer):
+    """``TorchTrainer`` without Ray Data's dataset callback when no Ray Dataset is given (kdray's workers build their
+    own deterministic batches): Train V2 would otherwise start a ``DatasetManager`` actor per run, one more process
+    competing for the cores while the workers start."""
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+        callbacks = super()._create_default_callbacks()
+        if not self.datasets:
+            callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        return callbacks

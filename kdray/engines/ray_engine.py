@@ -54,10 +54,9 @@ class RayEngine:
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
-        from kdray.engines.ray_backend import NodeBoundTorchConfig
+        from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
         from kdray.engines.ray_runtime import STRATEGIES, ray_session, require_placement, worker_resources
         from kdray.exchange.actor import create_signal_store
         from kdray.methods import METHODS
@@ -87,7 +86,7 @@ class RayEngine:
                 "namespace": namespace,
                 "resume": resume_ref,
             }
-            trainer = TorchTrainer(
+            trainer = PopulationTrainer(
                 train_worker,
                 train_loop_config=loop_config,
                 torch_config=NodeBoundTorchConfig(),
