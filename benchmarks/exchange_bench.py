@@ -67,16 +67,16 @@ def base_config(peers: int, size: int, steps: int, method: str = "dml") -> dict:
     return raw
 
 
-def local_step_ms(raw: dict, steps: int) -> float:
+def local_step_ms(raw: dict, steps: int, threads: int = CORES) -> float:
     """Steady-state ms per step of the whole population in one process (the loop LocalEngine runs)."""
     import torch
 
     from kdray.config import load_config
     from kdray.engines.process import PopulationProcess
 
-    cfg = load_config({**raw, "train": {**raw["train"], "threads": CORES}})
+    cfg = load_config({**raw, "train": {**raw["train"], "threads": threads}})
     proc = PopulationProcess(cfg)
-    torch.set_num_threads(CORES)
+    torch.set_num_threads(threads)
     marks = []
     for _, _metrics in proc.steps(0):
         marks.append(time.perf_counter())
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 28])
     parser.add_argument("--exchanges", nargs="+", default=["collective", "actor", "stale"])
     parser.add_argument("--quick", action="store_true", help="2 peers, 32x32, 12 steps")
+    parser.add_argument("--no-first-step", action="store_true", help="skip the fresh-process start-up run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "exchange.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -156,20 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     rows, extra = [], {}
     work = Path(tempfile.mkdtemp(prefix="kdray-bench-"))
     # the fresh-process measurement first, while no other Ray of ours runs
-    extra["first_step"] = first_step_from_launch(base_config(2, 32, args.steps), work / "fresh")
-    print(
-        f"time to first step from `kdray train` launch: {extra['first_step']['first_step_s']:.1f} s",
-        flush=True,
-    )
+    if not args.no_first_step:
+        extra["first_step"] = first_step_from_launch(base_config(2, 32, args.steps), work / "fresh")
+        print(f"time to first step from `kdray train` launch: {extra['first_step']['first_step_s']:.1f} s")
     with ray_session(EngineConfig(object_store_mb=300), num_peers=max(args.peers)):
         for peers in args.peers:
             for size in args.sizes:
                 raw = base_config(peers, size, args.steps)
                 local_ms = local_step_ms(raw, args.steps)
+                # one thread: a yardstick for shared machines, where a 2-thread process suffers most
+                local_1t = local_step_ms(raw, args.steps, threads=1)
                 for exchange in args.exchanges:
                     engine = {"stale_every": args.steps} if exchange == "stale" else {}
                     r = ray_run(raw, exchange, work / f"{peers}-{size}-{exchange}", **engine)
                     r.update({"peers": peers, "size": size, "exchange": exchange, "local_step_ms": local_ms})
+                    r["local_1thread_step_ms"] = local_1t
                     r["relative_to_local"] = r["step_ms"] / local_ms
                     rows.append(r)
                     print(format_row(r), flush=True)
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_row(r: dict) -> str:
     return (
-        f"| {r['peers']} | {r['size']}x{r['size']} | {r['exchange']} | {r['local_step_ms']:.0f} | {r['step_ms']:.0f} "
+        f"| {r['peers']} | {r['size']}x{r['size']} | {r['exchange']} | {r['local_step_ms']:.0f} "
+        f"| {r.get('local_1thread_step_ms', float('nan')):.0f} | {r['step_ms']:.0f} "
         f"| {r['relative_to_local']:.2f}x | {r['exchange_ms']:.1f} | {100 * r['share']:.1f}% "
         f"| {r['bytes_per_step'] / 1024:.1f} |"
     )
@@ -220,14 +223,13 @@ def format_row(r: dict) -> str:
 
 def table(report: dict) -> str:
     head = (
-        "| peers | input | exchange | local ms/step | ray ms/step | ray / local | exchange ms/step | share of step "
-        "| KiB/step (all peers) |\n|---|---|---|---|---|---|---|---|---|"
+        "| peers | input | exchange | local ms/step | local, 1 thread | ray ms/step | ray / local | exchange ms/step "
+        "| share of step | KiB/step (all peers) |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head] + [format_row(r) for r in report["rows"]]
-    fs = report["first_step"]
-    lines.append(
-        f"\ntime to first step from `kdray train` launch (fresh local Ray): {fs['first_step_s']:.1f} s"
-    )
+    if "first_step" in report:
+        fs = report["first_step"]["first_step_s"]
+        lines.append(f"\ntime to first step from `kdray train` launch (fresh local Ray): {fs:.1f} s")
     for key, value in report.get("stale_reduction_dml", {}).items():
         lines.append(f"stale traffic reduction, DML {key}: {value:.2f}x")
     afd = report["afd_ring3_32"]
