@@ -45,15 +45,20 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def overhead(study: dict) -> dict:
-    """Start-to-first-step seconds: the first trial of each actor pays the imports; later ones reuse the actor."""
-    trials = sorted((t for t in study["trials"] if t.get("start_to_first_step_s") is not None),
-                    key=lambda t: t["started"])  # fmt: skip
-    concurrent = study["resources"]["max_concurrent"]
-    cold = [t["start_to_first_step_s"] for t in trials[:concurrent]]
-    warm = [t["start_to_first_step_s"] for t in trials[concurrent:]]
+    """Start-to-first-step seconds of the finished trials: in a fresh trial process (the first trial an actor runs
+    pays the imports) and in a reused one."""
+    seen: set = set()
+    cold, warm = [], []
+    for t in sorted(study["trials"], key=lambda t: t["started"] or 0):
+        fresh = t.get("pid") not in seen
+        seen.add(t.get("pid"))
+        if t.get("start_to_first_step_s") is not None:
+            (cold if fresh else warm).append(t["start_to_first_step_s"])
     return {
         "cold_s": round(statistics.median(cold), 2) if cold else None,
         "warm_s": round(statistics.median(warm), 2) if warm else None,
+        "cold_n": len(cold),
+        "warm_n": len(warm),
     }
 
 

@@ -476,6 +476,7 @@ def summarise_study(
                 "start_to_first_step_s": _start_to_first_step(driver_starts.get(trial_id), own),
                 "incarnations": len(own.get("incarnations", [])),
                 "started": (own.get("incarnations") or [{}])[0].get("entered"),
+                "pid": (own.get("incarnations") or [{}])[0].get("pid"),  # the trial process (reused actors share it)
                 "mlflow_run_id": find_trial_run(state["mlflow"]["uri"], state["mlflow"]["parent_run_id"], trial_dir),
                 "dir": str(trial_dir),
             }

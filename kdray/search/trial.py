@@ -225,7 +225,10 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         _truncate_history(out / HISTORY_FILE, trial_id, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_json(out / "status.json", {})
-    incarnations = [*previous.get("incarnations", []), {"entered": entered, "values": values}]
+    incarnations = [
+        *previous.get("incarnations", []),
+        {"entered": entered, "values": values, "pid": os.getpid()},
+    ]
     _update_status(out, trial_id=trial_id, status="running", values=values, incarnations=incarnations)
     try:
         if checkpoint is None:
