@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 JOB = HERE / "ring3.yaml"
 
-pytestmark = pytest.mark.slow
+# A real three-node cluster on a shared 2-core machine can miss Ray's registration deadline: one rerun.
+pytestmark = [pytest.mark.slow, pytest.mark.flaky(reruns=1)]
 
 
 def _netns_prefix() -> list[str]:

@@ -22,7 +22,8 @@ import yaml
 
 from kdray.methods import METHODS
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# Real multi-node clusters on a shared 2-core machine can miss Ray's node-registration deadline: one rerun.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.flaky(reruns=1)]
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
