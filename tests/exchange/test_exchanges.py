@@ -115,8 +115,20 @@ def _ranks_main(rank: int, init_file: str, stale_raw: dict, results: dict) -> No
     dist.destroy_process_group()
 
 
+def _root_conftest():
+    """tests/conftest.py by path: several conftest.py files share the module name 'conftest'."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("kdray_tests_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _stale_raw() -> dict:
-    from conftest import TINY
+    TINY = _root_conftest().TINY
 
     raw = copy.deepcopy(TINY)
     raw["peers"] = [copy.deepcopy(raw["peers"][0]) for _ in range(WORLD)]
@@ -127,7 +139,7 @@ def _stale_raw() -> dict:
 
 
 def _acn_raw() -> dict | None:
-    from conftest import TINY
+    TINY = _root_conftest().TINY
 
     from kdray.methods import METHODS
 
