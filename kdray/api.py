@@ -8,6 +8,7 @@ result.summary["peers"][0]["val_acc"]
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,9 @@ def train(
     status = "FAILED"
     try:
         if cfg.engine.name == "ray":
+            if cfg.engine.address is None:
+                # Ray reads this switch when it is first imported: set it before, or a local Ray binds to eth0.
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             from kdray.engines.ray_engine import RayEngine
 
             engine = RayEngine(cfg, out_dir, tracker, callbacks)
