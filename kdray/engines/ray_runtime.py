@@ -58,6 +58,24 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Make this process pick 127.0.0.1 as its node IP while it starts Ray.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is first imported; if Ray was imported before (a
+    Tune trial, a notebook), the environment variable alone comes too late and Ray would take the eth0 address.
+    The child processes (GCS, raylet, workers) read the variable themselves, from the environment set above.
+    """
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
+@contextlib.contextmanager
 def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     """Make Ray available for one run; yields how ("existing", "attached", "local")."""
     import ray
@@ -91,7 +109,10 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     temp_dir = Path(os.environ.get("RAY_TMPDIR") or local_temp_dir())
     temp_dir.mkdir(parents=True, exist_ok=True)
     cpus = max(os.cpu_count() or 1, math.ceil(num_peers * engine.cpus_per_peer))
-    with _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir)}):
+    with (
+        _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir)}),
+        _loopback_node_ip(),
+    ):
         ray.init(
             address="local",
             num_cpus=cpus,
