@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         ray.shutdown()
         if temp_dir == local_temp_dir():
             shutil.rmtree(temp_dir, ignore_errors=True)
+            if temp_dir.exists():  # a Ray process still exiting wrote a last file: once more, a moment later
+                time.sleep(1.0)
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _describe_nodes() -> str:
