@@ -63,7 +63,11 @@ class RayEngine:
 
         cfg, eng = self.cfg, self.cfg.engine
         t0 = time.time()
-        storage = Path(eng.storage_path or self.out_dir / "ray_storage").resolve()
+        # a URI (s3://, gs://, ...) is shared storage for multi-node runs: pass it on as it is
+        if eng.storage_path and "://" in eng.storage_path:
+            storage = eng.storage_path.rstrip("/")
+        else:
+            storage = str(Path(eng.storage_path or self.out_dir / "ray_storage").resolve())
         run_name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         with ray_session(eng, cfg.num_peers):
             require_placement(eng, cfg.num_peers)
@@ -78,7 +82,7 @@ class RayEngine:
                 "checkpoint_config": cfg.to_dict(),
                 "methods": dict(METHODS),
                 "out_dir": str(self.out_dir.resolve()),
-                "run_dir": str(storage / run_name),
+                "run_dir": f"{storage}/{run_name}",
                 "run_id": self.tracker.run_id,
                 "t0": t0,
                 "mailbox": mailbox,
@@ -98,7 +102,7 @@ class RayEngine:
                 ),
                 run_config=RunConfig(
                     name=run_name,
-                    storage_path=str(storage),
+                    storage_path=storage,
                     failure_config=FailureConfig(max_failures=eng.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                 ),
@@ -112,7 +116,7 @@ class RayEngine:
         outcome["wall_s"] = time.time() - t0
         outcome["ray"] = {
             "run_name": run_name,
-            "storage_path": str(storage),
+            "storage_path": storage,
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
         }
@@ -407,7 +411,11 @@ class RayWorkerLoop(EpochLoop):
         if every and done % every == 0 and local_step + 1 < self.proc.steps_per_epoch:
             self.report({"epoch": epoch, "step": done}, epoch, local_step + 1)
         if eng.inject_failure_at_step == done and self.rank == min(1, self.world - 1):
-            marker = Path(self.loop_config["run_dir"]) / f"kdray-failure-injected-at-{done}"
+            run_dir = self.loop_config["run_dir"]
+            folder = (
+                Path(run_dir) if "://" not in run_dir else Path(tempfile.gettempdir()) / Path(run_dir).name
+            )
+            marker = folder / f"kdray-failure-injected-at-{done}"
             if not marker.exists():  # once per run: the restarted group passes this step normally
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(f"rank {self.rank} killed itself after step {done}\n")
