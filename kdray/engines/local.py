@@ -9,22 +9,11 @@ import torch
 from tqdm import tqdm
 
 from kdray.config import ExperimentConfig
-from kdray.engines.process import EpochCallback, EpochLoop, LoopState, PopulationProcess, wallclock
-from kdray.tracking import Tracker
+from kdray.engines.process import Engine, EpochLoop, LoopState, PopulationProcess, wallclock
 
 
-class LocalEngine:
+class LocalEngine(Engine):
     name = "local"
-
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        out_dir: Path,
-        tracker: Tracker,
-        callbacks: list[EpochCallback] | None = None,
-    ):
-        self.cfg, self.out_dir, self.tracker = cfg, Path(out_dir), tracker
-        self.callbacks = callbacks or []
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.cfg

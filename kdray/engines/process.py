@@ -35,6 +35,7 @@ from kdray.population import (
     population_spec,
     resolve_device,
 )
+from kdray.tracking import Tracker
 
 
 class PopulationProcess:
@@ -262,3 +263,23 @@ class EpochLoop:
             if improved:
                 save_checkpoint(self.ckpt_dir / "best.pt", payload)
         self.after_epoch(metrics, state, path)
+
+
+class Engine:
+    """What ``kdray.api.train`` needs of an engine: built from the config, the run folder, the tracker and the
+    epoch callbacks; ``run(resume)`` returns the outcome dict that ``write_summary`` reads."""
+
+    name: str
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out_dir: Path,
+        tracker: Tracker,
+        callbacks: list[EpochCallback] | None = None,
+    ):
+        self.cfg, self.out_dir, self.tracker = cfg, Path(out_dir), tracker
+        self.callbacks = callbacks or []
+
+    def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        raise NotImplementedError

@@ -33,23 +33,12 @@ import torch
 
 from kdray.checkpoint import load_checkpoint, save_checkpoint
 from kdray.config import ExperimentConfig, validate
-from kdray.engines.process import EpochCallback, EpochLoop, LoopState, PopulationProcess, wallclock
+from kdray.engines.process import Engine, EpochLoop, LoopState, PopulationProcess, wallclock
 from kdray.errors import KdrayError
-from kdray.tracking import Tracker
 
 
-class RayEngine:
+class RayEngine(Engine):
     name = "ray"
-
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        out_dir: Path,
-        tracker: Tracker,
-        callbacks: list[EpochCallback] | None = None,
-    ):
-        self.cfg, self.out_dir, self.tracker = cfg, Path(out_dir), tracker
-        self.callbacks = callbacks or []
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         import ray
