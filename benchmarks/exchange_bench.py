@@ -133,7 +133,11 @@ def first_step_from_launch(raw: dict, out: Path) -> dict:
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-2000:])
     info = json.loads((out / "run" / "ray_run.json").read_text())
-    return {"first_step_s": info["first_step_at"] - launched, "total_s": total}
+    return {
+        "first_step_s": info["first_step_at"] - launched,
+        "total_s": total,
+        "breakdown_s": info["startup_s"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_first_step:
         extra["first_step"] = first_step_from_launch(base_config(2, 32, args.steps), work / "fresh")
         print(f"time to first step from `kdray train` launch: {extra['first_step']['first_step_s']:.1f} s")
+        print(
+            "  "
+            + ", ".join(
+                f"{k} {v:.1f} s" for k, v in extra["first_step"]["breakdown_s"].items() if v is not None
+            )
+        )
     with ray_session(EngineConfig(object_store_mb=300), num_peers=max(args.peers)):
         for peers in args.peers:
             for size in args.sizes:
@@ -230,6 +240,8 @@ def table(report: dict) -> str:
     if "first_step" in report:
         fs = report["first_step"]["first_step_s"]
         lines.append(f"\ntime to first step from `kdray train` launch (fresh local Ray): {fs:.1f} s")
+        parts = report["first_step"].get("breakdown_s") or {}
+        lines.append("  " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items() if v is not None))
     for key, value in report.get("stale_reduction_dml", {}).items():
         lines.append(f"stale traffic reduction, DML {key}: {value:.2f}x")
     afd = report["afd_ring3_32"]

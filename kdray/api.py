@@ -90,7 +90,9 @@ def train(
     status = "FAILED"
     try:
         if cfg.engine.name == "ray":
-            if cfg.engine.address is None:
+            from kdray.engines.ray_runtime import starts_local_ray
+
+            if starts_local_ray(cfg.engine):
                 # Ray reads this switch when it is first imported: set it before, or a local Ray binds to eth0.
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             from kdray.engines.ray_engine import RayEngine
@@ -149,6 +151,8 @@ def write_summary(
         "history": outcome["history"],
         **{k: v for k, v in outcome.items() if k.startswith("exchange")},
     }
+    if outcome.get("ray"):  # RayEngine: where each peer ran, how Ray was found, where the start-up time went
+        summary["ray"] = {**outcome["ray"], "placement": outcome.get("placement")}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if outcome["history"]:
         plot_curves(cfg, outcome["history"], out_dir / "curves.png")

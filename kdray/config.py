@@ -111,7 +111,8 @@ class EngineConfig(Section):
     name: Literal["local", "ray"] = "local"
     exchange: Literal["collective", "actor", "stale"] = "collective"
     address: str | None = Field(
-        None, description="Ray address to attach to (HOST:PORT); null starts a local Ray"
+        None,
+        description="Ray address to attach to (HOST:PORT or auto); null: RAY_ADDRESS if set, else a local Ray",
     )
     placement: Literal["pack", "spread", "strict_spread"] = "pack"
     cpus_per_peer: float = Field(1.0, gt=0)

@@ -58,8 +58,11 @@ class RayEngine(Engine):
         else:
             storage = str(Path(eng.storage_path or self.out_dir / "ray_storage").resolve())
         run_name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
-        with ray_session(eng, cfg.num_peers):
+        marks = {"process_start": process_started_at(), "engine_start": t0}
+        with ray_session(eng, cfg.num_peers) as how:
+            marks["ray_ready"] = time.time()
             require_placement(eng, cfg.num_peers)
+            marks["placement_ready"] = time.time()
             mailbox = Queue(actor_options={"num_cpus": 0})
             store = None
             namespace = ray.get_runtime_context().namespace
@@ -105,10 +108,14 @@ class RayEngine(Engine):
         outcome["wall_s"] = time.time() - t0
         outcome["ray"] = {
             "run_name": run_name,
+            "ray": how,
             "storage_path": storage,
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
         }
+        outcome["ray"]["startup_s"] = startup_breakdown(
+            marks, outcome.pop("first_placement"), outcome["ray"]["first_step_at"]
+        )
         (self.out_dir / "ray_run.json").write_text(
             json.dumps(
                 {**outcome["ray"], "placement": outcome["placement"], "exchange": outcome["exchange"]},
@@ -166,6 +173,7 @@ class RayEngine(Engine):
             "placement": state["placement"],
             "attempts": state["attempts"],
             "first_step_at": state.get("first_step_at"),
+            "first_placement": state.get("first_placement"),
         }
 
     def _handle(self, message: dict[str, Any], state: dict[str, Any], t0: float) -> None:
@@ -175,6 +183,7 @@ class RayEngine(Engine):
         if kind == "start":
             state["attempts"] += 1
             state["placement"] = message["placement"]
+            state.setdefault("first_placement", message["placement"])  # start-up is the first attempt's
         elif kind == "first_step" and state["first_step_s"] is None:
             state["first_step_s"] = message["time"] - t0
             state["first_step_at"] = message["time"]
@@ -259,9 +268,66 @@ def _decode_proc_address(text: str) -> str:
     return f"{ip}:{int(hex_port, 16)}"
 
 
+def process_started_at() -> float | None:
+    """This process's start as a unix time (Linux ``/proc``; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def startup_breakdown(
+    driver: dict[str, float | None], placement: list[dict] | None, first_step_at: float | None
+) -> dict[str, float | None]:
+    """Where the time to the first step went, in seconds, each span ending where the next starts.
+
+    Driver: ``launch`` (process start to the engine: Python, imports, config, MLflow), ``ray_init`` (start or
+    attach to Ray), ``placement_check``, ``fit_to_workers`` (Train's controller, placement group and worker
+    processes, up to the last worker process started), ``worker_imports`` (up to the last worker entering the
+    training function: torch, Ray Train and kdray imports in the workers, the process group), ``worker_build``
+    (up to the last worker's peer built: model, data, optimizers, exchange) and ``to_first_step`` (restore,
+    layout agreement, the first step). ``total``: process start to the end of the first step. A span whose
+    points are unknown (no ``/proc``) is None."""
+    workers = [w.get("marks") or {} for w in placement or []]
+
+    def last(key: str) -> float | None:
+        values = [w.get(key) for w in workers]
+        return max(values) if values and None not in values else None
+
+    points = [
+        ("launch", driver.get("process_start")),
+        ("ray_init", driver.get("engine_start")),
+        ("placement_check", driver.get("ray_ready")),
+        ("fit_to_workers", driver.get("placement_ready")),
+        ("worker_imports", last("process_start")),
+        ("worker_build", last("entered")),
+        ("to_first_step", last("built")),
+        (None, first_step_at),
+    ]
+    # a worker process Ray had started before (an idle pooled process) counts from the previous point: spans >= 0
+    previous = None
+    for i, (name, at) in enumerate(points):
+        if at is not None and previous is not None and at < previous:
+            points[i] = (name, previous)
+        previous = points[i][1] if points[i][1] is not None else previous
+    out: dict[str, float | None] = {}
+    for (name, start), (_, end) in zip(points, points[1:], strict=False):
+        out[name] = round(end - start, 3) if start is not None and end is not None else None
+    start, end = driver.get("process_start"), first_step_at
+    out["total"] = round(end - start, 3) if start is not None and end is not None else None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the workers
 def train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (rank = peer index)."""
+    entered = time.time()
     import ray
     import ray.train
     import torch.distributed as dist
@@ -288,9 +354,10 @@ def train_worker(config: dict[str, Any]) -> None:
         attempt=attempt[0], namespace=config["namespace"],
     )  # fmt: skip
     proc = PopulationProcess(cfg, local_ids=[rank], exchange_factory=factory, device=device)
+    built = time.time()
     loop = RayWorkerLoop(cfg, proc, config, rank, world, object_group)
     state, start_step, sums, n = loop.restore(ray.train.get_checkpoint(), config["resume"])
-    loop.announce()
+    loop.announce({"process_start": process_started_at(), "entered": entered, "built": built})
     loop.run(state, start_step, sums, n)
     loop.finish(state)
 
@@ -353,10 +420,11 @@ class RayWorkerLoop(EpochLoop):
         self.state = LoopState(payload["epoch"], list(payload.get("history", [])), dict(payload["best"]))
         return self.state, start_step, sums, n
 
-    def announce(self) -> None:
+    def announce(self, marks: dict[str, float | None]) -> None:
         import ray
 
         me = {
+            "marks": marks,
             "rank": self.rank,
             "peer": self.cfg.peers[self.rank].name,
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -3,7 +3,8 @@
 Three cases, in this order:
 
 - Ray is already initialised in this process (a Tune trial, a test fixture): use it, stop nothing.
-- ``engine.address`` names a cluster (``HOST:PORT``): attach to it, and only disconnect at the end.
+- ``engine.address`` names a cluster (``HOST:PORT``, or ``auto``), or it is null and ``RAY_ADDRESS`` names one (as
+  Ray sets it in every job submitted with ``ray job submit``): attach to it, and only disconnect at the end.
 - otherwise start a private local Ray on loopback: node IP 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``),
   dashboard on 127.0.0.1, a small object store (``engine.object_store_mb``), its own temp dir
   (``/tmp/kdray-<uid>-<pid>``: short, since Ray's unix socket paths live under it). ``ray.shutdown()`` at the end
@@ -76,6 +77,27 @@ def _loopback_node_ip() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = old
 
 
+def cluster_address(engine: EngineConfig, environ: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """The Ray cluster a run attaches to, and where that came from: ``(address, "engine.address")``,
+    ``(address, "RAY_ADDRESS")``, or ``(None, "local")`` for a private local Ray.
+
+    ``RAY_ADDRESS`` counts only when it names a Ray cluster (``HOST:PORT``, ``ray://...``, ``auto``); an
+    ``http(s)://`` value is the Jobs API's address (what ``ray job submit`` reads), not a cluster to join."""
+    if engine.address:
+        return engine.address, "engine.address"
+    env = os.environ if environ is None else environ
+    value = (env.get("RAY_ADDRESS") or "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        return value, "RAY_ADDRESS"
+    return None, "local"
+
+
+def starts_local_ray(engine: EngineConfig) -> bool:
+    """Whether a run with this engine config would start its own Ray (the loopback switch must then be set
+    before ``ray`` is first imported)."""
+    return cluster_address(engine)[0] is None
+
+
 @contextlib.contextmanager
 def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     """Make Ray available for one run; yields how ("existing", "attached", "local")."""
@@ -86,21 +108,27 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     if ray.is_initialized():
         yield "existing"
         return
-    if engine.address:
+    address, source = cluster_address(engine)
+    if address:
         kwargs = {}
-        host = engine.address.rsplit(":", 1)[0].strip("[]")
+        host = address.rsplit(":", 1)[0].strip("[]")
         with contextlib.suppress(ValueError):
             if ipaddress.ip_address(host).is_loopback:
                 # several loopback nodes on one machine (127.0.0.2, .3, ...): join as the head's address, not
                 # the machine's, or Ray finds no raylet of this node
                 kwargs["_node_ip_address"] = host
         try:
-            ray.init(address=engine.address, logging_level="warning", **kwargs)
+            ray.init(address=address, logging_level="warning", **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the same problem for the user
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            fix = (
+                "fix the address, or set engine.address: null for a local Ray"
+                if source == "engine.address"
+                else "fix it, or unset RAY_ADDRESS for a local Ray"
+            )
             raise KdrayError(
-                f"engine.address '{engine.address}': cannot connect to Ray ({first}); start the cluster "
-                "(ray start --head), fix the address, or set engine.address: null for a local Ray"
+                f"{source} '{address}': cannot connect to Ray ({first}); start the cluster "
+                f"(ray start --head), {fix}"
             ) from None
         try:
             yield "attached"

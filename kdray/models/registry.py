@@ -19,14 +19,12 @@ from torch import nn
 from kdray.errors import ConfigError
 from kdray.models.cifar_resnet import cifar_resnet
 from kdray.models.mobilenetv2 import MobileNetV2
-from kdray.models.torchvision_models import (
-    PREFIX,
-    build_torchvision_model,
-    check_torchvision_name,
-    torchvision_default_tap,
-)
 from kdray.models.vgg import VGG_CONFIGS, vgg
 from kdray.models.wide_resnet import WideResNet
+
+# ``tv:<name>`` archs; torchvision itself is imported only when one is used (it costs seconds of start-up in every
+# Ray worker, and the built-in archs do not need it)
+PREFIX = "tv:"
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,8 @@ def check_arch(arch: str) -> None:
     if not isinstance(arch, str):
         raise ConfigError("arch", arch, _accepted())
     if arch.startswith(PREFIX):
+        from kdray.models.torchvision_models import check_torchvision_name
+
         check_torchvision_name(arch[len(PREFIX) :])
     else:
         _spec(arch)
@@ -96,6 +96,8 @@ def default_tap(arch: str) -> str:
     :func:`~kdray.models.torchvision_models.tap_before_pooling` (``layer4`` for resnets, ``features`` for mobilenets)."""
     check_arch(arch)
     if arch.startswith(PREFIX):
+        from kdray.models.torchvision_models import torchvision_default_tap
+
         return torchvision_default_tap(arch[len(PREFIX) :])
     return _spec(arch).default_tap
 
@@ -105,6 +107,8 @@ def create_model(arch: str, num_classes: int, in_channels: int = 3, **kwargs) ->
     (CIFAR ResNets), ``dropout`` (WRN), ``width_mult`` (mobilenetv2), the torchvision builder's options (``tv:``)."""
     check_arch(arch)
     if arch.startswith(PREFIX):
+        from kdray.models.torchvision_models import build_torchvision_model
+
         return build_torchvision_model(arch[len(PREFIX) :], num_classes, in_channels, **kwargs)
     build = _spec(arch).build
     params = inspect.signature(build).parameters

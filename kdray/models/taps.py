@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from kdray.errors import ConfigError
 from kdray.models.registry import create_model, default_tap
@@ -54,6 +53,8 @@ class TappedNetwork(nn.Module):
 
     def _find_nodes(self) -> None:
         """Check every tap names a node; resolve taps and logits to concrete nodes (once: the graph never changes)."""
+        from torchvision.models.feature_extraction import get_graph_node_names  # only for tapped peers
+
         try:
             train_nodes, eval_nodes = get_graph_node_names(self.model, suppress_diff_warning=True)
         except Exception as err:  # any tracing failure: say which model and why
@@ -83,6 +84,8 @@ class TappedNetwork(nn.Module):
     def _set_extractor(self) -> None:
         extractor = None
         if self.taps:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
             train, eval_ = (set(self._nodes[mode].values()) for mode in (True, False))
             extractor = create_feature_extractor(
                 self.model,

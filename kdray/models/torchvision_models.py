@@ -16,8 +16,7 @@ from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from kdray.errors import ConfigError
-
-PREFIX = "tv:"
+from kdray.models.registry import PREFIX
 
 # Their forward returns a namedtuple with auxiliary logits in train mode; a peer's model must return one tensor.
 _SINGLE_OUTPUT_DEFAULTS = {

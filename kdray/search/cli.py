@@ -21,7 +21,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         samples=args.samples, scheduler=args.scheduler, search=args.search, metric=args.metric,
         max_concurrent=args.max_concurrent, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
         grace_period=args.grace_period, perturbation_interval=args.perturbation_interval,
-        epoch_budget=args.epoch_budget,
+        epoch_budget=args.epoch_budget, multi_objective=args.multi_objective,
     )  # fmt: skip
     result = run_study(
         args.config, args.space, overrides=args.set, out=args.out, resume=args.resume, settings=settings
@@ -42,6 +42,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["values"].items()
     )
     print(f"best {study['metric']} {best['objective']:.4f} (trial {best['trial_id']}): {values}")
+    if study["settings"].get("multi_objective"):
+        print(f"Pareto front ({len(study['pareto'])} trial(s), smallest first; plots/pareto.png):")
+        for t in study["pareto"]:
+            print(
+                f"  {t['trial_id']}: {study['metric']} {t['objective']:.4f} with {t['params']:,} parameters"
+            )
     print(f"study folder: {result.study_dir}  (study.json, best.yaml, best.pt, trials.csv, plots/)")
     print(f"reproduce: kdray train {result.study_dir / 'best.yaml'}")
     return 0
@@ -79,6 +85,12 @@ def add_parser(subparsers) -> None:
         "--epoch-budget",
         type=int,
         help="stop the study after this many epochs trained in all (a compute budget)",
+    )
+    p.add_argument(
+        "--multi-objective",
+        action="store_true",
+        help="also minimise the trained peers' parameters (Optuna multi-objective; needs --scheduler fifo); "
+        "study.json and plots/pareto.png give the Pareto front",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the search (the trials keep the config's seed)"

@@ -127,9 +127,54 @@ def plot_pbt_schedule(study: dict[str, Any], key: str, path: Path) -> Path | Non
     return path
 
 
+def plot_pareto(study: dict[str, Any], path: Path) -> Path | None:
+    """Objective against the trained peers' parameters, every trial with a size; the Pareto front as a staircase."""
+    trials = [t for t in study["trials"] if t.get("params") is not None and t["objective"] is not None]
+    if not trials:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in trials:
+        ax.scatter(
+            t["params"] / 1e6,
+            t["objective"],
+            color=STATUS_COLOURS.get(t["status"], "grey"),
+            edgecolor="k" if t.get("pareto") else "none",
+            s=60 if t.get("pareto") else 30,
+            zorder=3,
+        )
+    front = study.get("pareto") or []
+    if front:
+        ax.step(
+            [t["params"] / 1e6 for t in front],
+            [t["objective"] for t in front],
+            where="post",
+            color="k",
+            label="Pareto front (finished)",
+        )
+        for t in front:
+            ax.annotate(t["trial_id"][-5:], (t["params"] / 1e6, t["objective"]), fontsize=7)
+    for status, colour in STATUS_COLOURS.items():
+        if any(t["status"] == status for t in trials):
+            ax.scatter([], [], color=colour, label=status)
+    ax.set(
+        xlabel="parameters of the trained peers (millions)",
+        ylabel=f"objective ({study['metric']})",
+        title=f"{study['name']}: accuracy vs size",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_study(study: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [plot_history(study, folder / "history.png"), plot_importances(study, folder / "importances.png")]
+    if study["settings"].get("multi_objective"):
+        paths.append(plot_pareto(study, folder / "pareto.png"))
     if study["settings"]["scheduler"] == "pbt":
         for key in study["space"]["perturb"]:
             paths.append(plot_pbt_schedule(study, key, folder / f"pbt_{key}.png"))

@@ -77,6 +77,9 @@ class StudySettings:
     epoch_budget: int | None = (
         None  # stop the study after this many epochs trained in all (fixed compute budget)
     )
+    multi_objective: bool = (
+        False  # maximise the objective and minimise the trained peers' parameters (Pareto)
+    )
 
     def check(self) -> None:
         def bad(key: str, value: Any, accepted: str) -> StudyError:
@@ -102,6 +105,13 @@ class StudySettings:
             raise bad("--epoch-budget", self.epoch_budget, "need at least 1 epoch")
         if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
             raise bad("--cpus-per-trial", self.cpus_per_trial, "must be > 0")
+        if self.multi_objective and self.scheduler != "fifo":
+            raise bad(
+                "--scheduler",
+                self.scheduler,
+                "a multi-objective study (--multi-objective) needs --scheduler fifo: ASHA and PBT compare trials "
+                "on one number",
+            )
 
 
 @dataclass
@@ -178,9 +188,10 @@ def study_ray(cfg: ExperimentConfig):
     """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.address`` is
     attached to; otherwise a private Ray on loopback, shut down at the end). The loopback switch is read when
     ``ray`` is first imported, so it is set here before anything imports it."""
-    if cfg.engine.address is None:
+    from kdray.engines.ray_runtime import ray_session, starts_local_ray
+
+    if starts_local_ray(cfg.engine):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from kdray.engines.ray_runtime import ray_session
 
     with ray_session(cfg.engine, cfg.num_peers) as how:
         yield how
@@ -260,9 +271,12 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
             if settings.search == "tpe"
             else optuna.samplers.RandomSampler(seed=settings.seed)
         )
+        metric, mode = (
+            (["objective", "params"], ["max", "min"]) if settings.multi_objective else ("objective", "max")
+        )
         search_alg = OptunaSearch(
             space={k: p.to_optuna() for k, p in space.params.items()},
-            metric="objective", mode="max", points_to_evaluate=points or None, sampler=sampler,
+            metric=metric, mode=mode, points_to_evaluate=points or None, sampler=sampler,
         )  # fmt: skip
         if settings.scheduler == "asha":
             scheduler = ASHAScheduler(
@@ -374,7 +388,9 @@ def run_study(
             print(
                 f"study {name}: {settings.samples} trial(s), {settings.scheduler}"
                 + ("" if settings.scheduler == "pbt" else f" + {settings.search}")
-                + f", objective {settings.metric}; {res.note}; folder {study_dir}",
+                + f", objective {settings.metric}"
+                + (" and trained parameters (Pareto)" if settings.multi_objective else "")
+                + f"; {res.note}; folder {study_dir}",
                 flush=True,
             )
         from ray import tune
@@ -466,6 +482,7 @@ def summarise_study(
                 "status": status,
                 "values": {k: values.get(k) for k in space.keys},
                 "objective": objective,
+                "params": int(metrics["params"]) if metrics.get("params") is not None else None,
                 "best_objective": max((r["objective"] for r in rows if r.get("objective") is not None), default=None),
                 "epoch": last_epoch,
                 "epochs_trained": len(rows),
@@ -487,6 +504,11 @@ def summarise_study(
     best = max(pool, key=lambda t: t["objective"]) if pool else None
     trained = sum(t["epochs_trained"] for t in trials)
     budget = len(trials) * epochs  # what these trials would have cost had every one run all its epochs
+    front = pareto_front(
+        [(t["trial_id"], t["objective"], t["params"]) for t in finished if t["params"] is not None]
+    )
+    for t in trials:
+        t["pareto"] = t["trial_id"] in front
     return {
         **state,
         "status": "finished",
@@ -498,11 +520,30 @@ def summarise_study(
             "checkpoint": str(study_dir / "best.pt"),
         },
         "trials": trials,
+        # finished trials no other finished trial beats on both accuracy and size, smallest first
+        "pareto": sorted(
+            ({"trial_id": t["trial_id"], "objective": t["objective"], "params": t["params"], "values": t["values"]}
+             for t in trials if t["pareto"]),
+            key=lambda t: t["params"],
+        ),
         "compute": {
             "epochs_trained": trained, "epochs_budget": budget,
             "saved_share": round(1 - trained / budget, 4) if budget else 0.0,
         },
     }  # fmt: skip
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
+    """Ids of the points ``(id, objective, size)`` that no other point dominates (an objective at least as high and
+    a size at least as small, one of them strictly)."""
+    front = set()
+    for pid, acc, size in points:
+        dominated = any(
+            a >= acc and z <= size and (a > acc or z < size) for other, a, z in points if other != pid
+        )
+        if not dominated:
+            front.add(pid)
+    return front
 
 
 def write_outputs(
@@ -538,12 +579,12 @@ def write_outputs(
     keys = list(study["space"]["params"])
     with (study_dir / "trials.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["trial_id", "status", "objective", "best_objective", "epoch", "epochs_trained", *keys,
-                         "mlflow_run_id", "error"])  # fmt: skip
+        writer.writerow(["trial_id", "status", "objective", "best_objective", "epoch", "epochs_trained", "params",
+                         "pareto", *keys, "mlflow_run_id", "error"])  # fmt: skip
         for t in study["trials"]:
             writer.writerow([t["trial_id"], t["status"], t["objective"], t["best_objective"], t["epoch"],
-                             t["epochs_trained"], *[t["values"].get(k) for k in keys], t["mlflow_run_id"],
-                             t["error"] or ""])  # fmt: skip
+                             t["epochs_trained"], t.get("params"), t.get("pareto", False),
+                             *[t["values"].get(k) for k in keys], t["mlflow_run_id"], t["error"] or ""])  # fmt: skip
     _write_json(study_dir / STUDY_FILE, study)
     artifacts += [(study_dir / "trials.csv", None), (study_dir / STUDY_FILE, None)]
     artifacts += [(p, "plots") for p in plot_study(study, study_dir / "plots")]

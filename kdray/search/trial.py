@@ -47,6 +47,23 @@ def objective_value(cfg: ExperimentConfig, metrics: dict[str, float], metric: st
     return float(min(accs) if metric == "min_peer" else sum(accs) / len(accs))
 
 
+def trained_params(cfg: ExperimentConfig) -> int:
+    """Parameters of the peers the population trains (frozen teachers excluded): the size a multi-objective study
+    minimises. Counted on models built on the meta device (no memory, no initialisation cost)."""
+    import torch
+
+    from kdray.data import build_data
+    from kdray.models import count_params, create_model
+
+    data = build_data(cfg.data, cfg.seed).spec
+    with torch.device("meta"):
+        return sum(
+            count_params(create_model(p.arch, data.num_classes, data.in_channels, **p.arch_kwargs))
+            for p in cfg.peers
+            if not p.frozen
+        )
+
+
 @dataclass(frozen=True)
 class TrialPlan:
     """Everything a trial needs besides the sampled values; built once by the study driver."""
@@ -98,6 +115,7 @@ class TuneReporter:
         self.engine_done_at: float | None = None  # the engine stops its clock right after its last callback
         self._run_id: str | None = None
         self._looked_up = False
+        self.params = float(trained_params(cfg))  # constant per trial; reported with every epoch
 
     def __call__(self, metrics: dict[str, float], checkpoint_path: Path) -> None:
         if int(metrics["epoch"]) >= self.cfg.train.epochs:
@@ -127,7 +145,7 @@ class TuneReporter:
         objective = objective_value(self.cfg, metrics, self.plan.metric)
         hp = {f"hp/{k}": v for k, v in self.values.items() if isinstance(v, (int, float))}
         replay = float(metrics.get("replay", 0.0))
-        report = {"objective": objective, "epoch": epoch, "replay": replay, **hp}
+        report = {"objective": objective, "params": self.params, "epoch": epoch, "replay": replay, **hp}
         report.update({k: float(v) for k, v in metrics.items() if k not in ("epoch", "replay")})
         # The trial's own record of every epoch it reported (Tune's progress.csv loses rows around PBT exploits).
         row = {"epoch": epoch, "objective": objective, "replay": bool(replay), "time": time.time(), **hp}
@@ -138,7 +156,7 @@ class TuneReporter:
         if run_id:
             from kdray.search.mlflow_study import log_trial_epoch
 
-            log_trial_epoch(self.cfg.tracking.uri, run_id, objective, hp, epoch)
+            log_trial_epoch(self.cfg.tracking.uri, run_id, objective, {**hp, "params": self.params}, epoch)
         folder = self.out / "tune_checkpoint"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -153,6 +153,14 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local):
         assert worker["listening"]
         for address in worker["listening"]:
             assert ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback, (worker["rank"], address)
+    # summary.json carries the same placement and where the start-up time went (every span known, none negative)
+    assert ray.summary["ray"]["placement"] == run_info["placement"]
+    assert ray.summary["ray"]["ray"] == "existing"  # the session's Ray was used as it was
+    startup = run_info["startup_s"]
+    spans = [k for k in startup if k != "total"]
+    assert spans[0] == "launch" and spans[-1] == "to_first_step"
+    assert all(startup[k] is not None and startup[k] >= 0 for k in spans)
+    assert sum(startup[k] for k in spans) == pytest.approx(startup["total"], abs=0.01)
     if engine.get("inject_failure_at_step"):
         assert run_info["attempts"] == 2  # the group was restarted once and resumed from step 3
         assert len({p["pid"] for p in run_info["placement"]}) == 3

@@ -107,6 +107,30 @@ def test_cli_refuses_missing_space_and_bad_settings(tmp_path, tiny_raw, capsys):
     )
     assert main(["tune", str(cfg), "--space", str(space), "--samples", "0"]) == 2
     assert "--samples" in capsys.readouterr().err
+    # multi-objective needs a scheduler that does not rank trials on one number
+    for scheduler in ("asha", "pbt"):
+        args = ["tune", str(cfg), "--space", str(space), "--multi-objective", "--scheduler", scheduler]
+        assert main([*args, "--out", str(tmp_path / "mo")]) == 2
+        err = capsys.readouterr().err
+        assert f"--scheduler = '{scheduler}'" in err and "--scheduler fifo" in err
+    assert not (tmp_path / "mo").exists()
+
+
+def test_pareto_front_keeps_exactly_the_undominated_trials():
+    from kdray.search.study import pareto_front
+
+    points = [
+        ("small", 0.80, 1_000),
+        ("mid", 0.85, 5_000),
+        ("big", 0.90, 20_000),
+        ("worse_mid", 0.84, 5_000),  # as big as mid, less accurate
+        ("bloated", 0.85, 9_000),  # as accurate as mid, bigger
+        ("tie", 0.85, 5_000),  # equal to mid on both: neither dominates the other
+        ("useless", 0.70, 30_000),
+    ]
+    assert pareto_front(points) == {"small", "mid", "big", "tie"}
+    assert pareto_front([]) == set()
+    assert pareto_front([("only", 0.5, 10)]) == {"only"}
 
 
 def test_config_values_are_the_first_point_only_when_in_range(tiny_raw):

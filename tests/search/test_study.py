@@ -203,3 +203,56 @@ def test_ray_engine_trial_is_the_train_driver(ray_local, tiny_raw, tmp_path):
     assert trial["objective"] == pytest.approx(local.summary["best"]["metric"], abs=2 / 64)
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["engine"]["name"] == "ray" and best["engine"]["cpus_per_peer"] == 1.0  # the user's, not 0.99
+
+
+def test_multi_objective_study_finds_the_accuracy_size_front(ray_local, tiny_raw, tmp_path):
+    """--multi-objective: Optuna gets (objective max, trained parameters min); every trial reports its true size,
+    study.json's Pareto front is exactly the undominated finished trials, and the pareto plot is written."""
+    from kdray.models import count_params, create_model
+
+    tiny_raw["tracking"] = {"enabled": True}
+    space = {
+        "params": {
+            "peers.0.arch_kwargs.width": {"dist": "choice", "values": [2, 4, 8]},
+            "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0},
+        }
+    }
+    out = tmp_path / "mo"
+    settings = StudySettings(samples=4, scheduler="fifo", max_concurrent=2, seed=1, multi_objective=True)
+    study = run_study(tiny_raw, space, out=out, settings=settings).study
+    trials = study["trials"]
+    assert len(trials) == 4 and all(t["status"] == "finished" for t in trials)
+    syn = tiny_raw["data"]["synthetic"]
+    other = count_params(create_model(tiny_raw["peers"][1]["arch"], syn["num_classes"], syn["channels"],
+                                      **tiny_raw["peers"][1].get("arch_kwargs", {})))  # fmt: skip
+    for t in trials:  # the size each trial reports is the size of what it trained
+        width = t["values"]["peers.0.arch_kwargs.width"]
+        mine = count_params(create_model(tiny_raw["peers"][0]["arch"], syn["num_classes"], syn["channels"],
+                                         width=width))  # fmt: skip
+        assert t["params"] == mine + other
+
+    # the front by brute force: undominated on (objective up, params down)
+    def dominated(t):
+        return any(
+            o["objective"] >= t["objective"] and o["params"] <= t["params"]
+            and (o["objective"] > t["objective"] or o["params"] < t["params"])
+            for o in trials
+        )  # fmt: skip
+
+    want = {t["trial_id"] for t in trials if not dominated(t)}
+    assert {t["trial_id"] for t in study["pareto"]} == want == {t["trial_id"] for t in trials if t["pareto"]}
+    assert [t["params"] for t in study["pareto"]] == sorted(t["params"] for t in study["pareto"])
+    assert study["best"]["objective"] == max(t["objective"] for t in trials)  # best: the most accurate
+    assert (out / "plots" / "pareto.png").stat().st_size > 0
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert rows[0].split(",")[6:8] == ["params", "pareto"] and len(rows) == 5
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(study["mlflow"]["uri"])
+    parent = client.get_run(study["mlflow"]["parent_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    sizes = {r.data.tags["kdray.trial_id"]: r.data.metrics["params"] for r in children}
+    assert sizes == {t["trial_id"]: t["params"] for t in trials}

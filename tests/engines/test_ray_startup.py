@@ -1,0 +1,67 @@
+"""Ray start-up helpers that need no Ray: which cluster a run joins, and the start-up breakdown's arithmetic."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kdray.config import EngineConfig
+from kdray.engines.ray_engine import process_started_at, startup_breakdown
+from kdray.engines.ray_runtime import cluster_address
+
+
+@pytest.mark.parametrize(
+    ("address", "environ", "want"),
+    [
+        (None, {}, (None, "local")),
+        ("127.0.0.2:6379", {"RAY_ADDRESS": "10.0.0.1:6379"}, ("127.0.0.2:6379", "engine.address")),
+        ("auto", {}, ("auto", "engine.address")),
+        (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, ("10.0.0.1:6379", "RAY_ADDRESS")),  # inside `ray job submit`
+        (None, {"RAY_ADDRESS": "ray://head:10001"}, ("ray://head:10001", "RAY_ADDRESS")),
+        (None, {"RAY_ADDRESS": "http://127.0.0.1:8265"}, (None, "local")),  # the Jobs API, not a cluster
+        (None, {"RAY_ADDRESS": "  "}, (None, "local")),
+    ],
+)
+def test_cluster_address_engine_then_ray_address_then_local(address, environ, want):
+    assert cluster_address(EngineConfig(address=address), environ) == want
+
+
+def test_startup_breakdown_spans_add_up_to_the_total():
+    driver = {"process_start": 100.0, "engine_start": 106.0, "ray_ready": 115.0, "placement_ready": 115.5}
+    placement = [
+        {"marks": {"process_start": 120.0, "entered": 130.0, "built": 131.0}},
+        {
+            "marks": {"process_start": 122.0, "entered": 133.0, "built": 133.5}
+        },  # the last worker sets each point
+    ]
+    got = startup_breakdown(driver, placement, first_step_at=134.0)
+    assert got == {
+        "launch": 6.0,
+        "ray_init": 9.0,
+        "placement_check": 0.5,
+        "fit_to_workers": 6.5,
+        "worker_imports": 11.0,
+        "worker_build": 0.5,
+        "to_first_step": 0.5,
+        "total": 34.0,
+    }
+
+
+def test_startup_breakdown_pooled_worker_and_missing_points():
+    driver = {"process_start": 100.0, "engine_start": 101.0, "ray_ready": 102.0, "placement_ready": 103.0}
+    # a worker process Ray started before the run (a pooled idle process): its span is 0, never negative
+    pooled = [{"marks": {"process_start": 50.0, "entered": 104.0, "built": 105.0}}]
+    got = startup_breakdown(driver, pooled, first_step_at=106.0)
+    assert got["fit_to_workers"] == 0.0 and got["worker_imports"] == 1.0
+    assert sum(v for k, v in got.items() if k != "total") == pytest.approx(got["total"])
+    # no /proc: the process starts are unknown, the spans that need them are None
+    unknown = [{"marks": {"process_start": None, "entered": 104.0, "built": 105.0}}]
+    got = startup_breakdown({**driver, "process_start": None}, unknown, first_step_at=106.0)
+    assert got["launch"] is None and got["total"] is None and got["fit_to_workers"] is None
+    assert got["ray_init"] == 1.0 and got["to_first_step"] == 1.0
+
+
+def test_process_started_at_is_this_process():
+    started = process_started_at()
+    assert started is not None and started <= time.time() and time.time() - started < 24 * 3600
