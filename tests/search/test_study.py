@@ -256,3 +256,61 @@ def test_multi_objective_study_finds_the_accuracy_size_front(ray_local, tiny_raw
     )
     sizes = {r.data.tags["kdray.trial_id"]: r.data.metrics["params"] for r in children}
     assert sizes == {t["trial_id"]: t["params"] for t in trials}
+
+
+def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, tmp_path):
+    """`kdray tune ... --scheduler pbt --set engine.name=ray`: each trial drives its own TorchTrainer; a trial that
+    exploits another continues, on the RayEngine, from the donor's population checkpoint (written by the donor's
+    rank 0), and its next epoch is what the LocalEngine computes from that checkpoint with the mutated weight."""
+    tiny_raw["train"]["epochs"] = 3
+    tiny_raw["engine"] = {"name": "ray", "cpus_per_peer": 0.5}  # two trials x two workers on two cores
+    space = {
+        "params": {
+            "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0},
+            "train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.1},
+        },
+        "perturb": ["method.weights.kl"],
+    }
+    settings = StudySettings(
+        samples=2, scheduler="pbt", max_concurrent=2, quantile_fraction=0.5, seed=1,
+        extra_points=[{"method.weights.kl": 1.0, "train.optimizer.lr": 1e-5}],
+    )  # fmt: skip
+    out = tmp_path / "pbt-ray"
+    study = run_study(tiny_raw, space, out=out, settings=settings).study
+    assert all(t["status"] == "finished" for t in study["trials"])
+    events = [(t, e) for t in study["trials"] for e in t["exploits"]]
+    assert events, "no exploit happened"
+    recipient, event = events[0]
+    trial_dir = out / "trials" / recipient["trial_id"]
+    assert json.loads((trial_dir / "ray_run.json").read_text())["placement"]  # the RayEngine trained it
+
+    donor_payload = load_checkpoint(event["donor_checkpoint"])
+    copied = load_checkpoint(event["copied_to"])
+    assert copied["step"] == donor_payload["step"] == event["epoch"] * 8
+    for peer, state in donor_payload["peers"].items():
+        for name, tensor in state["net"].items():
+            assert torch.equal(copied["peers"][peer]["net"][name], tensor), (peer, name)
+
+    rows = _history(trial_dir)
+    after = [r for r in rows if r["time"] > event["time"] and not r["replay"]]
+    assert after[0]["epoch"] == event["epoch"] + 1
+    new_kl = event["values"]["method.weights.kl"]
+    assert after[0]["hp/method.weights.kl"] == new_kl != event["donor_values"]["method.weights.kl"]
+
+    # the same epoch on the LocalEngine from the donor's checkpoint with the mutated weight: the engines agree
+    cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    cfg["tracking"]["enabled"] = False
+    cfg["engine"] = {"name": "local"}
+    cfg["train"]["threads"] = 1
+    cfg["method"]["weights"]["kl"] = new_kl
+    cfg["train"]["optimizer"]["lr"] = event["values"]["train.optimizer.lr"]
+    seen = []
+
+    def stop_after_one(metrics, _path):
+        seen.append(metrics)
+        raise StopIteration
+
+    with pytest.raises(StopIteration):
+        kdray.train(cfg, out=tmp_path / "local", resume=event["donor_checkpoint"], callbacks=[stop_after_one])
+    for key in ("peer0/loss_kl", "peer1/loss_kl", "peer0/val_acc", "peer1/val_acc"):
+        assert seen[0][key] == pytest.approx(after[0]["metrics"][key], rel=1e-4, abs=1e-5), key
