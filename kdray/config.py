@@ -125,7 +125,10 @@ class EngineConfig(Section):
     stale_burn_in: int = Field(0, ge=0, description="stale exchange: steps before distillation starts")
     object_store_mb: int = Field(300, ge=75, description="object store of a local Ray started by kdray")
     inject_failure_at_step: int | None = Field(
-        None, ge=1, description="test hook: worker 1 raises once at this global step (fault-tolerance tests)"
+        None,
+        ge=1,
+        description="test hook: worker 1 kills its own process (SIGKILL, as a lost node would) once, after this "
+        "global step (fault-tolerance tests)",
     )
 
 

@@ -371,7 +371,7 @@ class StepRunner:
     def _weights(self, step: int):
         if self.exchange.distilling(step):
             return self.method.weight
-        task_terms = getattr(self.method, "task_terms", ("ce",))
+        task_terms = self.method.task_terms
         return lambda t: self.method.weight(t) if t in task_terms else 0.0
 
     def _clip(self, params: Iterable[Tensor]) -> None:

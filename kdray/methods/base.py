@@ -116,6 +116,8 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     terms: ClassVar[tuple[str, ...]] = ()  # every loss term the method can produce (weights.<term> keys)
+    # the terms a peer trains on before distillation starts (the stale exchange's burn-in weighs the others 0)
+    task_terms: ClassVar[tuple[str, ...]] = ("ce",)
     min_peers: ClassVar[int] = 1
     max_peers: ClassVar[int | None] = None
     needs_frozen_teacher: ClassVar[bool] = False
