@@ -102,13 +102,17 @@ def ray_run(raw: dict, exchange: str, out: Path, **engine) -> dict:
     }
     result = kdray.train(raw, out=out)
     epoch2 = result.summary["history"][-1]
-    return {
+    row = {
         "step_ms": epoch2["exchange/step_ms"],
         "exchange_ms": epoch2["exchange/ms_per_step"],
         "bytes_per_step": epoch2["exchange/bytes_per_step"],
         "share": epoch2["exchange/ms_per_step"] / epoch2["exchange/step_ms"],
         "first_step_s_ray_up": result.summary["first_step_s"],
     }
+    if "exchange/wait_ms_per_step" in epoch2:  # split_wait: waiting for the slowest peer vs moving bytes
+        row["wait_ms"] = epoch2["exchange/wait_ms_per_step"]
+        row["transfer_share"] = (row["exchange_ms"] - row["wait_ms"]) / row["step_ms"]
+    return row
 
 
 def first_step_from_launch(raw: dict, out: Path) -> dict:
@@ -147,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 28])
-    parser.add_argument("--exchanges", nargs="+", default=["collective", "actor", "stale"])
+    parser.add_argument(
+        "--exchanges",
+        nargs="+",
+        default=["collective", "actor", "stale"],
+        choices=["collective", "actor", "stale", "collective-split"],
+        help="collective-split: the collective exchange with engine.split_wait (waiting vs moving bytes)",
+    )
+    parser.add_argument("--no-afd", action="store_true", help="skip the AFD ring-of-3 stale traffic runs")
     parser.add_argument("--quick", action="store_true", help="2 peers, 32x32, 12 steps")
     parser.add_argument("--no-first-step", action="store_true", help="skip the fresh-process start-up run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "exchange.json"))
@@ -179,17 +190,24 @@ def main(argv: list[str] | None = None) -> int:
                 local_1t = local_step_ms(raw, args.steps, threads=1)
                 for exchange in args.exchanges:
                     engine = {"stale_every": args.steps} if exchange == "stale" else {}
-                    r = ray_run(raw, exchange, work / f"{peers}-{size}-{exchange}", **engine)
+                    if exchange == "collective-split":  # the collective exchange with a timed barrier first
+                        engine = {"split_wait": True}
+                    transport = exchange.removesuffix("-split")
+                    r = ray_run(raw, transport, work / f"{peers}-{size}-{exchange}", **engine)
                     r.update({"peers": peers, "size": size, "exchange": exchange, "local_step_ms": local_ms})
                     r["local_1thread_step_ms"] = local_1t
                     r["relative_to_local"] = r["step_ms"] / local_ms
                     rows.append(r)
                     print(format_row(r), flush=True)
-        # stale traffic where the signals are feature maps: AFD's ring of three at 32x32
-        afd = base_config(3, 32, args.steps, method="afd")
-        collective = ray_run(afd, "collective", work / "afd-collective")
-        stale = ray_run(afd, "stale", work / "afd-stale", stale_every=args.steps)
-        extra["afd_ring3_32"] = {"collective": collective, "stale": stale}
+        if not args.no_afd:
+            # stale traffic where the signals are feature maps: AFD's ring of three at 32x32
+            afd = base_config(3, 32, args.steps, method="afd")
+            collective = ray_run(afd, "collective", work / "afd-collective")
+            stale = ray_run(afd, "stale", work / "afd-stale", stale_every=args.steps)
+            extra["afd_ring3_32"] = {"collective": collective, "stale": stale}
+            extra["stale_reduction_afd_ring3_32"] = collective["bytes_per_step"] / max(
+                stale["bytes_per_step"], 1
+            )
     for peers in args.peers:
         for size in args.sizes:
             by = {r["exchange"]: r for r in rows if r["peers"] == peers and r["size"] == size}
@@ -197,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
                 extra.setdefault("stale_reduction_dml", {})[f"{peers}p-{size}"] = by["collective"][
                     "bytes_per_step"
                 ] / max(by["stale"]["bytes_per_step"], 1)
-    extra["stale_reduction_afd_ring3_32"] = collective["bytes_per_step"] / max(stale["bytes_per_step"], 1)
     report = {
         "machine": {
             "cores": CORES,
@@ -226,8 +243,9 @@ def format_row(r: dict) -> str:
     return (
         f"| {r['peers']} | {r['size']}x{r['size']} | {r['exchange']} | {r['local_step_ms']:.0f} "
         f"| {r.get('local_1thread_step_ms', float('nan')):.0f} | {r['step_ms']:.0f} "
-        f"| {r['relative_to_local']:.2f}x | {r['exchange_ms']:.1f} | {100 * r['share']:.1f}% "
-        f"| {r['bytes_per_step'] / 1024:.1f} |"
+        f"| {r['relative_to_local']:.2f}x | {r['exchange_ms']:.1f} | {100 * r['share']:.1f}%"
+        + (f" (moving bytes {100 * r['transfer_share']:.1f}%) " if "transfer_share" in r else " ")
+        + f"| {r['bytes_per_step'] / 1024:.1f} |"
     )
 
 
@@ -244,7 +262,9 @@ def table(report: dict) -> str:
         lines.append("  " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items() if v is not None))
     for key, value in report.get("stale_reduction_dml", {}).items():
         lines.append(f"stale traffic reduction, DML {key}: {value:.2f}x")
-    afd = report["afd_ring3_32"]
+    afd = report.get("afd_ring3_32")
+    if afd is None:
+        return "\n".join(lines)
     lines.append(
         f"AFD ring of 3, 32x32: collective {afd['collective']['bytes_per_step'] / 1024:.1f} KiB/step, stale "
         f"{afd['stale']['bytes_per_step'] / 1024:.1f} KiB/step ({report['stale_reduction_afd_ring3_32']:.1f}x less)"

@@ -124,6 +124,11 @@ class EngineConfig(Section):
     stale_every: int = Field(50, ge=1, description="stale exchange: ship weights every N steps")
     stale_burn_in: int = Field(0, ge=0, description="stale exchange: steps before distillation starts")
     object_store_mb: int = Field(300, ge=75, description="object store of a local Ray started by kdray")
+    split_wait: bool = Field(
+        False,
+        description="collective exchange: a timed barrier before each round splits waiting for the slowest "
+        "peer (exchange/wait_ms_per_step) from moving bytes (diagnostic; one more small collective per round)",
+    )
     inject_failure_at_step: int | None = Field(
         None,
         ge=1,

@@ -158,11 +158,16 @@ class RayEngine(Engine):
             raise KdrayError("the Ray workers finished without reporting a result; see the worker logs above")
         history = done["history"]
         exchange = {"name": self.cfg.engine.exchange}
-        for key in ("bytes_per_step", "ms_per_step", "step_ms"):
+        for key in ("bytes_per_step", "ms_per_step", "step_ms", "wait_ms_per_step"):
             values = [h[f"exchange/{key}"] for h in history if f"exchange/{key}" in h]
             exchange[key] = sum(values) / len(values) if values else None
         if exchange["ms_per_step"] is not None and exchange["step_ms"]:
             exchange["share_of_step"] = exchange["ms_per_step"] / exchange["step_ms"]
+            if exchange["wait_ms_per_step"] is not None:  # split_wait: what moving the bytes alone costs
+                moving = exchange["ms_per_step"] - exchange["wait_ms_per_step"]
+                exchange["transfer_share_of_step"] = moving / exchange["step_ms"]
+        if exchange["wait_ms_per_step"] is None:
+            del exchange["wait_ms_per_step"]
         return {
             "history": history,
             "best": done["best"],
@@ -504,11 +509,14 @@ class RayWorkerLoop(EpochLoop):
         mine = self.proc.exchange.stats()
         mine["step_ms"] = 1000.0 * (wallclock() - self.epoch_start) / max(self.epoch_steps, 1)
         parts = self._all_gather(mine)
-        return {
+        out = {
             "exchange/bytes_per_step": sum(p["bytes_per_step"] for p in parts),
             "exchange/ms_per_step": sum(p["ms_per_step"] for p in parts) / len(parts),
             "exchange/step_ms": sum(p["step_ms"] for p in parts) / len(parts),
         }
+        if all("wait_ms_per_step" in p for p in parts):  # engine.split_wait
+            out["exchange/wait_ms_per_step"] = sum(p["wait_ms_per_step"] for p in parts) / len(parts)
+        return out
 
     def population_state(self) -> dict[str, Any] | None:
         import torch.distributed as dist

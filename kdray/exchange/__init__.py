@@ -44,7 +44,7 @@ def exchange_factory(
         if name == "collective":
             from kdray.exchange.collective import CollectiveExchange
 
-            return CollectiveExchange(method, **common)
+            return CollectiveExchange(method, split_wait=cfg.engine.split_wait, **common)
         if name == "actor":
             from kdray.exchange.actor import ActorExchange
 

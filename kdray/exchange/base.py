@@ -108,6 +108,9 @@ class ExchangeMeter:
     def reset(self) -> None:
         self.bytes = 0
         self.seconds = 0.0
+        self.wait_seconds: float | None = (
+            None  # part of ``seconds`` spent waiting for the slowest peer, if split
+        )
         self.steps = 0
         self._last_step: int | None = None
 
@@ -124,9 +127,21 @@ class ExchangeMeter:
         finally:
             self.seconds += time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def waiting(self):
+        """Time spent waiting for the other peers (counted in ``seconds`` too, by the enclosing :meth:`timed`)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait_seconds = (self.wait_seconds or 0.0) + time.perf_counter() - start
+
     def summary(self) -> dict[str, float]:
         steps = max(self.steps, 1)
-        return {"bytes_per_step": self.bytes / steps, "ms_per_step": 1000.0 * self.seconds / steps}
+        out = {"bytes_per_step": self.bytes / steps, "ms_per_step": 1000.0 * self.seconds / steps}
+        if self.wait_seconds is not None:
+            out["wait_ms_per_step"] = 1000.0 * self.wait_seconds / steps
+        return out
 
 
 def weights_of(modules: Mapping[str, nn.Module | None]) -> dict[str, Tensor]:

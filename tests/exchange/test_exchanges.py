@@ -98,6 +98,18 @@ def _ranks_main(rank: int, init_file: str, stale_raw: dict, results: dict) -> No
     out["ring"] = ex.stats()
     out["ring_expected"] = SignalLayout.of(_signals(src)).nbytes
 
+    # split_wait: rank 2 arrives 0.3 s late; the others' exchange time is mostly waiting, and says so
+    import time
+
+    ex = CollectiveExchange(FixedTopology(all_to_all(WORLD)), rank, WORLD, cpu, split_wait=True)
+    ex.exchange(phase, 0, {rank: _signals(rank)})  # layouts agreed, everyone in step
+    ex.stats()
+    if rank == 2:
+        time.sleep(0.3)
+    got = ex.exchange(phase, 1, {rank: _signals(rank)})
+    assert all(torch.equal(got[rank][s]["logits"], _signals(s)["logits"]) for s in got[rank])
+    out["split"] = ex.stats()
+
     # shared gradients: the sum over ranks; a parameter without a gradient anywhere keeps None
     module = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 1), "c": nn.Linear(1, 1)})
     for p in module["a"].parameters():
@@ -204,6 +216,16 @@ def test_collective_all_to_all_delivers_every_other_peer(three_ranks):
 def test_collective_ring_ships_to_one_neighbour_only(three_ranks):
     for rank in range(WORLD):
         assert three_ranks[rank]["ring"]["bytes_per_step"] == three_ranks[rank]["ring_expected"]
+
+
+def test_split_wait_separates_waiting_for_a_late_peer_from_moving_bytes(three_ranks):
+    for rank in (0, 1):  # they waited ~0.3 s for rank 2 at the barrier; the all-gather itself is quick
+        split = three_ranks[rank]["split"]
+        assert split["wait_ms_per_step"] >= 250
+        assert split["ms_per_step"] - split["wait_ms_per_step"] < split["wait_ms_per_step"] / 2
+    late = three_ranks[2]["split"]  # the late one finds the others there
+    assert late["wait_ms_per_step"] < 150 and late["ms_per_step"] >= late["wait_ms_per_step"]
+    assert "wait_ms_per_step" not in three_ranks[0]["all_to_all"]  # only when asked
 
 
 def test_shared_gradients_are_summed_over_ranks(three_ranks):
