@@ -108,7 +108,7 @@ class RayEngine(Engine):
         outcome["wall_s"] = time.time() - t0
         outcome["ray"] = {
             "run_name": run_name,
-            "ray": how,
+            "session": how,  # how Ray was found: local (started here), attached, existing
             "storage_path": storage,
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements

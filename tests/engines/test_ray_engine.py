@@ -155,7 +155,7 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local):
             assert ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback, (worker["rank"], address)
     # summary.json carries the same placement and where the start-up time went (every span known, none negative)
     assert ray.summary["ray"]["placement"] == run_info["placement"]
-    assert ray.summary["ray"]["ray"] == "existing"  # the session's Ray was used as it was
+    assert ray.summary["ray"]["session"] == "existing"  # the session's Ray was used as it was
     startup = run_info["startup_s"]
     spans = [k for k in startup if k != "total"]
     assert spans[0] == "launch" and spans[-1] == "to_first_step"

@@ -127,17 +127,18 @@ def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_
     raw["train"]["threads"] = 1
     raw["train"]["max_steps_per_epoch"] = 4
     raw["engine"] = {
-        "name": "ray", "address": address, "placement": "strict_spread", "cpus_per_peer": 0.5,
-        "placement_timeout_s": 120,
+        "name": "ray", "placement": "strict_spread", "cpus_per_peer": 0.5, "placement_timeout_s": 120,
     }  # fmt: skip
     config = tmp_path / "ring3.yaml"
     config.write_text(yaml.safe_dump(raw))
+    # no engine.address: the cluster is found through RAY_ADDRESS, as in a job started by `ray job submit`
     run = subprocess.run(
         [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
     info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
+    assert info["session"] == "attached"  # joined the three-node cluster; started no Ray of its own
     placement = info["placement"]
     assert [p["rank"] for p in placement] == [0, 1, 2]
     assert len({p["node_id"] for p in placement}) == 3  # strict_spread: one peer per node
