@@ -140,7 +140,8 @@ def main() -> int:
         "machine": platform.machine(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
-    name = f"engine_overhead_{rows[0]['device'].split(':')[0]}.json"
+    suffix = "" if args.peers == 2 else f"_{args.peers}peers"
+    name = f"engine_overhead_{rows[0]['device'].split(':')[0]}{suffix}.json"
     (out / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0
 

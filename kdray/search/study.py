@@ -533,13 +533,16 @@ def summarise_study(
     }  # fmt: skip
 
 
-def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
+def pareto_front(points: list[tuple[str, float, float]], tol: float = 1e-9) -> set[str]:
     """Ids of the points ``(id, objective, size)`` that no other point dominates (an objective at least as high and
-    a size at least as small, one of them strictly)."""
+    a size at least as small, one of them strictly). Objectives within ``tol`` are equal: accuracies that differ
+    only by float rounding (a mean of the same counts summed in another order) do not make a bigger model win."""
     front = set()
     for pid, acc, size in points:
         dominated = any(
-            a >= acc and z <= size and (a > acc or z < size) for other, a, z in points if other != pid
+            a >= acc - tol and z <= size and (a > acc + tol or z < size)
+            for other, a, z in points
+            if other != pid
         )
         if not dominated:
             front.add(pid)

@@ -129,6 +129,8 @@ def test_pareto_front_keeps_exactly_the_undominated_trials():
         ("useless", 0.70, 30_000),
     ]
     assert pareto_front(points) == {"small", "mid", "big", "tie"}
+    # accuracies equal up to float rounding: the smaller model dominates the bigger one
+    assert pareto_front([("a", 0.47124999999999995, 100), ("b", 0.47125000000000006, 200)]) == {"a"}
     assert pareto_front([]) == set()
     assert pareto_front([("only", 0.5, 10)]) == {"only"}
 

@@ -231,11 +231,11 @@ def test_multi_objective_study_finds_the_accuracy_size_front(ray_local, tiny_raw
                                          width=width))  # fmt: skip
         assert t["params"] == mine + other
 
-    # the front by brute force: undominated on (objective up, params down)
+    # the front by brute force: undominated on (objective up, params down); objectives within 1e-9 are equal
     def dominated(t):
         return any(
-            o["objective"] >= t["objective"] and o["params"] <= t["params"]
-            and (o["objective"] > t["objective"] or o["params"] < t["params"])
+            o["objective"] >= t["objective"] - 1e-9 and o["params"] <= t["params"]
+            and (o["objective"] > t["objective"] + 1e-9 or o["params"] < t["params"])
             for o in trials
         )  # fmt: skip
 
