@@ -18,6 +18,20 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, study: dict[str, Any], trials: list, xlabel: str, title: str, path: Path) -> Path:
+    """A trial-objective plot's legend (one entry per status present), labels, grid; saved and closed."""
+    for status, colour in STATUS_COLOURS.items():
+        if any(t["status"] == status for t in trials):
+            ax.scatter([], [], color=colour, label=status)
+    ax.set(xlabel=xlabel, ylabel=f"objective ({study['metric']})", title=f"{study['name']}: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_history(study: dict[str, Any], path: Path) -> Path | None:
     """Each trial's final objective in start order, coloured by status, and the best so far (finished trials)."""
     trials = study["trials"]
@@ -38,20 +52,7 @@ def plot_history(study: dict[str, Any], path: Path) -> Path | None:
     xs = [i for i, b in enumerate(best_line) if b is not None]
     if xs:
         ax.step(xs, [best_line[i] for i in xs], where="post", color="k", label="best finished")
-    for status, colour in STATUS_COLOURS.items():
-        if any(t["status"] == status for t in trials):
-            ax.scatter([], [], color=colour, label=status)
-    ax.set(
-        xlabel="trial (start order)",
-        ylabel=f"objective ({study['metric']})",
-        title=f"{study['name']}: history",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, study, trials, "trial (start order)", "history", path)
 
 
 def param_importances(study: dict[str, Any]) -> dict[str, float]:
@@ -154,20 +155,8 @@ def plot_pareto(study: dict[str, Any], path: Path) -> Path | None:
         )
         for t in front:
             ax.annotate(t["trial_id"][-5:], (t["params"] / 1e6, t["objective"]), fontsize=7)
-    for status, colour in STATUS_COLOURS.items():
-        if any(t["status"] == status for t in trials):
-            ax.scatter([], [], color=colour, label=status)
-    ax.set(
-        xlabel="parameters of the trained peers (millions)",
-        ylabel=f"objective ({study['metric']})",
-        title=f"{study['name']}: accuracy vs size",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    xlabel = "parameters of the trained peers (millions)"
+    return _finish(plt, fig, ax, study, trials, xlabel, "accuracy vs size", path)
 
 
 def plot_study(study: dict[str, Any], folder: Path) -> list[Path]:

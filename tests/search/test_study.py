@@ -100,10 +100,8 @@ def test_asha_study_end_to_end(ray_local, tiny_raw, tmp_path):
     assert load_checkpoint(out / "best.pt")["epoch"] == 2
 
 
-def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local, tiny_raw, tmp_path):
-    """Two trials, one with a useless learning rate: it copies the better trial's checkpoint (weights, step, history)
-    and continues with a perturbed KL weight, which is in effect from the next step."""
-    tiny_raw["train"]["epochs"] = 4
+def _pbt_pair() -> tuple[dict, StudySettings]:
+    """Two PBT trials, the second with a useless learning rate (1e-5): it is the one that exploits."""
     space = {
         "params": {
             "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0},
@@ -115,6 +113,14 @@ def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local,
         samples=2, scheduler="pbt", max_concurrent=2, quantile_fraction=0.5, seed=1,
         extra_points=[{"method.weights.kl": 1.0, "train.optimizer.lr": 1e-5}],
     )  # fmt: skip
+    return space, settings
+
+
+def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local, tiny_raw, tmp_path):
+    """Two trials, one with a useless learning rate: it copies the better trial's checkpoint (weights, step, history)
+    and continues with a perturbed KL weight, which is in effect from the next step."""
+    tiny_raw["train"]["epochs"] = 4
+    space, settings = _pbt_pair()
     out = tmp_path / "pbt"
     study = run_study(tiny_raw, space, out=out, settings=settings).study
     events = [(t, e) for t in study["trials"] for e in t["exploits"]]
@@ -264,17 +270,7 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
     rank 0), and its next epoch is what the LocalEngine computes from that checkpoint with the mutated weight."""
     tiny_raw["train"]["epochs"] = 3
     tiny_raw["engine"] = {"name": "ray", "cpus_per_peer": 0.5}  # two trials x two workers on two cores
-    space = {
-        "params": {
-            "method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0},
-            "train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.1},
-        },
-        "perturb": ["method.weights.kl"],
-    }
-    settings = StudySettings(
-        samples=2, scheduler="pbt", max_concurrent=2, quantile_fraction=0.5, seed=1,
-        extra_points=[{"method.weights.kl": 1.0, "train.optimizer.lr": 1e-5}],
-    )  # fmt: skip
+    space, settings = _pbt_pair()
     out = tmp_path / "pbt-ray"
     study = run_study(tiny_raw, space, out=out, settings=settings).study
     assert all(t["status"] == "finished" for t in study["trials"])
