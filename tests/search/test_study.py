@@ -268,7 +268,10 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
     """`kdray tune ... --scheduler pbt --set engine.name=ray`: each trial drives its own TorchTrainer; a trial that
     exploits another continues, on the RayEngine, from the donor's population checkpoint (written by the donor's
     rank 0), and its next epoch is what the LocalEngine computes from that checkpoint with the mutated weight."""
-    tiny_raw["train"]["epochs"] = 3
+    # PBT exploits only between trials running at the same time, and each Ray-engine trial first spends ~30 s
+    # starting its Train run: epochs of a few seconds make the two trials overlap whatever their start-up skew.
+    tiny_raw["train"]["epochs"] = 4
+    tiny_raw["data"]["synthetic"]["train_len"] = 2048  # 128 steps per epoch
     tiny_raw["engine"] = {"name": "ray", "cpus_per_peer": 0.5}  # two trials x two workers on two cores
     space, settings = _pbt_pair()
     out = tmp_path / "pbt-ray"
@@ -282,7 +285,7 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
 
     donor_payload = load_checkpoint(event["donor_checkpoint"])
     copied = load_checkpoint(event["copied_to"])
-    assert copied["step"] == donor_payload["step"] == event["epoch"] * 8
+    assert copied["step"] == donor_payload["step"] == event["epoch"] * 128
     for peer, state in donor_payload["peers"].items():
         for name, tensor in state["net"].items():
             assert torch.equal(copied["peers"][peer]["net"][name], tensor), (peer, name)

@@ -30,6 +30,8 @@ def _progress(out: Path) -> dict:
 
 def test_killed_study_resumes_without_rerunning_finished_trials(ray_local, tiny_raw, tmp_path):
     tiny_raw["train"]["epochs"] = 3
+    # epochs of ~3 s (64 steps): the trial seen running at epoch 1 is still running when the driver is killed
+    tiny_raw["data"]["synthetic"]["train_len"] = 1024
     tiny_raw["tracking"] = {"enabled": True}
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_raw))
