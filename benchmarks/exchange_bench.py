@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
+    shutil.rmtree(
+        work, ignore_errors=True
+    )  # the runs' folders (checkpoints, Ray storage): the JSON is the result
     print()
     print(table(report))
     print(f"\nwritten: {args.out}")
