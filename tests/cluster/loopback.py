@@ -3,7 +3,7 @@
 The head listens on 127.0.0.2 (GCS, dashboard and Jobs API), each worker node on its own 127.0.0.x, so Ray sees as
 many nodes as a real cluster would (distinct node IPs, node_rank 0..n-1). Everything stays private to the test:
 its own temp dir (``RAY_TMPDIR``), free ports it picked, token authentication with a fresh token in the environment
-(never ~/.ray/auth_token), and at the end only the processes it started are stopped (never ``ray stop``).
+(never ~/.ray/auth_token), and at the end only the processes it started are stopped (nothing is stopped by name).
 
 By hand: ``python -m tests.cluster.loopback`` starts one and prints the address (Ctrl-C stops it).
 """
