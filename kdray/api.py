@@ -8,7 +8,6 @@ result.summary["peers"][0]["val_acc"]
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +88,7 @@ def train(
     )
     status = "FAILED"
     try:
-        if cfg.engine.name == "ray":
-            from kdray.engines.ray_runtime import starts_local_ray
-
-            if starts_local_ray(cfg.engine):
-                # Ray reads this switch when it is first imported: set it before, or a local Ray binds to eth0.
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if cfg.engine.name == "ray":  # (ray_session keeps a local Ray on loopback, whenever Ray was imported)
             from kdray.engines.ray_engine import RayEngine
 
             engine = RayEngine(cfg, out_dir, tracker, callbacks)

@@ -92,12 +92,6 @@ def cluster_address(engine: EngineConfig, environ: dict[str, str] | None = None)
     return None, "local"
 
 
-def starts_local_ray(engine: EngineConfig) -> bool:
-    """Whether a run with this engine config would start its own Ray (the loopback switch must then be set
-    before ``ray`` is first imported)."""
-    return cluster_address(engine)[0] is None
-
-
 @contextlib.contextmanager
 def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     """Make Ray available for one run; yields how ("existing", "attached", "local")."""

@@ -185,13 +185,9 @@ def plan_resources(
 # ---------------------------------------------------------------------------------------------------- Ray
 @contextlib.contextmanager
 def study_ray(cfg: ExperimentConfig):
-    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.address`` is
-    attached to; otherwise a private Ray on loopback, shut down at the end). The loopback switch is read when
-    ``ray`` is first imported, so it is set here before anything imports it."""
-    from kdray.engines.ray_runtime import ray_session, starts_local_ray
-
-    if starts_local_ray(cfg.engine):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.address`` or
+    ``RAY_ADDRESS`` is attached to; otherwise a private Ray on loopback, shut down at the end)."""
+    from kdray.engines.ray_runtime import ray_session
 
     with ray_session(cfg.engine, cfg.num_peers) as how:
         yield how
