@@ -88,7 +88,7 @@ def train(
     )
     status = "FAILED"
     try:
-        if cfg.engine.name == "ray":  # (ray_session keeps a local Ray on loopback, whenever Ray was imported)
+        if cfg.engine.name == "ray":
             from kdray.engines.ray_engine import RayEngine
 
             engine = RayEngine(cfg, out_dir, tracker, callbacks)
