@@ -17,18 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from kdray import data as kdata
 from kdray.config import DataConfig, SyntheticConfig
-from kdray.data import (
-    NORMALISATION,
-    Batch,
-    build_data,
-    locate_fashion_mnist,
-    normalise,
-    pad_crop_flip,
-    read_idx,
-    seeded_generator,
-)
+from kdray.data import Batch, DataSpec, build_data, locate_fashion_mnist
+from kdray.data import fetch as data_fetch
+from kdray.data.augment import NORMALISATION, normalise, pad_crop_flip
+from kdray.data.batches import seeded_generator
+from kdray.data.fetch import FASHION_MNIST_FILES, load_cifar
+from kdray.data.formats import load_fashion_mnist, read_idx
 from kdray.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------------------------- fake datasets
@@ -298,14 +293,14 @@ def test_fashion_mnist_from_root_folder(tmp_path):
     write_fake_fashion_mnist(tmp_path / "fashion-mnist")
     assert locate_fashion_mnist(tmp_path, download=False) == tmp_path / "fashion-mnist"
     dm = build_data(DataConfig(root=str(tmp_path), download=False, batch_size=16, val_batch_size=4), seed=0)
-    assert dm.spec == kdata.DataSpec(10, 1, 28, 40, 10, "fashion_mnist")
+    assert dm.spec == DataSpec(10, 1, 28, 40, 10, "fashion_mnist")
     batch = next(dm.train_batches(0))
     assert batch.x.shape == (16, 1, 28, 28) and batch.x.dtype == torch.float32
     assert torch.equal(batch.y, batch.index % 10)
 
 
 def test_locate_fashion_mnist_names_every_path_tried(tmp_path, monkeypatch):
-    monkeypatch.setattr(kdata, "SYSTEM_FASHION_MNIST", tmp_path / "system" / "fashion-mnist")
+    monkeypatch.setattr(data_fetch, "SYSTEM_FASHION_MNIST", tmp_path / "system" / "fashion-mnist")
     with pytest.raises(DataError) as err:
         locate_fashion_mnist(tmp_path / "root", download=False)
     message = str(err.value)
@@ -331,11 +326,11 @@ def test_locate_fashion_mnist_unpacks_the_debian_package(tmp_path, monkeypatch, 
     apt.write_text(f'#!/bin/sh\n[ "$1" = download ] && cp "{deb}" .\n')
     apt.chmod(apt.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(kdata, "SYSTEM_FASHION_MNIST", tmp_path / "absent")
+    monkeypatch.setattr(data_fetch, "SYSTEM_FASHION_MNIST", tmp_path / "absent")
 
     found = locate_fashion_mnist(tmp_path / "root", download=True)
     assert found == tmp_path / "root" / "fashion-mnist"
-    assert sorted(p.name for p in found.iterdir()) == sorted(kdata.FASHION_MNIST_FILES)
+    assert sorted(p.name for p in found.iterdir()) == sorted(FASHION_MNIST_FILES)
     assert "apt-get download dataset-fashion-mnist" in capsys.readouterr().out
     assert read_idx(found / "t10k-labels-idx1-ubyte.gz").tolist() == [i % 10 for i in range(10)]
 
@@ -346,7 +341,7 @@ def test_real_fashion_mnist():
         folder = locate_fashion_mnist(os.environ.get("KDRAY_DATA", "data"))
     except DataError as exc:
         pytest.skip(f"Fashion-MNIST not available: {exc}")
-    (train_x, train_y), (val_x, val_y) = kdata.load_fashion_mnist(folder)
+    (train_x, train_y), (val_x, val_y) = load_fashion_mnist(folder)
     assert train_x.shape == (60000, 1, 28, 28) and val_x.shape == (10000, 1, 28, 28)
     assert train_y.unique().tolist() == list(range(10)) == val_y.unique().tolist()
     assert torch.bincount(train_y).tolist() == [6000] * 10
@@ -355,10 +350,10 @@ def test_real_fashion_mnist():
 # -------------------------------------------------------------------------------------------------------- CIFAR
 def test_fake_cifar10_loads_in_nchw_with_labels(cifar_root):
     dm = build_data(cifar_cfg(cifar_root, augment=False), seed=0)
-    assert dm.spec == kdata.DataSpec(10, 3, 32, 40, 12, "cifar10")
+    assert dm.spec == DataSpec(10, 3, 32, 40, 12, "cifar10")
     val = torch.cat([b.y for b in dm.val_batches()])
     assert val.tolist() == [9 - i % 10 for i in range(12)]
-    (train_x, train_y), _ = kdata.load_cifar(cifar_root, "cifar10", download=False)
+    (train_x, train_y), _ = load_cifar(cifar_root, "cifar10", download=False)
     assert train_x.dtype == torch.uint8 and train_x.shape == (40, 3, 32, 32)
     # channel c of image i starts at i + 50 c: the rows were read channel-major, as CIFAR stores them
     assert train_x[5, :, 0, 0].tolist() == [5, 55, 105] and train_x[5, 2, 0, 1] == 106
@@ -369,7 +364,7 @@ def test_fake_cifar100_loads_fine_labels(tmp_path):
     write_fake_cifar100(tmp_path)
     cfg = DataConfig(dataset="cifar100", root=str(tmp_path), download=False, batch_size=10, augment=False)
     dm = build_data(cfg, seed=0)
-    assert dm.spec == kdata.DataSpec(100, 3, 32, 30, 7, "cifar100")
+    assert dm.spec == DataSpec(100, 3, 32, 30, 7, "cifar100")
     assert torch.cat([b.y for b in dm.val_batches()]).tolist() == [(7 * i + 200) % 100 for i in range(7)]
     mean, std = NORMALISATION["cifar100"]
     x = next(dm.val_batches()).x
@@ -411,7 +406,7 @@ def test_image_folder_loads_with_indices_the_same_with_worker_processes(tmp_path
     write_image_folder(tmp_path, {"cat": 4, "dog": 3})
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), batch_size=3, val_batch_size=3, image_size=16)
     dm = build_data(cfg, seed=2)
-    assert dm.spec == kdata.DataSpec(2, 3, 16, 7, 4, "imagefolder")
+    assert dm.spec == DataSpec(2, 3, 16, 7, 4, "imagefolder")
     batches = all_batches(dm, 1)
     assert len(batches) == 2 and batches[0].x.shape == (3, 3, 16, 16)
     index = torch.cat([b.index for b in batches])
@@ -458,7 +453,7 @@ def test_synthetic_is_learnable_and_independent_of_the_run_seed():
     )
     a, b = build_data(cfg, seed=0), build_data(cfg, seed=1)
     assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.epoch_indices(0), b.epoch_indices(0))
-    assert a.spec == kdata.DataSpec(10, 3, 32, 1000, 256, "synthetic")
+    assert a.spec == DataSpec(10, 3, 32, 1000, 256, "synthetic")
     # nearest class mean, estimated from the training batches, classifies the validation set
     xs, ys = zip(*((batch.x, batch.y) for batch in a.train_batches(0)))
     x, y = torch.cat(xs).flatten(1), torch.cat(ys)

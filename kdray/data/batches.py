@@ -1,0 +1,55 @@
+"""What a model sees of the data (:class:`DataSpec`), one batch (:class:`Batch`), and the derived seeds.
+
+Every random draw of the data layer comes from a private generator seeded by a tuple such as
+``("shuffle", seed, epoch)``; the global RNG is never read or advanced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about the data: its input shape and number of classes."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_len: int
+    val_len: int
+    name: str
+
+
+@dataclass
+class Batch:
+    """Inputs, labels and the samples' positions in the (possibly subset) split they came from (int64)."""
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.x.to(device), self.y.to(device), self.index.to(device))
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple such as ``("shuffle", seed, epoch)``.
+
+    A fixed formula (BLAKE2b of the tuple) rather than arithmetic, so that the shuffle and augmentation streams
+    of different (seed, epoch, step) never collide, and it is the same in every process and Python version
+    (``hash()`` of a str is salted per process).
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seeded_generator(*parts: int | str) -> torch.Generator:
+    """A private CPU generator for ``parts``: data loading never touches the global RNG."""
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(*parts))
+    return generator
