@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from kdray.cluster.check import ClusterCheckError, check_cluster
+from kdray.cluster.check import check_cluster
+from kdray.cluster.problems import ClusterCheckError
 from kdray.cluster.submit import build_entrypoint, build_runtime_env, submit_job
 
 __all__ = [

@@ -9,14 +9,11 @@ import pytest
 import yaml
 
 from kdray.cli import main
-from kdray.cluster.check import (
-    RAY_VERSION,
-    ClusterCheckError,
-    check_cluster,
-    key_path,
-    mount_targets,
-    ray_requirements,
-)
+from kdray.cluster.check import check_cluster
+from kdray.cluster.commands import ray_requirements
+from kdray.cluster.problems import ClusterCheckError, key_path
+from kdray.cluster.ray_schema import RAY_VERSION
+from kdray.cluster.storage import mount_targets
 from kdray.errors import KdrayError
 
 REPO = Path(__file__).resolve().parents[2]
