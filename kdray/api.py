@@ -2,12 +2,16 @@
 
 import kdray
 result = kdray.train("configs/demo.yaml", overrides=["train.epochs=1"], out="runs/quick")
-result.summary["peers"][0]["val_acc"]
+result.summary["peers"][0]["val_acc"], result.summary["peers"][0]["test_acc"]
+
+A config with ``stages:`` runs every stage in order (:mod:`kdray.stages`); ``train`` dispatches to it.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from kdray.checkpoint import check_compatible, load_checkpoint, resolve_checkpoint_path
-from kdray.config import ExperimentConfig, load_config, validate
+from kdray.checkpoint import check_compatible, load_checkpoint, resolve_checkpoint_path, write_atomic
+from kdray.config import ExperimentConfig, apply_overrides, read_raw, validate
 from kdray.errors import KdrayError
 from kdray.tracking import Tracker
 
@@ -31,10 +35,13 @@ class RunResult:
         return self.out_dir / "checkpoints" / "last.pt"
 
 
-def _prepare_out_dir(cfg: ExperimentConfig, out: str | Path | None, resuming: bool) -> Path:
+def prepare_out_dir(name: str, out: str | Path | None, resuming: bool) -> Path:
+    """The run folder: ``out``, or ``runs/<name>-<time>``. An existing run is never overwritten."""
     if out is None:
-        out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KdrayError(f"--out '{out}' is a file, not a folder; choose a folder for the run")
     if not resuming and (out / "checkpoints" / "last.pt").exists():
         raise KdrayError(
             f"--out '{out}' already holds a run (checkpoints/last.pt); resume it with --resume {out}, "
@@ -43,40 +50,105 @@ def _prepare_out_dir(cfg: ExperimentConfig, out: str | Path | None, resuming: bo
     return out
 
 
+class StopSignals:
+    """Ctrl-C and SIGTERM (what schedulers and ``ray job stop`` send) ask the run to stop at its next safe point;
+    a second Ctrl-C stops at once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested is not None
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        print(
+            f"\nkdray: {name} received: stopping at the next safe point (Ctrl-C again to stop now)",
+            flush=True,
+        )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _resolve(config, overrides, resume) -> tuple[ExperimentConfig | dict, dict | None, Path | None]:
+    payload = ckpt_file = None
+    if resume is not None:
+        ckpt_file = resolve_checkpoint_path(resume)
+        payload = load_checkpoint(ckpt_file)
+        if config is None:
+            config = payload["config"]
+    if isinstance(config, ExperimentConfig):
+        return (
+            (validate(apply_overrides(config.to_dict(), overrides)) if overrides else config),
+            payload,
+            ckpt_file,
+        )
+    return apply_overrides(read_raw(config), overrides), payload, ckpt_file
+
+
 def train(
-    config: str | Path | dict[str, Any] | ExperimentConfig,
+    config: str | Path | dict[str, Any] | ExperimentConfig | None,
     overrides: list[str] | None = None,
     out: str | Path | None = None,
     resume: str | Path | None = None,
     callbacks: list | None = None,
     parent_run_id: str | None = None,
 ) -> RunResult:
-    """Train a population. Everything is validated (config, data, tracking store, resume checkpoint) before the
-    output folder is created, so bad input never leaves a half-written run behind.
+    """Train a population (or every stage of a staged config). Everything is validated (config, data, tracking
+    store, resume checkpoint) before the output folder is created, so bad input never leaves a half-written run.
 
     ``parent_run_id``: nest this run's MLflow run under that run (a study's trials under the study)."""
-    from kdray.data import build_data
+    from kdray.stages import is_staged, run_stages
 
-    payload = None
-    if resume is not None:
-        ckpt_file = resolve_checkpoint_path(resume)
-        payload = load_checkpoint(ckpt_file)
-        if config is None:
-            config = payload["config"]
-        out = out or ckpt_file.parent.parent
-    if isinstance(config, ExperimentConfig):
-        cfg = validate(load_config(config.to_dict(), overrides).to_dict()) if overrides else config
-    else:
-        cfg = load_config(config, overrides)
+    if resume is not None and config is None and is_staged(resume):
+        return run_stages(None, overrides, out, resume=resume, parent_run_id=parent_run_id)
+    if config is not None and not isinstance(config, ExperimentConfig):
+        raw = apply_overrides(read_raw(config), overrides)
+        if is_staged(raw):
+            return run_stages(raw, None, out, resume=resume, parent_run_id=parent_run_id)
+        config, overrides = raw, None
+    cfg, payload, ckpt_file = _resolve(config, overrides, resume)
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = validate(cfg)
     if payload is not None:
         check_compatible(payload, cfg.to_dict(), str(resume))
-    out_dir = _prepare_out_dir(cfg, out, resuming=payload is not None)
-    build_data(cfg.data, cfg.seed)  # fails here (clear DataError) if the data cannot be found
+        out = out or ckpt_file.parent.parent
+    return run_population(cfg, out, payload, callbacks, parent_run_id)
+
+
+def run_population(
+    cfg: ExperimentConfig,
+    out: str | Path | None,
+    payload: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+) -> RunResult:
+    """Train one population into ``out`` (resuming from ``payload`` when given)."""
+    from kdray.data import build_data
+    from kdray.methods import method_class
+
+    out_dir = prepare_out_dir(cfg.name, out, resuming=payload is not None)
+    with_train = method_class(cfg.method.name).data_source == "dataset"
+    data = build_data(cfg.data, cfg.seed, with_train=with_train)  # a clear DataError here, before any write
     tracker = Tracker(cfg.tracking, out_dir)
     tracker.check()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    if data.noise is not None:
+        write_atomic(out_dir / "label_noise.json", json.dumps(data.noise).encode())
     run_id = tracker.start(
         cfg.name,
         resume_run_id=payload.get("mlflow_run_id") if payload else None,
@@ -88,32 +160,82 @@ def train(
     )
     status = "FAILED"
     try:
-        if cfg.engine.name == "ray":
-            from kdray.engines.ray_engine import RayEngine
+        with StopSignals() as stop:
+            if cfg.engine.name == "ray":
+                from kdray.engines.ray_engine import RayEngine
 
-            engine = RayEngine(cfg, out_dir, tracker, callbacks)
-        else:
-            from kdray.engines.local import LocalEngine
+                engine = RayEngine(cfg, out_dir, tracker, callbacks, stop)
+            else:
+                from kdray.engines.local import LocalEngine
 
-            engine = LocalEngine(cfg, out_dir, tracker, callbacks)
-        outcome = engine.run(resume=payload)
-        summary = write_summary(cfg, out_dir, outcome, run_id)
+                engine = LocalEngine(cfg, out_dir, tracker, callbacks, stop)
+            outcome = engine.run(resume=payload)
+        outcome["test"] = final_test(cfg, out_dir, outcome, tracker)
+        summary = write_summary(cfg, out_dir, outcome, run_id, data)
         _log_artifacts(tracker, out_dir)
         status = "FINISHED"
         return RunResult(out_dir, summary)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except KdrayError as exc:
+        from kdray.loop import Stopped
+
+        if isinstance(exc, Stopped):
+            status = "KILLED"
+        raise
     finally:
         tracker.end(status)
 
 
+def final_test(
+    cfg: ExperimentConfig, out_dir: Path, outcome: dict[str, Any], tracker: Tracker
+) -> dict[str, Any]:
+    """The test split, evaluated once, on the selected population (``best.pt``: the epoch with the best
+    validation score; ``last.pt`` when no epoch was scored), and logged to MLflow apart from the per-epoch metrics."""
+    ckpt_dir = out_dir / "checkpoints"
+    best = ckpt_dir / "best.pt"
+    chosen = best if best.is_file() else ckpt_dir / "last.pt"
+    report = evaluate(chosen, split="test")
+    tracker.log_metrics(
+        {
+            **{f"{p['name']}/test_acc": p["acc"] for p in report["peers"]},
+            **({"ensemble/test_acc": report["ensemble_acc"]} if report["ensemble_acc"] is not None else {}),
+        },
+        step=report["epoch"],
+    )
+    return {
+        "checkpoint": chosen.name,
+        "epoch": report["epoch"],
+        "peers": {p["name"]: p["acc"] for p in report["peers"]},
+        "ensemble_acc": report["ensemble_acc"],
+    }
+
+
+def selection_note(cfg: ExperimentConfig, data) -> dict[str, Any]:
+    if cfg.data.select_on == "test":
+        return {
+            "split": "test",
+            "samples": data.spec.test_len,
+            "note": "selected on the test split, as data.select_on: test asked: the test numbers are not an "
+            "unbiased estimate",
+        }
+    return {
+        "split": "val",
+        "samples": data.spec.val_len,
+        "note": f"a validation split of {data.spec.val_len} samples carved from the training set (data.val_split "
+        f"= {cfg.data.val_split}); the test split is evaluated once, at the end",
+    }
+
+
 def write_summary(
-    cfg: ExperimentConfig, out_dir: Path, outcome: dict[str, Any], run_id: str | None
+    cfg: ExperimentConfig, out_dir: Path, outcome: dict[str, Any], run_id: str | None, data
 ) -> dict[str, Any]:
     from kdray.plots import plot_curves
 
-    last = outcome["history"][-1] if outcome["history"] else {}
+    history = outcome["history"]
+    last = history[-1] if history else {}
+    test = outcome.get("test") or {"peers": {}}
     peers = []
     for p in cfg.peers:
         peers.append(
@@ -125,9 +247,9 @@ def write_summary(
                 "val_acc": last.get(f"{p.name}/val_acc"),
                 "val_loss": last.get(f"{p.name}/val_loss"),
                 "best_val_acc": max(
-                    (h[f"{p.name}/val_acc"] for h in outcome["history"] if f"{p.name}/val_acc" in h),
-                    default=None,
+                    (h[f"{p.name}/val_acc"] for h in history if f"{p.name}/val_acc" in h), default=None
                 ),
+                "test_acc": test["peers"].get(p.name),
             }
         )
     summary = {
@@ -136,51 +258,73 @@ def write_summary(
         "engine": cfg.engine.name,
         "peers": peers,
         "ensemble_acc": last.get("ensemble/val_acc"),
+        "ensemble_test_acc": test.get("ensemble_acc"),
+        "selection": selection_note(cfg, data),
+        "test": outcome.get("test"),
+        "label_noise": (
+            {k: data.noise[k] for k in ("kind", "rate", "corrupted", "of")}
+            if data.noise is not None
+            else None
+        ),
         "epochs": last.get("epoch", 0),
         "steps_per_epoch": outcome.get("steps_per_epoch"),
         "wall_s": round(outcome["wall_s"], 3),
         "first_step_s": outcome.get("first_step_s"),
         "mlflow_run_id": run_id,
         "best": outcome["best"],
-        "history": outcome["history"],
+        "history": history,
         **{k: v for k, v in outcome.items() if k.startswith("exchange")},
     }
     if outcome.get("ray"):  # RayEngine: where each peer ran, how Ray was found, where the start-up time went
         summary["ray"] = {**outcome["ray"], "placement": outcome.get("placement")}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if outcome["history"]:
-        plot_curves(cfg, outcome["history"], out_dir / "curves.png")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    if history:
+        plot_curves(cfg, history, out_dir / "curves.png", out_dir, outcome.get("steps_per_epoch"))
     return summary
 
 
 def _log_artifacts(tracker: Tracker, out_dir: Path) -> None:
-    for name in ("config.yaml", "summary.json", "curves.png"):
+    for name in ("config.yaml", "summary.json", "curves.png", "label_noise.json", "steps.jsonl"):
         tracker.log_artifact(out_dir / name)
     if tracker.cfg.log_checkpoint:
         tracker.log_artifact(out_dir / "checkpoints" / "last.pt", "checkpoints")
 
 
-def evaluate(checkpoint: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Re-evaluate a saved population on its validation set: per-peer accuracy and loss, and the ensemble's."""
-    from kdray.engines.process import PopulationProcess, summarise_eval
+def evaluate(
+    checkpoint: str | Path, overrides: list[str] | None = None, split: str = "val"
+) -> dict[str, Any]:
+    """Evaluate a saved population on one split ("val": the validation split carved from the training set;
+    "test"): per-peer accuracy and loss, and the trainable peers' ensemble accuracy."""
+    from kdray.loop import summarise_eval
+    from kdray.population import Population
 
+    if split not in ("val", "test"):
+        raise KdrayError(f"--split '{split}': accepted: val, test")
     payload = load_checkpoint(checkpoint)
-    raw = payload["config"]
-    cfg = load_config(raw, ["tracking.enabled=false", "train.progress=false", *(overrides or [])])
-    proc = PopulationProcess(cfg)
-    proc.load_state_dict(payload)
-    metrics = summarise_eval(cfg, proc.evaluate())
+    raw = apply_overrides(
+        payload["config"], ["tracking.enabled=false", "train.progress=false", *(overrides or [])]
+    )
+    raw["engine"] = {"name": "local"}  # evaluation runs here, whatever engine trained it
+    cfg = validate(raw)
+    if split == "val" and cfg.data.select_on == "test":
+        split = "test"  # that run had no validation split: its per-epoch "val" numbers were the test split's
+    for peer in cfg.peers:  # the weights come from this checkpoint, not from the files the run started from
+        peer.checkpoint = None
+    pop = Population(cfg)
+    pop.load_state_dict(payload)
+    metrics = summarise_eval(cfg, pop.evaluate(split), "eval")
     return {
         "checkpoint": str(resolve_checkpoint_path(checkpoint)),
         "epoch": payload["epoch"],
+        "split": split,
         "peers": [
             {
                 "name": p.name,
                 "arch": p.arch,
-                "val_acc": metrics[f"{p.name}/val_acc"],
-                "val_loss": metrics[f"{p.name}/val_loss"],
+                "acc": metrics[f"{p.name}/eval_acc"],
+                "loss": metrics[f"{p.name}/eval_loss"],
             }
             for p in cfg.peers
         ],
-        "ensemble_acc": metrics.get("ensemble/val_acc"),
+        "ensemble_acc": metrics.get("ensemble/eval_acc"),
     }

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kdray.errors import ConfigError
 
@@ -32,7 +40,18 @@ class SyntheticConfig(Section):
     channels: int = Field(3, ge=1)
     image_size: int = Field(32, ge=4)
     train_len: int = Field(1024, ge=1)
-    val_len: int = Field(256, ge=1)
+    test_len: int = Field(256, ge=1, description="size of the synthetic set's test split")
+
+
+class LabelNoiseConfig(Section):
+    """Corrupt a share of the training labels (seeded by the run seed): the regime where regularising methods matter.
+
+    ``symmetric``: a corrupted label is drawn uniformly from the *other* classes; ``pair``: class c becomes c + 1
+    (mod C), the pair-flip noise of Han et al. (Co-teaching, NeurIPS 2018). The corrupted indices are written to the
+    run folder (``label_noise.json``). The carved validation split is noisy too, as it would be in practice."""
+
+    kind: Literal["symmetric", "pair"] = "symmetric"
+    rate: float = Field(0.2, ge=0, lt=1)
 
 
 class DataConfig(Section):
@@ -41,9 +60,22 @@ class DataConfig(Section):
     batch_size: int = Field(128, ge=1)
     val_batch_size: int = Field(512, ge=1)
     train_size: int | None = Field(
-        None, ge=1, description="use only the first N training samples (a fixed subset)"
+        None, ge=1, description="use only the first N training samples (a fixed subset, before val_split)"
     )
-    val_size: int | None = Field(None, ge=1, description="use only the first N validation samples")
+    val_split: float | int | None = Field(
+        0.1,
+        ge=0,
+        description="validation split carved from the training set (a fraction < 1 or a count; seeded, disjoint "
+        "from what is trained on): per-epoch evaluation, best.pt and kdray tune select on it. 0/null: none "
+        "(then select_on must say test)",
+    )
+    select_on: Literal["val", "test"] = Field(
+        "val",
+        description="the split that per-epoch evaluation, best.pt and kdray tune use; 'test' only when said "
+        "explicitly (the summary then says so)",
+    )
+    test_size: int | None = Field(None, ge=1, description="use only the first N test samples")
+    label_noise: LabelNoiseConfig | None = None
     augment: bool = True
     download: bool = True
     num_workers: int = Field(
@@ -51,6 +83,24 @@ class DataConfig(Section):
     )
     image_size: int | None = Field(None, ge=8, description="ImageFolder: resize to this size")
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("val_split")
+    @classmethod
+    def _fraction_or_count(cls, v: float | int | None) -> float | int | None:
+        if isinstance(v, float) and not v.is_integer() and not 0 <= v < 1:
+            raise ValueError(f"a fraction in [0, 1) or a whole count of samples, got {v}")
+        if isinstance(v, float) and v >= 1:
+            return int(v)
+        return v
+
+    @model_validator(mode="after")
+    def _selection_is_honest(self) -> DataConfig:
+        if not self.val_split and self.select_on == "val":
+            raise ValueError(
+                "data.val_split is 0/null, so there is no validation split to select on; carve one "
+                "(data.val_split: 0.1) or say data.select_on: test to select on the test split knowingly"
+            )
+        return self
 
 
 # -------------------------------------------------------------------------------------------------------- peers
@@ -61,6 +111,11 @@ class PeerConfig(Section):
     checkpoint: str | None = Field(None, description="load this peer's weights from a kdray checkpoint")
     checkpoint_peer: str | int | None = Field(
         None, description="which peer of that checkpoint (name or index)"
+    )
+    from_stage: str | None = Field(
+        None,
+        description="load this peer's weights from an earlier stage of the same run (its final weights; "
+        "checkpoint_peer says which peer of it)",
     )
     frozen: bool = Field(False, description="never updated (e.g. a KD teacher); evaluated, never trained")
     lr: float | None = Field(None, gt=0, description="this peer's learning rate (default train.optimizer.lr)")
@@ -73,6 +128,12 @@ class PeerConfig(Section):
         check_arch(arch)
         return arch
 
+    @model_validator(mode="after")
+    def _one_source(self) -> PeerConfig:
+        if self.checkpoint and self.from_stage:
+            raise ValueError("give either checkpoint or from_stage, not both")
+        return self
+
 
 # -------------------------------------------------------------------------------------------------------- train
 class OptimizerConfig(Section):
@@ -84,57 +145,187 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
 
 
+class AuxOptimizerConfig(OptimizerConfig):
+    """An auxiliary optimizer of a method (adversarial, discriminator, generator): its own settings, and whether its
+    learning rate follows the network's schedule (``follow``: the same warm-up and decay factor at every step) or
+    stays constant."""
+
+    schedule: Literal["follow", "constant"] = "constant"
+
+
 class ScheduleConfig(Section):
+    """The learning-rate schedule, applied at every step with ``torch.optim.lr_scheduler``: a linear warm-up
+    from ``warmup_start_factor`` x lr over ``warmup_epochs`` epochs or ``warmup_steps`` steps, then ``cosine`` (to
+    ``min_lr_factor`` x lr at the last step), ``multistep`` (x ``gamma`` at each of ``milestones``, in epochs) or
+    ``constant``."""
+
     name: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: float = Field(0, ge=0, description="linear warm-up length in epochs (may be fractional)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up length in steps (added to warmup_epochs)")
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    min_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a share of lr")
 
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    max_steps_per_epoch: int | None = Field(
-        None, ge=1, description="cut each epoch short (quick runs, tests)"
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="steps per epoch: null = one pass over the training set; a number cuts the pass short; "
+        "required for methods without training data (their inputs come from a generator)",
+    )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="also checkpoint inside epochs (resume and worker restarts continue from there)",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="parameter and input precision (float64: bit-level reproducibility studies)"
+    )
     amp: bool = Field(False, description="mixed precision (bf16 autocast) on CUDA; ignored on CPU")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own choice)")
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
+    log_every_steps: int = Field(
+        50, ge=1, description="log the running step metrics to MLflow every N steps (curves inside epochs)"
+    )
     progress: bool = True
 
 
 # ------------------------------------------------------------------------------------------------------- engine
-class EngineConfig(Section):
-    name: Literal["local", "ray"] = "local"
-    exchange: Literal["collective", "actor", "stale"] = "collective"
+class SessionConfig(Section):
+    """Where a RayEngine run finds Ray, and where Ray Train keeps its checkpoints."""
+
     address: str | None = Field(
         None,
         description="Ray address to attach to (HOST:PORT or auto); null: RAY_ADDRESS if set, else a local Ray",
     )
-    placement: Literal["pack", "spread", "strict_spread"] = "pack"
+    object_store_mb: int = Field(300, ge=75, description="object store of a local Ray started by kdray")
+    storage_path: str | None = Field(None, description="Ray Train storage; default <out>/ray_storage")
+
+
+class PlacementConfig(Section):
+    """What each peer's Ray Train worker asks for, and how the workers are spread over the nodes."""
+
+    strategy: Literal["pack", "spread", "strict_spread"] = "pack"
     cpus_per_peer: float = Field(1.0, gt=0)
     gpus_per_peer: float = Field(0.0, ge=0)
-    storage_path: str | None = Field(None, description="Ray Train storage; default <out>/ray_storage")
-    max_failures: int = Field(0, ge=-1)
-    placement_timeout_s: float = Field(60.0, gt=0)
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="Ray: also checkpoint mid-epoch")
-    stale_every: int = Field(50, ge=1, description="stale exchange: ship weights every N steps")
-    stale_burn_in: int = Field(0, ge=0, description="stale exchange: steps before distillation starts")
-    object_store_mb: int = Field(300, ge=75, description="object store of a local Ray started by kdray")
+    timeout_s: float = Field(60.0, gt=0, description="give up (with a clear error) if not placed by then")
+
+
+class CollectiveExchangeConfig(Section):
+    name: Literal["collective"] = "collective"
     split_wait: bool = Field(
         False,
-        description="collective exchange: a timed barrier before each round splits waiting for the slowest "
-        "peer (exchange/wait_ms_per_step) from moving bytes (diagnostic; one more small collective per round)",
+        description="a timed barrier before each round splits waiting for the slowest peer "
+        "(exchange/wait_ms_per_step) from moving bytes (diagnostic; one more small collective per round)",
     )
-    inject_failure_at_step: int | None = Field(
-        None,
-        ge=1,
-        description="test hook: worker 1 kills its own process (SIGKILL, as a lost node would) once, after this "
-        "global step (fault-tolerance tests)",
+
+
+class ActorExchangeConfig(Section):
+    name: Literal["actor"]
+
+
+class StaleExchangeConfig(Section):
+    name: Literal["stale"]
+    every: int = Field(50, ge=1, description="ship weights every N steps")
+    burn_in: int = Field(0, ge=0, description="steps of task-only training before distillation starts")
+
+
+ExchangeConfig = Annotated[
+    CollectiveExchangeConfig | ActorExchangeConfig | StaleExchangeConfig, Field(discriminator="name")
+]
+
+
+EXCHANGE_CONFIGS: dict[str, type[Section]] = {
+    "collective": CollectiveExchangeConfig,
+    "actor": ActorExchangeConfig,
+    "stale": StaleExchangeConfig,
+}
+
+
+class FaultToleranceConfig(Section):
+    max_failures: int = Field(
+        0, ge=-1, description="restarts of the worker group after a worker dies (-1: unlimited)"
     )
+
+
+# Keys of earlier kdray versions and what replaced each: refused with the new name, never silently ignored.
+MOVED_KEYS = {
+    "engine.address": "engine.session.address",
+    "engine.object_store_mb": "engine.session.object_store_mb",
+    "engine.storage_path": "engine.session.storage_path",
+    "engine.cpus_per_peer": "engine.placement.cpus_per_peer",
+    "engine.gpus_per_peer": "engine.placement.gpus_per_peer",
+    "engine.placement_timeout_s": "engine.placement.timeout_s",
+    "engine.split_wait": "engine.exchange.split_wait (with engine.exchange.name: collective)",
+    "engine.stale_every": "engine.exchange.every (with engine.exchange.name: stale)",
+    "engine.stale_burn_in": "engine.exchange.burn_in (with engine.exchange.name: stale)",
+    "engine.max_failures": "engine.fault_tolerance.max_failures",
+    "engine.checkpoint_every_steps": "train.checkpoint_every_steps",
+    "engine.inject_failure_at_step": "nothing: failure injection is not a config key (tests kill workers from outside)",
+    "train.max_steps_per_epoch": "train.steps_per_epoch",
+    "data.val_size": "data.test_size (the validation split is now carved from the training set: data.val_split)",
+    "data.synthetic.val_len": "data.synthetic.test_len",
+}
+RAY_SECTIONS = ("session", "placement", "exchange", "fault_tolerance")
+
+
+class EngineConfig(Section):
+    """``local``: every peer in this process. ``ray``: one peer per Ray Train worker, configured by the sections
+    ``session``, ``placement``, ``exchange`` and ``fault_tolerance`` (which the local engine refuses: it could not
+    honour them)."""
+
+    name: Literal["local", "ray"] = "local"
+    session: SessionConfig = SessionConfig()
+    placement: PlacementConfig = PlacementConfig()
+    exchange: ExchangeConfig = CollectiveExchangeConfig()
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands_and_moved_keys(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if isinstance(raw.get("exchange"), str):  # engine.exchange=actor
+            raw["exchange"] = {"name": raw["exchange"]}
+        if isinstance(raw.get("placement"), str):  # engine.placement=spread
+            raw["placement"] = {"strategy": raw["placement"]}
+        exchange = raw.get("exchange")
+        if isinstance(exchange, dict):
+            exchange = raw["exchange"] = {"name": "collective", **exchange}
+            known = EXCHANGE_CONFIGS.get(exchange["name"])
+            extra = sorted(set(exchange) - set(known.model_fields)) if known else []
+            if extra:
+                owner = [n for n, c in EXCHANGE_CONFIGS.items() if extra[0] in c.model_fields]
+                raise ConfigError(
+                    f"engine.exchange.{extra[0]}",
+                    exchange[extra[0]],
+                    f"the {exchange['name']} exchange cannot honour it (its keys: {sorted(known.model_fields)})"
+                    + (f"; it belongs to engine.exchange.name: {owner[0]}" if owner else ""),
+                )
+        return raw
+
+    @model_validator(mode="after")
+    def _local_takes_no_ray_sections(self) -> EngineConfig:
+        if self.name == "local":
+            for section in RAY_SECTIONS:
+                if section in self.model_fields_set and getattr(self, section) != type(self).model_fields[
+                    section
+                ].get_default(call_default_factory=True):
+                    raise ConfigError(
+                        f"engine.{section}",
+                        getattr(self, section).model_dump(mode="json"),
+                        "applies only to engine.name: ray (the local engine runs every peer in this process); "
+                        "remove it or set engine.name: ray",
+                    )
+        return self
 
 
 class TrackingConfig(Section):
@@ -151,6 +342,20 @@ class MethodConfig(Section):
     name: str
     temperature: float = Field(1.0, gt=0)
     weights: dict[str, float] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections_keep_defaults(cls, raw: Any) -> Any:
+        # ``adv_optimizer: {lr: 0.02}`` changes the learning rate of the method's default adversarial optimizer; it
+        # must not reset that optimizer's other settings to OptimizerConfig's class defaults.
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for key, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel) and isinstance(raw.get(key), dict):
+                raw[key] = {**default.model_dump(), **raw[key]}
+        return raw
 
     @field_validator("weights")
     @classmethod
@@ -190,7 +395,7 @@ class ExperimentConfig(Section):
         return method_class(raw["name"]).Config.model_validate(raw)
 
     @model_validator(mode="after")
-    def _population_fits_method(self) -> ExperimentConfig:
+    def _population_fits_method(self, info: ValidationInfo) -> ExperimentConfig:
         from kdray.methods import method_class
 
         names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
@@ -198,6 +403,15 @@ class ExperimentConfig(Section):
             raise ValueError(f"peer names must be unique, got {names}")
         for i, p in enumerate(self.peers):
             p.name = names[i]
+        earlier = (info.context or {}).get("earlier_stages")
+        for i, p in enumerate(self.peers):
+            if p.from_stage is not None and (earlier is None or p.from_stage not in earlier):
+                accepted = (
+                    f"an earlier stage of this run: {earlier}"
+                    if earlier
+                    else "a stage name, in a config with stages: (a plain config has none; use checkpoint:)"
+                )
+                raise ConfigError(f"peers.{i}.from_stage", p.from_stage, accepted)
         method_class(self.method.name).check_population(self)
         return self
 
@@ -282,12 +496,24 @@ def _describe(err: dict[str, Any]) -> ConfigError:
     return ConfigError(key, value, msg)
 
 
-def validate(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw mapping; the first problem is raised as a ConfigError (the others are counted)."""
+_ABSENT = object()
+
+
+def validate(raw: dict[str, Any], earlier_stages: list[str] | None = None) -> ExperimentConfig:
+    """Validate a raw mapping; the first problem is raised as a ConfigError (the others are counted).
+
+    ``earlier_stages``: the names of the stages before this one, when validating one stage of a staged run (a peer
+    may then say ``from_stage``)."""
     if not isinstance(raw, dict):
         raise ConfigError("<config>", type(raw).__name__, "the file must hold a YAML mapping")
+    for dotted, replacement in MOVED_KEYS.items():
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            raise ConfigError(dotted, node, f"this key was replaced: use {replacement}")
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw, context={"earlier_stages": earlier_stages})
     except ValidationError as exc:
         errors = exc.errors()
         first = _describe(errors[0])
@@ -296,18 +522,32 @@ def validate(raw: dict[str, Any]) -> ExperimentConfig:
         raise first from None
 
 
+def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A config file's mapping (or the mapping itself). Any file that is not a YAML mapping, whatever its bytes,
+    is refused with one line."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("config", str(path), "not a text file (not UTF-8)") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("config", str(path), f"not valid YAML: {first}") from None
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"cannot be read ({exc.strerror or exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            "config", str(path), f"the file must hold a YAML mapping, it holds a {type(raw).__name__}"
+        )
+    return raw
+
+
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML file (or a mapping), apply ``KEY=VALUE`` overrides and validate."""
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError("config", str(path), "no such file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError("config", str(path), f"not valid YAML: {exc}".splitlines()[0]) from None
-        if raw is None:
-            raw = {}
-    return validate(apply_overrides(raw, overrides))
+    return validate(apply_overrides(read_raw(source), overrides))

@@ -7,13 +7,26 @@ from pathlib import Path
 from kdray.config import ExperimentConfig
 
 
-def plot_curves(cfg: ExperimentConfig, history: list[dict[str, float]], path: Path) -> Path:
+def plot_curves(
+    cfg: ExperimentConfig,
+    history: list[dict[str, float]],
+    path: Path,
+    run_dir: Path | None = None,
+    steps_per_epoch: int | None = None,
+) -> Path:
+    """Validation accuracy per epoch (each peer, the ensemble) and the training loss terms per peer: per step
+    when the run logged per-step rows (``steps.jsonl``), else per epoch. The x axis is in epochs either way."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from kdray.engines.display import read_step_rows
 
     epochs = [h["epoch"] for h in history]
+    rows = read_step_rows(run_dir) if run_dir is not None and steps_per_epoch else []
+    spe = steps_per_epoch
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for p in cfg.peers:
         pts = [(h["epoch"], h[f"{p.name}/val_acc"]) for h in history if f"{p.name}/val_acc" in h]
@@ -21,17 +34,20 @@ def plot_curves(cfg: ExperimentConfig, history: list[dict[str, float]], path: Pa
             ax_acc.plot(*zip(*pts), marker="o", label=p.name if p.name == p.arch else f"{p.name} ({p.arch})")
         terms = sorted({k for h in history for k in h if k.startswith(f"{p.name}/loss_")})
         for term in terms:
-            ys = [h.get(term) for h in history]
-            ax_loss.plot(epochs, ys, marker=".", label=term)
+            per_step = [(r["step"], r[term]) for r in rows if term in r]
+            if per_step and spe:
+                xs, ys = zip(*per_step)
+                ax_loss.plot([x / spe for x in xs], ys, lw=1, label=term)
+            else:
+                ax_loss.plot(epochs, [h.get(term) for h in history], marker=".", label=term)
     ens = [(h["epoch"], h["ensemble/val_acc"]) for h in history if "ensemble/val_acc" in h]
     if ens:
         ax_acc.plot(*zip(*ens), "k--", marker="s", label="ensemble")
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title=f"{cfg.name}: {cfg.method.name}")
-    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="loss terms per peer")
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    split = "validation" if cfg.data.select_on == "val" else "test (selection split)"
+    ax_acc.set(xlabel="epoch", ylabel=f"{split} accuracy", title=f"{cfg.name}: {cfg.method.name}")
+    per = "running mean per logged step" if rows and spe else "epoch mean"
+    ax_loss.set(xlabel="epoch", ylabel=f"training loss ({per})", title="loss terms per peer")
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)

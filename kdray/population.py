@@ -1,45 +1,34 @@
-"""A population's parts: what each peer owns, how it is built and seeded, and the training step.
+"""A population in one process: the peers that live here, the shared module, the data, the method and the step.
 
-Both engines use this module unchanged. ``LocalEngine`` builds every peer in one process; ``RayEngine`` builds only
-its own peer on each worker. Seeding is per peer (``seed_for(seed, "peer", k)``), so a peer's initial weights do not
-depend on which process builds it or on how many other peers it builds first.
+Both engines build a :class:`Population`: ``LocalEngine`` with every peer, each Ray worker with its own peer only
+(``local_ids=[rank]``). Seeding is per peer (``seed_for(seed, "peer", k)``), so a peer's initial weights do not
+depend on which process builds it or on how many other peers it builds first. What a peer owns
+(:class:`PeerRuntime`): its network, its private method state, its optimizers and their per-step schedulers, and
+its per-sample buffers. The training step itself is :mod:`kdray.step`; the epoch loop is :mod:`kdray.loop`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.checkpoint import load_peer_weights
-from kdray.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
-from kdray.data import Batch, DataModule, DataSpec
-from kdray.methods import Method, PeerContext, Phase, PopulationSpec, method_class
+from kdray.config import ExperimentConfig, OptimizerConfig
+from kdray.data import Batch, DataModule, build_data
+from kdray.exchange import Exchange, ExchangePlan, LocalExchange
+from kdray.exchange.base import weights_of
+from kdray.methods import BufferSpec, Method, PopulationSpec, method_class
 from kdray.methods.base import PeerSpec, Signals
 from kdray.models import build_network, count_params, tap_shapes
+from kdray.schedules import build_scheduler
+from kdray.seeds import seed_for, seeded
 
-
-def seed_for(seed: int, *parts: object) -> int:
-    """A stable 63-bit seed derived from the run seed and a purpose (independent of Python's hash salt)."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block under a fixed global torch seed, restoring the caller's RNG state after."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,7 +37,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-# ------------------------------------------------------------------------------------------- optimizers, schedules
 def make_optimizer(
     params: Iterable[nn.Parameter], ocfg: OptimizerConfig, lr: float | None = None
 ) -> torch.optim.Optimizer:
@@ -63,22 +51,10 @@ def make_optimizer(
     return cls(params, lr=lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay)
 
 
-def lr_factor(schedule: ScheduleConfig, epoch: int, epochs: int) -> float:
-    """Multiplier of the base learning rate during ``epoch`` (0-based), per epoch as in the CIFAR KD literature."""
-    if epoch < schedule.warmup_epochs:
-        return (epoch + 1) / (schedule.warmup_epochs + 1)
-    if schedule.name == "constant":
-        return 1.0
-    if schedule.name == "multistep":
-        return schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
-    span = max(1, epochs - schedule.warmup_epochs)
-    return 0.5 * (1 + math.cos(math.pi * (epoch - schedule.warmup_epochs) / span))
-
-
 # ------------------------------------------------------------------------------------------------------- peers
 @dataclass
 class PeerRuntime:
-    """Everything one peer owns: its network, its private method state, its optimizers."""
+    """Everything one peer owns: its network, private method state, optimizers, schedulers, per-sample buffers."""
 
     index: int
     name: str
@@ -86,26 +62,21 @@ class PeerRuntime:
     net: nn.Module  # a TappedNetwork: forward(x) -> {"logits": ..., <tap>: ...}
     state: nn.Module | None
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
-    base_lrs: dict[str, list[float]] = field(default_factory=dict)
-
-    def modules(self) -> list[nn.Module]:
-        return [m for m in (self.net, self.state) if m is not None]
+    schedulers: dict[str, Any] = field(default_factory=dict)  # optimizer group -> its LRScheduler
+    buffers: dict[str, Tensor] = field(default_factory=dict)
 
     def train_mode(self) -> None:
         self.net.train(not self.frozen)
         if self.state is not None:
             self.state.train()
 
-    def set_lr(self, factor: float) -> None:
-        for group_name, opt in self.optimizers.items():
-            for group, base in zip(opt.param_groups, self.base_lrs[group_name]):
-                group["lr"] = base * factor
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "net": self.net.model.state_dict(),
             "state": self.state.state_dict() if self.state is not None else {},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "buffers": dict(self.buffers),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -114,30 +85,61 @@ class PeerRuntime:
             self.state.load_state_dict(sd["state"])
         for k, o in self.optimizers.items():
             o.load_state_dict(sd["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(sd["schedulers"][k])
+        for k, buf in self.buffers.items():
+            buf.copy_(sd["buffers"][k])
 
 
-def population_spec(cfg: ExperimentConfig, data: DataSpec, steps_per_epoch: int) -> PopulationSpec:
+def population_spec(cfg: ExperimentConfig, data: DataModule, steps_per_epoch: int) -> PopulationSpec:
     """Shapes and sizes of every peer, measured by building each network once on the CPU."""
     taps = method_class(cfg.method.name).required_taps(cfg.method)
-    input_shape = (data.in_channels, data.image_size, data.image_size)
+    spec = data.spec
+    input_shape = (spec.in_channels, spec.image_size, spec.image_size)
     peers = []
     for k, p in enumerate(cfg.peers):
         with seeded(0):
             net = build_network(
-                p.arch, data.num_classes, data.in_channels, taps=taps or None, **p.arch_kwargs
+                p.arch, spec.num_classes, spec.in_channels, taps=taps or None, **p.arch_kwargs
             )
         peers.append(
             PeerSpec(k, p.name, p.arch, p.frozen, count_params(net.model), tap_shapes(net, input_shape))
         )
     return PopulationSpec(
-        tuple(peers), data.num_classes, input_shape, cfg.seed, cfg.train.epochs, steps_per_epoch
+        peers=tuple(peers),
+        num_classes=spec.num_classes,
+        input_shape=input_shape,
+        seed=cfg.seed,
+        epochs=cfg.train.epochs,
+        steps_per_epoch=steps_per_epoch,
+        train_len=spec.train_len,
+        batch_size=cfg.data.batch_size,
     )
 
 
-def build_peer(cfg: ExperimentConfig, method: Method, k: int, device: torch.device) -> PeerRuntime:
-    """Build peer k (network, private state, optimizers) exactly as every engine does."""
+def _buffer(spec: BufferSpec, n: int, labels: Tensor | None, num_classes: int, device) -> Tensor:
+    if spec.init == "onehot":
+        if labels is None or spec.shape != (num_classes,):
+            raise ValueError(
+                f"a one-hot buffer needs training labels and shape ({num_classes},), got {spec.shape}"
+            )
+        return F.one_hot(labels, num_classes).to(device=device, dtype=spec.dtype)
+    return torch.zeros((n, *spec.shape), dtype=spec.dtype, device=device)
+
+
+def build_peer(
+    cfg: ExperimentConfig,
+    method: Method,
+    k: int,
+    device: torch.device,
+    labels: Tensor | None = None,
+    with_optimizers: bool = True,
+) -> PeerRuntime:
+    """Build peer k (network, private state, optimizers, schedulers, buffers) exactly as every engine does.
+    ``labels``: the training labels, for buffers initialised to one-hot rows."""
     pcfg = cfg.peers[k]
     pop = method.pop
+    dtype = DTYPES[cfg.train.dtype]
     taps = method.required_taps(cfg.method)
     with seeded(seed_for(cfg.seed, "peer", k)):
         net = build_network(
@@ -147,50 +149,58 @@ def build_peer(cfg: ExperimentConfig, method: Method, k: int, device: torch.devi
         state = method.build_peer_state(k)
     if pcfg.checkpoint:
         load_peer_weights(net.model, pcfg.checkpoint, pcfg.checkpoint_peer, key=f"peers.{k}.checkpoint")
-    net.to(device)
+    net.to(device=device, dtype=dtype)
     if state is not None:
-        state.to(device)
+        state.to(device=device, dtype=dtype)
     peer = PeerRuntime(k, pcfg.name, pcfg.frozen, net, state)
     if pcfg.frozen:
         for p in net.parameters():
             p.requires_grad_(False)
         net.eval()
         return peer
-    groups: dict[str, tuple[list[nn.Parameter], OptimizerConfig, float | None]] = {
-        "net": (list(net.parameters()), cfg.train.optimizer, pcfg.lr)
+    peer.buffers = {
+        name: _buffer(spec, pop.train_len, labels, pop.num_classes, device)
+        for name, spec in method.buffers(k).items()
     }
+    if not with_optimizers:
+        return peer
+    net_lr = pcfg.lr or cfg.train.optimizer.lr
+    groups: list[tuple[str, list[nn.Parameter], OptimizerConfig, float, bool]] = [
+        ("net", list(net.parameters()), cfg.train.optimizer, net_lr, True)
+    ]
     for name, (params, ocfg) in method.optimizer_groups(k, net, state).items():
-        groups[name] = (params, ocfg, None)
-    for name, (params, ocfg, lr) in groups.items():
+        groups.append((name, params, ocfg, ocfg.lr, ocfg.schedule == "follow"))
+    for name, params, ocfg, lr, follows in groups:
         opt = make_optimizer(params, ocfg, lr)
         peer.optimizers[name] = opt
-        peer.base_lrs[name] = [g["lr"] for g in opt.param_groups]
+        if follows:
+            sched = build_scheduler(opt, cfg.train.schedule, pop.steps_per_epoch, cfg.train.epochs)
+            if sched is not None:
+                peer.schedulers[name] = sched
     return peer
 
 
 @dataclass
 class SharedRuntime:
-    """The population's shared module (a generator), one replica per process, and its optimizer."""
+    """The population's shared module (a generator), one replica per process, its optimizer and scheduler."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer | None
-    base_lrs: list[float]
-
-    def set_lr(self, factor: float) -> None:
-        if self.optimizer is not None:
-            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"] = base * factor
+    scheduler: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.module.load_state_dict(sd["module"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(sd["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(sd["scheduler"])
 
 
 def build_shared(cfg: ExperimentConfig, method: Method, device: torch.device) -> SharedRuntime | None:
@@ -198,224 +208,175 @@ def build_shared(cfg: ExperimentConfig, method: Method, device: torch.device) ->
         module = method.build_shared_state()
     if module is None:
         return None
-    module.to(device)
+    module.to(device=device, dtype=DTYPES[cfg.train.dtype])
     ocfg = method.shared_optimizer(module)
-    opt = make_optimizer(module.parameters(), ocfg) if ocfg is not None else None
-    return SharedRuntime(module, opt, [g["lr"] for g in opt.param_groups] if opt else [])
+    if ocfg is None:
+        return SharedRuntime(module, None)
+    opt = make_optimizer(module.parameters(), ocfg)
+    sched = None
+    if ocfg.schedule == "follow":
+        sched = build_scheduler(opt, cfg.train.schedule, method.pop.steps_per_epoch, cfg.train.epochs)
+    return SharedRuntime(module, opt, sched)
 
 
-# ---------------------------------------------------------------------------------------------------- the step
-def weighted_sum(terms: dict[str, Tensor], weight: Callable[[str], float]) -> Tensor:
-    """``sum_t w_t * term_t``, skipping the multiplications by 1."""
-    total: Tensor | None = None
-    for name, value in terms.items():
-        w = weight(name)
-        part = value if w == 1.0 else w * value
-        total = part if total is None else total + part
-    assert total is not None, "a method's loss returned no terms"
-    return total
+# ------------------------------------------------------------------------------------------------ the population
+class _StaleCopy:
+    """A frozen copy of a source peer for the stale exchange (:class:`kdray.exchange.Replica`)."""
+
+    def __init__(self, peer: PeerRuntime, method: Method, phases: dict[str, Any]):
+        self.peer, self.method, self.phases = peer, method, phases
+        for p in (q for m in (peer.net, peer.state) if m is not None for q in m.parameters()):
+            p.requires_grad_(False)
+        peer.train_mode()
+
+    def weights(self) -> dict[str, Tensor]:
+        return weights_of({"net": self.peer.net.model, "state": self.peer.state})
+
+    @torch.no_grad()
+    def signals(self, phase: str, inputs: Tensor) -> Signals:
+        published = self.method.publish(
+            self.phases[phase], self.peer.index, self.peer.net(inputs), self.peer.state
+        )
+        return {k: v.detach() for k, v in published.items()}
 
 
-def _detach(signals: Signals) -> Signals:
-    return {k: v.detach() for k, v in signals.items()}
+class Population:
+    """The peers of a population that live in this process, and everything they train with.
 
-
-class Exchange:
-    """Moves published signals between peers. ``LocalExchange`` hands over references; Ray exchanges ship bytes
-    (``kdray.exchange``)."""
-
-    def attach(self, peers: list[PeerRuntime]) -> None:
-        """Called once this process's peers are built (the stale exchange copies their architectures)."""
-
-    def exchange(
-        self, phase: Phase, step: int, published: dict[int, Signals], inputs: Tensor | None = None
-    ) -> dict[int, dict[int, Signals]]:
-        """``published``: local peer -> its signals. Returns local peer -> {source peer -> signals}, the sources
-        being those of ``method.phase_topology(phase)``. ``inputs``: what the networks saw in this phase (the
-        stale exchange runs its copies of the source peers on it)."""
-        raise NotImplementedError
-
-    def distilling(self, step: int) -> bool:
-        """False during a burn-in (stale exchange): the peers then train on the method's task terms only
-        (``Method.task_terms``, default ``("ce",)``); every other term is computed and logged with weight 0."""
-        return True
-
-    def reduce_shared_grads(self, module: nn.Module) -> None:
-        """Sum the shared module's gradients over all processes (no-op when everything is local)."""
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-
-class LocalExchange(Exchange):
-    def __init__(self, method: Method):
-        self.method = method
-
-    def exchange(self, phase, step, published, inputs=None):
-        topology = self.method.phase_topology(phase)
-        return {k: {s: published[s] for s in topology.sources_of(k) if s in published} for k in published}
-
-
-class StepRunner:
-    """Runs one training step of the method's phases for the peers that live in this process."""
+    ``local_ids``: which peers (all of them by default); ``exchange``: how signals reach peers in other processes
+    (default: every peer here, :class:`LocalExchange`)."""
 
     def __init__(
         self,
         cfg: ExperimentConfig,
-        method: Method,
-        peers: list[PeerRuntime],
-        shared: SharedRuntime | None,
-        exchange: Exchange,
-        device: torch.device,
+        local_ids: list[int] | None = None,
+        device: torch.device | None = None,
+        exchange: Exchange | None = None,
     ):
-        self.cfg, self.method, self.peers, self.shared, self.exchange = cfg, method, peers, shared, exchange
-        self.device = device
-        self.phases = method.phases()
-        self.amp = cfg.train.amp and device.type == "cuda"
-        # Training accuracy is read off the first phase that trains the networks on the batch.
-        self._acc_phase = next((ph for ph in self.phases if ph.optimizer == "net"), self.phases[0])
-        # Peers that must run a forward in peer-scope phases: trainable ones, and frozen ones others learn from.
-        sources = {s for ph in self.phases for s, _ in method.phase_topology(ph).edges()}
-        self._forward_peers = [p for p in peers if not p.frozen or p.index in sources]
+        from kdray.step import StepRunner
 
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.train.device)
+        self.dtype = DTYPES[cfg.train.dtype]
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        method_cls = method_class(cfg.method.name)
+        self.with_train_data = method_cls.data_source == "dataset"
+        self.data = build_data(cfg.data, cfg.seed, with_train=self.with_train_data)
+        steps = cfg.train.steps_per_epoch
+        if self.with_train_data:
+            steps = min(self.data.steps_per_epoch(), steps or self.data.steps_per_epoch())
+        self.steps_per_epoch = steps
+        self.spec = population_spec(cfg, self.data, steps)
+        self.method = method_cls(cfg.method, self.spec)
+        self.pairs = method_cls.batch_pairs == "class_pairs"
+        ids = list(range(cfg.num_peers)) if local_ids is None else list(local_ids)
+        labels = self.data.train_labels().to(self.device) if self.with_train_data else None
+        self.peers = [build_peer(cfg, self.method, k, self.device, labels) for k in ids]
+        self.shared = build_shared(cfg, self.method, self.device)
+        self.exchange = exchange or LocalExchange()
+        phases = {ph.name: ph for ph in self.method.phases()}
+        self.exchange.attach(
+            ExchangePlan(
+                local=ids,
+                edges={e for ph in phases.values() for e in self.method.phase_topology(ph).edges()},
+                frozen={p.index for p in self.spec.peers if p.frozen},
+                replica=lambda s: _StaleCopy(
+                    build_peer(cfg, self.method, s, self.device, with_optimizers=False), self.method, phases
+                ),
+                live_weights=lambda k: weights_of(
+                    {"net": self._peer(k).net.model, "state": self._peer(k).state}
+                ),
+            )
+        )
+        self.runner = StepRunner(self)
 
-    def step(self, batch: Batch, epoch: int, step: int) -> dict[str, Tensor]:
-        """One step; returns detached per-peer metrics (tensors, so the caller decides when to synchronise)."""
-        rng = torch.Generator().manual_seed(seed_for(self.cfg.seed, "step", step))
-        metrics: dict[str, Tensor] = {}
-        last = None  # (inputs, outputs, received, published) of the previous phase
-        for phase in self.phases:
-            if step % phase.every:
-                continue
-            for _ in range(phase.repeat):
-                last = self._run_phase(phase, batch, epoch, step, rng, last, metrics)
+    def _peer(self, k: int) -> PeerRuntime:
+        return next(p for p in self.peers if p.index == k)
+
+    # ------------------------------------------------------------------ training
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch | None]:
+        """The batches of ``epoch`` from ``start_step`` on, on this process's device and dtype; None for every step
+        of a population without training data (its method generates the inputs)."""
+        for p in self.peers:
+            p.train_mode()
+        if not self.with_train_data:
+            for _ in range(start_step, self.steps_per_epoch):
+                yield None
+            return
+        for batch in self.data.train_batches(
+            epoch, start_step=start_step, max_steps=self.steps_per_epoch - start_step, pairs=self.pairs
+        ):
+            yield batch.to(self.device, self.dtype)
+
+    def train_step(self, batch: Batch | None, epoch: int, step: int):
+        """One training step of the method's phases, then one step of every scheduler; returns the step's
+        :class:`~kdray.loop.MetricSums`."""
+        metrics = self.runner.step(batch, epoch, step)
+        for p in self.peers:
+            for sched in p.schedulers.values():
+                sched.step()
+        if self.shared is not None and self.shared.scheduler is not None:
+            self.shared.scheduler.step()
         return metrics
 
-    def _run_phase(self, phase: Phase, batch: Batch, epoch: int, step: int, rng, last, metrics):
-        method = self.method
-        shared_scope = phase.scope == "shared"
-        forward_peers = self.peers if shared_scope else self._forward_peers
-        if phase.forward or last is None:
-            with self._autocast():
-                inputs = method.phase_inputs(phase, batch, self.shared.module if self.shared else None, rng)
-                outs: dict[int, Signals] = {}
-                for p in forward_peers:
-                    grad = shared_scope or not p.frozen
-                    with torch.set_grad_enabled(grad):
-                        outs[p.index] = p.net(inputs)
-                live = {
-                    p.index: method.publish(phase, p.index, outs[p.index], p.state) for p in forward_peers
-                }
-            published = {k: _detach(v) for k, v in live.items()}
-            received = self.exchange.exchange(phase, step, published, inputs)
-        else:
-            inputs, prev_outs, received, published = last
-            inputs = inputs.detach()
-            outs = {k: _detach(v) for k, v in prev_outs.items()}
-            live = published
-        participants = self.peers if shared_scope else [p for p in self.peers if not p.frozen]
-        weights = self._weights(step)
-        total: Tensor | None = None
-        contexts = []
-        with self._autocast():
-            for p in participants:
-                ctx = PeerContext(
-                    p.index, phase.name, outs[p.index], received.get(p.index, {}), live.get(p.index, {}),
-                    batch, inputs, p.state,
-                    self.shared.module if self.shared else None, epoch, step,
-                )  # fmt: skip
-                terms = method.loss(phase, ctx)
-                loss = weighted_sum(terms, weights)
-                total = loss if total is None else total + loss
-                prefix = "shared" if shared_scope else p.name
-                for t, v in terms.items():
-                    key = f"{prefix}/loss_{t}"
-                    # No "0 + v": on a GPU every avoidable small op is a kernel launch in the hot step.
-                    metrics[key] = metrics[key] + v.detach() if key in metrics else v.detach()
-                for t, v in ctx.metrics.items():
-                    metrics[f"{p.name}/{t}"] = torch.as_tensor(v, dtype=torch.float32)
-                if phase is self._acc_phase and "logits" in outs[p.index]:
-                    pred = outs[p.index]["logits"][: len(batch.y)].detach().argmax(1)
-                    metrics[f"{p.name}/train_acc"] = (pred == batch.y).float().mean()
-                contexts.append(ctx)
-        # Zero only the groups this phase steps; each group zeroes before its own backward, so grads that
-        # another phase's loss left on these parameters never leak into this update.
-        if shared_scope:
-            assert self.shared is not None and self.shared.optimizer is not None, (
-                "shared phase without a shared optimizer"
-            )
-            self.shared.optimizer.zero_grad(set_to_none=True)
-        else:
-            for p in participants:
-                p.optimizers[phase.optimizer].zero_grad(set_to_none=True)
-        if total is not None and total.requires_grad:
-            total.backward()
-        if shared_scope:
-            self.exchange.reduce_shared_grads(self.shared.module)
-            self._clip(self.shared.module.parameters())
-            self.shared.optimizer.step()
-            method.after_shared_step(phase, self.shared.module)
-        else:
-            for p in participants:
-                opt = p.optimizers[phase.optimizer]
-                self._clip(q for g in opt.param_groups for q in g["params"])
-                opt.step()
-        for ctx in contexts:
-            method.after_phase(phase, ctx)
-        return inputs, outs, received, published
+    def learning_rates(self) -> dict[str, float]:
+        """Each local trainable peer's current network learning rate."""
+        return {
+            f"{p.name}/lr": p.optimizers["net"].param_groups[0]["lr"]
+            for p in self.peers
+            if "net" in p.optimizers
+        }
 
-    def _weights(self, step: int):
-        if self.exchange.distilling(step):
-            return self.method.weight
-        task_terms = self.method.task_terms
-        return lambda t: self.method.weight(t) if t in task_terms else 0.0
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Each local peer's summed correct count and CE over ``split`` ("val" or "test"), plus the sum of the
+        trainable peers' softmax outputs (for the ensemble). Sums, so that processes can add them up."""
+        modes = [p.net.training for p in self.peers]
+        for p in self.peers:
+            p.net.eval()
+        correct = {p.index: torch.zeros((), dtype=torch.float64) for p in self.peers}
+        loss = {p.index: torch.zeros((), dtype=torch.float64) for p in self.peers}
+        prob_chunks: list[Tensor] = []
+        labels: list[Tensor] = []
+        n = 0
+        for batch in self.data.eval_batches(split):
+            batch = batch.to(self.device, self.dtype)
+            probs_sum = None
+            for p in self.peers:
+                logits = p.net(batch.x)["logits"].float()
+                correct[p.index] += (logits.argmax(1) == batch.y).sum().double().cpu()
+                loss[p.index] += F.cross_entropy(logits, batch.y, reduction="sum").double().cpu()
+                if not p.frozen:
+                    pr = logits.softmax(1)
+                    probs_sum = pr if probs_sum is None else probs_sum + pr
+            if probs_sum is not None:
+                prob_chunks.append(probs_sum.cpu())
+            labels.append(batch.y.cpu())
+            n += len(batch.y)
+        for p, mode in zip(self.peers, modes):
+            p.net.train(mode)
+        return {
+            "n": n,
+            "correct": correct,
+            "loss": loss,
+            "probs_sum": torch.cat(prob_chunks) if prob_chunks else None,
+            "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
+        }
 
-    def _clip(self, params: Iterable[Tensor]) -> None:
-        if self.cfg.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(params), self.cfg.train.grad_clip)
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, rank: int = 0) -> dict[str, Any]:
+        """This process's part of a population checkpoint (``exchange`` keyed by ``rank``)."""
+        return {
+            "peers": {p.name: p.state_dict() for p in self.peers},
+            "shared": self.shared.state_dict() if self.shared is not None else None,
+            "exchange": {rank: self.exchange.state_dict()},
+        }
 
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_peers(peers: list[PeerRuntime], data: DataModule, device: torch.device) -> dict[str, Any]:
-    """Each local peer's summed correct count and CE over the validation set, plus the sum of the trainable peers'
-    softmax outputs (for the ensemble). Sums, so that processes can add them up before dividing."""
-    import torch.nn.functional as F
-
-    modes = [p.net.training for p in peers]
-    for p in peers:
-        p.net.eval()
-    correct = {p.index: torch.zeros((), dtype=torch.float64) for p in peers}
-    loss = {p.index: torch.zeros((), dtype=torch.float64) for p in peers}
-    ens_correct = torch.zeros((), dtype=torch.float64)
-    prob_chunks: list[Tensor] = []
-    labels: list[Tensor] = []
-    n = 0
-    for batch in data.val_batches():
-        batch = batch.to(device)
-        probs_sum = None
-        for p in peers:
-            logits = p.net(batch.x)["logits"].float()
-            correct[p.index] += (logits.argmax(1) == batch.y).sum().double().cpu()
-            loss[p.index] += F.cross_entropy(logits, batch.y, reduction="sum").double().cpu()
-            if not p.frozen:
-                pr = logits.softmax(1)
-                probs_sum = pr if probs_sum is None else probs_sum + pr
-        if probs_sum is not None:
-            prob_chunks.append(probs_sum.cpu())
-            ens_correct += (probs_sum.argmax(1) == batch.y).sum().double().cpu()
-        labels.append(batch.y.cpu())
-        n += len(batch.y)
-    for p, mode in zip(peers, modes):
-        p.net.train(mode)
-    return {
-        "n": n,
-        "correct": correct,
-        "loss": loss,
-        "probs_sum": torch.cat(prob_chunks) if prob_chunks else None,
-        "labels": torch.cat(labels),
-    }
+    def load_state_dict(self, sd: dict[str, Any], rank: int = 0) -> None:
+        for p in self.peers:
+            p.load_state_dict(sd["peers"][p.name])
+        if self.shared is not None and sd.get("shared") is not None:
+            self.shared.load_state_dict(sd["shared"])
+        self.exchange.load_state_dict((sd.get("exchange") or {}).get(rank, {}))

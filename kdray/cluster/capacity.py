@@ -1,6 +1,6 @@
 """The capacity planner: can the Ray engine place an experiment's peers on the cluster at ``max_workers``?
 
-Each peer is a Ray Train worker asking for ``engine.cpus_per_peer`` CPUs and ``engine.gpus_per_peer`` GPUs on one
+Each peer is a Ray Train worker asking for ``engine.placement.cpus_per_peer`` CPUs and ``engine.placement.gpus_per_peer`` GPUs on one
 node; ``strict_spread`` needs as many nodes that can each hold a peer as there are peers; ``pack``/``spread`` need
 room for all peers; ``gpus_per_peer * peers`` at most the GPUs. Node resources come from each node type's
 ``resources`` (or, for the ``local`` provider, from ``metadata.kdray.node_resources``), because Ray detects them only
@@ -73,7 +73,7 @@ def capacity_problems(
         if provider == "local"
         else "raise max_workers (and the node type's max_workers)"
     )
-    k, cpus, gpus = cfg.num_peers, eng.cpus_per_peer, eng.gpus_per_peer
+    k, cpus, gpus = cfg.num_peers, eng.placement.cpus_per_peer, eng.placement.gpus_per_peer
     unknown = [n for n in nodes if n.resources is None and n.max_count > 0]
     if unknown:
         return [
@@ -105,31 +105,31 @@ def capacity_problems(
     if gpus * k > total_gpus:
         problems.append(
             Problem(
-                "engine.gpus_per_peer",
+                "engine.placement.gpus_per_peer",
                 f"{k} peers x {gpus:g} GPU = {gpus * k:g} GPUs, but the cluster has {total_gpus:g} at max_workers: "
-                f"{more_nodes}, use GPU nodes, or lower engine.gpus_per_peer",
+                f"{more_nodes}, use GPU nodes, or lower engine.placement.gpus_per_peer",
             )
         )
-    if eng.placement == "strict_spread":
+    if eng.placement.strategy == "strict_spread":
         verdict = (
             f"strict_spread: {k} peers need {k} nodes that each fit {bundle}; the cluster has {fitting_nodes}"
         )
         if fitting_nodes < k:
             problems.append(
                 Problem(
-                    "engine.placement",
+                    "engine.placement.strategy",
                     f"strict_spread puts each of the {k} peers on its own node, but at max_workers={max_workers} only "
-                    f"{fitting_nodes} node(s) fit a peer {bundle} ({per_node}): {more_nodes} or use engine.placement=pack",
+                    f"{fitting_nodes} node(s) fit a peer {bundle} ({per_node}): {more_nodes} or use engine.placement.strategy=pack",
                 )
             )
     else:
-        verdict = f"{eng.placement}: {k} peers of {bundle}; the cluster has room for {slots}"
+        verdict = f"{eng.placement.strategy}: {k} peers of {bundle}; the cluster has room for {slots}"
         if slots < k:
             problems.append(
                 Problem(
-                    "engine.placement",
+                    "engine.placement.strategy",
                     f"{k} peers of {bundle} do not fit: at max_workers={max_workers} there is room for {slots} "
-                    f"({per_node}): {more_nodes} or lower engine.cpus_per_peer / engine.gpus_per_peer",
+                    f"({per_node}): {more_nodes} or lower engine.placement.cpus_per_peer / engine.placement.gpus_per_peer",
                 )
             )
     return problems, verdict

@@ -13,7 +13,7 @@ the experiment fit the cluster it describes?
 
    With ``--config`` (and ``--set``), for ``engine.name: ray`` on a cluster that can have more than one node:
 
-   - ``engine.storage_path`` must be reachable from every node (:mod:`kdray.cluster.storage`); so must a
+   - ``engine.session.storage_path`` must be reachable from every node (:mod:`kdray.cluster.storage`); so must a
      ``sqlite:///`` tracking store, which must not be relative (it would land in the job's temporary working
      directory);
    - capacity at ``max_workers``: room for the peers with their placement (:mod:`kdray.cluster.capacity`).
@@ -129,7 +129,7 @@ def check_cluster(
     multi_node = max_workers > 0
     if multi_node and not storage.mounts:
         report.warnings.append(
-            "no shared mount on every node: multi-node runs need engine.storage_path on shared storage "
+            "no shared mount on every node: multi-node runs need engine.session.storage_path on shared storage "
             "(an s3:// or gs:// URI, or NFS/EFS mounted in setup_commands)"
         )
     starts = " ".join(c.text for c in roles.get("head", []))
@@ -152,7 +152,7 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
     eng = cfg.engine
     report.experiment.append(
         f"experiment {config} ({cfg.name}): {cfg.num_peers} peers, method {cfg.method.name}, engine {eng.name}, "
-        f"placement {eng.placement}, per peer {{CPU: {eng.cpus_per_peer:g}, GPU: {eng.gpus_per_peer:g}}}"
+        f"placement {eng.placement.strategy}, per peer {{CPU: {eng.placement.cpus_per_peer:g}, GPU: {eng.placement.gpus_per_peer:g}}}"
     )
     if eng.name != "ray":
         report.warnings.append(
@@ -162,7 +162,7 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
         return []
     problems, verdict = capacity_problems(cfg, report.nodes, report.max_workers, report.provider)
     report.experiment.append(f"  {verdict}")
-    if not problems and report.provider != "local" and eng.placement_timeout_s < 900:
+    if not problems and report.provider != "local" and eng.placement.timeout_s < 900:
         # The nodes up from the start (min_workers) may not hold the population: the autoscaler then launches more,
         # which takes minutes (boot + setup_commands), longer than the engine waits for its placement by default.
         at_start = [replace(n, max_count=n.min_count) for n in report.nodes]
@@ -170,15 +170,15 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
         if short:
             report.warnings.append(
                 f"the nodes up at start (min_workers) cannot hold the population, and new nodes take minutes to boot "
-                f"and set up: engine.placement_timeout_s={eng.placement_timeout_s:g} s will likely expire first; "
-                "--set engine.placement_timeout_s=1200, or raise the node type's min_workers"
+                f"and set up: engine.placement.timeout_s={eng.placement.timeout_s:g} s will likely expire first; "
+                "--set engine.placement.timeout_s=1200, or raise the node type's min_workers"
             )
     if multi_node:
-        if eng.storage_path is None:
+        if eng.session.storage_path is None:
             mount = next(iter(report.storage.mounts), None)
             problems.append(
                 Problem(
-                    "engine.storage_path",
+                    "engine.session.storage_path",
                     "not set: Ray Train would checkpoint to <out>/ray_storage on the node that runs the job, which the "
                     "other nodes cannot reach; set it to "
                     + (
@@ -189,12 +189,12 @@ def _check_experiment(config, overrides, report: ClusterReport, multi_node: bool
                 )
             )
         else:
-            p = storage_problem("engine.storage_path", eng.storage_path, report.storage)
+            p = storage_problem("engine.session.storage_path", eng.session.storage_path, report.storage)
             if p:
                 problems.append(p)
             else:
                 report.experiment.append(
-                    f"  engine.storage_path {eng.storage_path}: reachable from every node"
+                    f"  engine.session.storage_path {eng.session.storage_path}: reachable from every node"
                 )
     tracking = cfg.tracking
     if tracking.enabled and tracking.uri is None:

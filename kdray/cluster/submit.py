@@ -5,7 +5,7 @@ directory (Ray's ``runtime_env.working_dir``, uploaded without virtualenvs, run 
 code that runs is the code you submit. The nodes bring the dependencies (``cluster.yaml``'s setup commands install
 kdray's pins); ``--with-deps`` adds the pins to the job's ``runtime_env.pip`` for clusters whose image lacks them.
 The config is validated here first: a typo fails in a second, not after the upload. With ``engine.name: ray`` and
-no ``engine.address``, the job gets ``--set engine.address=auto``: the RayEngine attaches to the cluster the job runs
+no ``engine.session.address``, the job gets ``--set engine.session.address=auto``: the RayEngine attaches to the cluster the job runs
 on (Ray sets ``RAY_ADDRESS`` in every job) rather than starting a Ray of its own inside the job.
 """
 
@@ -178,10 +178,10 @@ def submit_job(
     rel_config = _relative_config(config, working_dir)
     cfg = load_config(config, overrides)  # a bad key fails here, with the key named, before any upload
     overrides = list(overrides or [])
-    if cfg.engine.name == "ray" and cfg.engine.address is None:
+    if cfg.engine.name == "ray" and cfg.engine.session.address is None:
         # In a job, RAY_ADDRESS names the cluster; "auto" makes the RayEngine attach to it instead of starting a
         # private Ray inside the job.
-        overrides.append("engine.address=auto")
+        overrides.append("engine.session.address=auto")
     address = _address(address)
     client = _client(address)
     entrypoint = build_entrypoint(rel_config, overrides, out)

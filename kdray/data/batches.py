@@ -15,26 +15,34 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What a model needs to know about the data: its input shape and number of classes."""
+    """What a model needs to know about the data: its input shape and number of classes, and the split sizes."""
 
     num_classes: int
     in_channels: int
     image_size: int
-    train_len: int
-    val_len: int
+    train_len: int  # what is trained on (after data.train_size and the carved validation split)
+    val_len: int  # the validation split carved from the training set (0: none)
+    test_len: int
     name: str
 
 
 @dataclass
 class Batch:
-    """Inputs, labels and the samples' positions in the (possibly subset) split they came from (int64)."""
+    """Inputs, labels and the samples' positions in the split they came from (int64). ``pair``: for each sample,
+    another sample of the same class (CS-KD's class-wise pairs), when the method asked for them."""
 
     x: Tensor
     y: Tensor
     index: Tensor
+    pair: Batch | None = None
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.x.to(device), self.y.to(device), self.index.to(device))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        x = self.x.to(device) if dtype is None or not self.x.is_floating_point() else self.x.to(device, dtype)
+        pair = self.pair.to(device, dtype) if self.pair is not None else None
+        return Batch(x, self.y.to(device), self.index.to(device), pair)
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 def derive_seed(*parts: int | str) -> int:

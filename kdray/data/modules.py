@@ -1,4 +1,7 @@
-"""Data modules: the train and validation splits of one dataset, served as deterministic batches.
+"""Data modules: the train, validation and test splits of one dataset, served as deterministic batches.
+
+The validation split is carved from the training set by :func:`kdray.data.build.build_data` (seeded, disjoint
+from what is trained on); the test split is the dataset's own. Evaluation names the split it reads.
 
 In-memory sets (Fashion-MNIST, CIFAR-10/100, synthetic) are held as uint8 (synthetic: float) tensors and a batch
 is a slice, augmented vectorised on the batch: no DataLoader, no worker processes. An ImageFolder is decoded
@@ -19,25 +22,29 @@ from kdray.data.augment import NORMALISATION, normalise, pad_crop_flip
 from kdray.data.batches import Batch, DataSpec, seeded_generator
 from kdray.errors import DataError
 
+SPLITS = ("val", "test")
+
 
 class DataModule:
-    """The train and validation splits of one dataset, served as deterministic batches.
+    """The splits of one dataset, served as deterministic batches.
 
     Training batches drop the last partial batch (every step has the same batch size on every peer);
-    validation batches come in file order, unaugmented, and keep the last partial batch.
+    evaluation batches come in order, unaugmented, and keep the last partial batch. ``train_len`` 0 means no
+    training set (a population fed by a generator): only evaluation batches are served.
     """
 
     def __init__(self, spec: DataSpec, *, seed: int, batch_size: int, val_batch_size: int) -> None:
-        if spec.train_len < batch_size:
+        if 0 < spec.train_len < batch_size:
             raise DataError(
                 f"data.batch_size = {batch_size} but the training set of '{spec.name}' has only {spec.train_len} "
-                f"samples (after data.train_size), so an epoch would have no step; use a batch size of at most "
-                f"{spec.train_len} or more training samples"
+                f"samples (after data.train_size and data.val_split), so an epoch would have no step; use a batch "
+                f"size of at most {spec.train_len} or more training samples"
             )
         self.spec = spec
         self.seed = seed
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
+        self.noise: dict | None = None  # what data.label_noise corrupted (set by build_data)
 
     def steps_per_epoch(self) -> int:
         """Full batches per epoch: the last partial batch is dropped so every step has the same batch size."""
@@ -47,24 +54,57 @@ class DataModule:
         """The permutation of the training set used in ``epoch`` (int64); depends only on (seed, epoch)."""
         return torch.randperm(self.spec.train_len, generator=seeded_generator("shuffle", self.seed, epoch))
 
-    def train_batches(self, epoch: int, start_step: int = 0, max_steps: int | None = None) -> Iterator[Batch]:
+    def train_labels(self) -> Tensor:
+        """Every training sample's label (int64), in index order (the labels trained on: noisy if asked)."""
+        raise NotImplementedError
+
+    def train_batches(
+        self, epoch: int, start_step: int = 0, max_steps: int | None = None, pairs: bool = False
+    ) -> Iterator[Batch]:
         """Batches ``start_step, start_step + 1, ...`` of ``epoch``: at most ``max_steps`` of them.
 
         The same as the tail of the full epoch from ``start_step`` (so a run resumed mid-epoch continues
-        exactly); the skipped batches are never materialised.
+        exactly); the skipped batches are never materialised. ``pairs``: each batch also carries, for every
+        sample, another training sample of the same class drawn by a generator seeded by (seed, epoch, step)
+        (a class with a single sample pairs it with itself).
         """
         perm = self.epoch_indices(epoch)
         for step in self._steps(start_step, max_steps):
             index = perm[step * self.batch_size : (step + 1) * self.batch_size]
-            x, y = self._train_batch(index, epoch, step)
-            yield Batch(x, y, index)
+            batch = self._train_batch(index, epoch, step, "augment")
+            if pairs:
+                partner = self._partners(index, seeded_generator("pairs", self.seed, epoch, step))
+                batch.pair = self._train_batch(partner, epoch, step, "augment-pair")
+            yield batch
 
-    def val_batches(self) -> Iterator[Batch]:
-        """The validation split in order, unaugmented, the last partial batch included."""
-        for start in range(0, self.spec.val_len, self.val_batch_size):
-            index = torch.arange(start, min(start + self.val_batch_size, self.spec.val_len))
-            x, y = self._val_batch(index)
-            yield Batch(x, y, index)
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """The ``val`` or ``test`` split in order, unaugmented, the last partial batch included."""
+        n = self.split_len(split)
+        for start in range(0, n, self.val_batch_size):
+            yield self._eval_batch(split, torch.arange(start, min(start + self.val_batch_size, n)))
+
+    def split_len(self, split: str) -> int:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.spec.val_len if split == "val" else self.spec.test_len
+
+    def _partners(self, index: Tensor, generator: torch.Generator) -> Tensor:
+        if not hasattr(self, "_by_class"):
+            labels = self.train_labels()
+            order = torch.argsort(labels, stable=True)
+            counts = torch.bincount(labels, minlength=self.spec.num_classes)
+            starts = torch.cumsum(counts, 0) - counts
+            self._by_class = (order, starts, counts)
+        order, starts, counts = self._by_class
+        y = self.train_labels()[index]
+        n = counts[y]
+        # a uniform draw among the class's other samples: draw among n - 1, skip over the sample itself
+        r = (torch.rand(len(index), generator=generator) * (n - 1).clamp_min(1)).long()
+        rank_self = torch.empty_like(order)
+        rank_self[order] = torch.arange(len(order))
+        own = rank_self[index] - starts[y]
+        pick = torch.where(n > 1, r + (r >= own).long(), own)
+        return order[starts[y] + pick]
 
     def _steps(self, start_step: int, max_steps: int | None) -> range:
         steps = self.steps_per_epoch()
@@ -75,25 +115,25 @@ class DataModule:
         end = steps if max_steps is None else min(steps, start_step + max_steps)
         return range(start_step, end)
 
-    def _train_batch(self, index: Tensor, epoch: int, step: int) -> tuple[Tensor, Tensor]:
+    def _train_batch(self, index: Tensor, epoch: int, step: int, stream: str) -> Batch:
         raise NotImplementedError
 
-    def _val_batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+    def _eval_batch(self, split: str, index: Tensor) -> Batch:
         raise NotImplementedError
 
 
 class InMemoryData(DataModule):
     """A dataset held in memory: batches are slices, augmented vectorised with a generator seeded per step.
 
-    ``train_x``/``val_x`` are uint8 pixels (normalised per batch with ``mean``/``std``) or, when ``mean`` is
-    None, float inputs that are already normalised. ``crop_padding`` None means no augmentation.
+    ``splits`` maps "train", "val", "test" to (x, y); x is uint8 pixels (normalised per batch with
+    ``mean``/``std``) or, when ``mean`` is None, float inputs that are already normalised. ``crop_padding`` None
+    means no augmentation.
     """
 
     def __init__(
         self,
         spec: DataSpec,
-        train: tuple[Tensor, Tensor],
-        val: tuple[Tensor, Tensor],
+        splits: dict[str, tuple[Tensor, Tensor]],
         *,
         seed: int,
         batch_size: int,
@@ -103,22 +143,26 @@ class InMemoryData(DataModule):
         std: Sequence[float] | None,
     ) -> None:
         super().__init__(spec, seed=seed, batch_size=batch_size, val_batch_size=val_batch_size)
-        self.train_x, self.train_y = train
-        self.val_x, self.val_y = val
+        self.splits = splits
         self.crop_padding = crop_padding
         self.mean, self.std = mean, std
 
     def _inputs(self, x: Tensor) -> Tensor:
         return x if self.mean is None else normalise(x, self.mean, self.std)
 
-    def _train_batch(self, index: Tensor, epoch: int, step: int) -> tuple[Tensor, Tensor]:
-        x = self.train_x[index]
-        if self.crop_padding:
-            x = pad_crop_flip(x, self.crop_padding, seeded_generator("augment", self.seed, epoch, step))
-        return self._inputs(x), self.train_y[index]
+    def train_labels(self) -> Tensor:
+        return self.splits["train"][1]
 
-    def _val_batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self._inputs(self.val_x[index]), self.val_y[index]
+    def _train_batch(self, index: Tensor, epoch: int, step: int, stream: str) -> Batch:
+        x, y = self.splits["train"]
+        x = x[index]
+        if self.crop_padding:
+            x = pad_crop_flip(x, self.crop_padding, seeded_generator(stream, self.seed, epoch, step))
+        return Batch(self._inputs(x), y[index], index)
+
+    def _eval_batch(self, split: str, index: Tensor) -> Batch:
+        x, y = self.splits[split]
+        return Batch(self._inputs(x[index]), y[index], index)
 
 
 class _ImageFiles(Dataset):
@@ -161,8 +205,7 @@ class ImageFolderData(DataModule):
     def __init__(
         self,
         spec: DataSpec,
-        train: _ImageFiles,
-        val: _ImageFiles,
+        files: dict[str, _ImageFiles],
         *,
         seed: int,
         batch_size: int,
@@ -170,7 +213,7 @@ class ImageFolderData(DataModule):
         num_workers: int,
     ) -> None:
         super().__init__(spec, seed=seed, batch_size=batch_size, val_batch_size=val_batch_size)
-        self.train_files, self.val_files = train, val
+        self.files = files
         self.num_workers = num_workers
 
     def _loader(self, files: _ImageFiles, keys: list[list[tuple[int | None, int]]]) -> Iterator[Batch]:
@@ -181,13 +224,28 @@ class ImageFolderData(DataModule):
         for x, y, index in loader:
             yield Batch(x, y, index)
 
-    def train_batches(self, epoch: int, start_step: int = 0, max_steps: int | None = None) -> Iterator[Batch]:
+    def train_labels(self) -> Tensor:
+        return torch.tensor([label for _, label in self.files["train"].samples], dtype=torch.int64)
+
+    def train_batches(
+        self, epoch: int, start_step: int = 0, max_steps: int | None = None, pairs: bool = False
+    ):
+        if (
+            pairs
+        ):  # the per-sample path: one loader per batch is slow, but pairs need the partner's index first
+            yield from super().train_batches(epoch, start_step, max_steps, pairs=True)
+            return
         perm = self.epoch_indices(epoch).tolist()
         b = self.batch_size
         keys = [[(epoch, i) for i in perm[s * b : (s + 1) * b]] for s in self._steps(start_step, max_steps)]
-        return self._loader(self.train_files, keys)
+        yield from self._loader(self.files["train"], keys)
 
-    def val_batches(self) -> Iterator[Batch]:
-        n, b = self.spec.val_len, self.val_batch_size
+    def _train_batch(self, index: Tensor, epoch: int, step: int, stream: str) -> Batch:
+        # ImageFolder augmentation is seeded per sample: the partner of a pair draws under another epoch tag
+        tag = epoch if stream == "augment" else f"{stream}-{epoch}"
+        return next(self._loader(self.files["train"], [[(tag, int(i)) for i in index]]))
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        n, b = self.split_len(split), self.val_batch_size
         keys = [[(None, i) for i in range(s, min(s + b, n))] for s in range(0, n, b)]
-        return self._loader(self.val_files, keys)
+        return self._loader(self.files[split], keys)

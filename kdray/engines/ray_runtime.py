@@ -3,10 +3,10 @@
 Three cases, in this order:
 
 - Ray is already initialised in this process (a Tune trial, a test fixture): use it, stop nothing.
-- ``engine.address`` names a cluster (``HOST:PORT``, or ``auto``), or it is null and ``RAY_ADDRESS`` names one (as
+- ``engine.session.address`` names a cluster (``HOST:PORT``, or ``auto``), or it is null and ``RAY_ADDRESS`` names one (as
   Ray sets it in every job submitted with ``ray job submit``): attach to it, and only disconnect at the end.
 - otherwise start a private local Ray on loopback: node IP 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``),
-  dashboard on 127.0.0.1, a small object store (``engine.object_store_mb``), its own temp dir
+  dashboard on 127.0.0.1, a small object store (``engine.session.object_store_mb``), its own temp dir
   (``/tmp/kdray-<uid>-<pid>``: short, since Ray's unix socket paths live under it). ``ray.shutdown()`` at the end
   stops exactly the processes it started; nothing is ever stopped by name.
 """
@@ -78,13 +78,13 @@ def _loopback_node_ip() -> Iterator[None]:
 
 
 def cluster_address(engine: EngineConfig, environ: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """The Ray cluster a run attaches to, and where that came from: ``(address, "engine.address")``,
+    """The Ray cluster a run attaches to, and where that came from: ``(address, "engine.session.address")``,
     ``(address, "RAY_ADDRESS")``, or ``(None, "local")`` for a private local Ray.
 
     ``RAY_ADDRESS`` counts only when it names a Ray cluster (``HOST:PORT``, ``ray://...``, ``auto``); an
     ``http(s)://`` value is the Jobs API's address (what ``ray job submit`` reads), not a cluster to join."""
-    if engine.address:
-        return engine.address, "engine.address"
+    if engine.session.address:
+        return engine.session.address, "engine.session.address"
     env = os.environ if environ is None else environ
     value = (env.get("RAY_ADDRESS") or "").strip()
     if value and not value.startswith(("http://", "https://")):
@@ -116,8 +116,8 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the same problem for the user
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             fix = (
-                "fix the address, or set engine.address: null for a local Ray"
-                if source == "engine.address"
+                "fix the address, or set engine.session.address: null for a local Ray"
+                if source == "engine.session.address"
                 else "fix it, or unset RAY_ADDRESS for a local Ray"
             )
             raise KdrayError(
@@ -131,7 +131,7 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         return
     temp_dir = Path(os.environ.get("RAY_TMPDIR") or local_temp_dir())
     temp_dir.mkdir(parents=True, exist_ok=True)
-    cpus = max(os.cpu_count() or 1, math.ceil(num_peers * engine.cpus_per_peer))
+    cpus = max(os.cpu_count() or 1, math.ceil(num_peers * engine.placement.cpus_per_peer))
     with (
         _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir)}),
         _loopback_node_ip(),
@@ -139,7 +139,7 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         ray.init(
             address="local",
             num_cpus=cpus,
-            object_store_memory=engine.object_store_mb * 2**20,
+            object_store_memory=engine.session.object_store_mb * 2**20,
             include_dashboard=True,  # Train V2 polls the state API, which the dashboard serves
             dashboard_host="127.0.0.1",
             dashboard_port=_free_loopback_port(),
@@ -170,9 +170,9 @@ def _describe_nodes() -> str:
 
 
 def worker_resources(engine: EngineConfig) -> dict[str, float]:
-    res = {"CPU": engine.cpus_per_peer}
-    if engine.gpus_per_peer:
-        res["GPU"] = engine.gpus_per_peer
+    res = {"CPU": engine.placement.cpus_per_peer}
+    if engine.placement.gpus_per_peer:
+        res["GPU"] = engine.placement.gpus_per_peer
     return res
 
 
@@ -182,16 +182,19 @@ def require_placement(engine: EngineConfig, num_peers: int) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = worker_resources(engine)
-    pg = placement_group([dict(bundle) for _ in range(num_peers)], strategy=STRATEGIES[engine.placement])
+    pg = placement_group(
+        [dict(bundle) for _ in range(num_peers)], strategy=STRATEGIES[engine.placement.strategy]
+    )
     try:
-        ready = pg.wait(timeout_seconds=engine.placement_timeout_s)
+        ready = pg.wait(timeout_seconds=engine.placement.timeout_s)
     finally:
         remove_placement_group(pg)
     if not ready:
-        where = f" on {num_peers} different nodes" if engine.placement == "strict_spread" else ""
+        placement = engine.placement
+        where = f" on {num_peers} different nodes" if placement.strategy == "strict_spread" else ""
         asked = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
         raise PlacementError(
-            f"engine.placement={engine.placement}: {num_peers} workers with {{{asked}}} each{where} could not be "
-            f"placed within {engine.placement_timeout_s:g} s; the cluster has {_describe_nodes()}. Add nodes, "
-            "lower engine.cpus_per_peer / engine.gpus_per_peer, or use engine.placement=pack"
+            f"engine.placement.strategy={placement.strategy}: {num_peers} workers with {{{asked}}} each{where} "
+            f"could not be placed within {placement.timeout_s:g} s; the cluster has {_describe_nodes()}. Add nodes, "
+            "lower engine.placement.cpus_per_peer / gpus_per_peer, or use engine.placement.strategy=pack"
         )

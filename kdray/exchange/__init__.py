@@ -1,6 +1,6 @@
 """Exchanges: how published signals travel between peers that live in different processes.
 
-``LocalExchange`` (``kdray.population``) hands over references inside one process. Between Ray Train workers, one
+``LocalExchange`` (:mod:`kdray.exchange.base`) hands over references inside one process. Between Ray Train workers, one
 peer per worker (rank = peer index), ``engine.exchange`` picks one of:
 
 - ``collective`` (:mod:`kdray.exchange.collective`): ``torch.distributed`` all-gather of one flat buffer, or point
@@ -14,18 +14,26 @@ Each counts the bytes delivered to its peer and the time it spends, per step (``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from kdray.config import ExperimentConfig
-from kdray.exchange.base import DistributedExchange, ExchangeError, ExchangeMeter, SignalLayout
+from kdray.config import EngineConfig
+from kdray.exchange.base import (
+    DistributedExchange,
+    Exchange,
+    ExchangeError,
+    ExchangeMeter,
+    ExchangePlan,
+    LocalExchange,
+    Replica,
+    SignalLayout,
+    Signals,
+)
 
 EXCHANGES = ("collective", "actor", "stale")
 
 
-def exchange_factory(
-    cfg: ExperimentConfig,
+def make_exchange(
+    engine: EngineConfig,
     rank: int,
     world: int,
     device: torch.device,
@@ -35,36 +43,33 @@ def exchange_factory(
     store_name: str | None = None,
     attempt: str = "",
     namespace: str | None = None,
-) -> Callable[[object], DistributedExchange]:
-    """A factory ``method -> exchange`` for ``PopulationProcess`` (it builds the method, then the exchange)."""
-    name = cfg.engine.exchange
+) -> DistributedExchange:
+    """The exchange ``engine.exchange`` names, for the rank-th of ``world`` processes (one peer per process)."""
+    cfg = engine.exchange
     common = {"rank": rank, "world": world, "device": device, "group": group, "object_group": object_group}
+    if cfg.name == "collective":
+        from kdray.exchange.collective import CollectiveExchange
 
-    def make(method) -> DistributedExchange:
-        if name == "collective":
-            from kdray.exchange.collective import CollectiveExchange
+        return CollectiveExchange(split_wait=cfg.split_wait, **common)
+    if cfg.name == "actor":
+        from kdray.exchange.actor import ActorExchange
 
-            return CollectiveExchange(method, split_wait=cfg.engine.split_wait, **common)
-        if name == "actor":
-            from kdray.exchange.actor import ActorExchange
+        return ActorExchange(store_name=store_name, attempt=attempt, namespace=namespace, **common)
+    from kdray.exchange.stale import StaleExchange
 
-            return ActorExchange(
-                method, store_name=store_name, attempt=attempt, namespace=namespace, **common
-            )
-        from kdray.exchange.stale import StaleExchange
-
-        return StaleExchange(
-            method, cfg=cfg, every=cfg.engine.stale_every, burn_in=cfg.engine.stale_burn_in, **common
-        )
-
-    return make
+    return StaleExchange(every=cfg.every, burn_in=cfg.burn_in, **common)
 
 
 __all__ = [
     "EXCHANGES",
     "DistributedExchange",
+    "Exchange",
     "ExchangeError",
     "ExchangeMeter",
+    "ExchangePlan",
+    "LocalExchange",
+    "Replica",
     "SignalLayout",
-    "exchange_factory",
+    "Signals",
+    "make_exchange",
 ]

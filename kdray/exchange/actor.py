@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdray.exchange.base import DistributedExchange, SignalLayout
-from kdray.methods.base import Phase, Signals
+from kdray.exchange.base import DistributedExchange, SignalLayout, Signals
+from kdray.topology import Topology
 
 
 class SignalStore:
@@ -86,11 +86,11 @@ class ActorExchange(DistributedExchange):
         self.attempt = attempt
         self.round = 0
 
-    def exchange(self, phase: Phase, step: int, published: dict[int, Signals], inputs=None):
+    def exchange(self, phase: str, topology: Topology, step: int, published: dict[int, Signals], inputs=None):
         import ray
 
         self.meter.step(step)
-        topo = self.method.phase_topology(phase)
+        topo = topology
         rnd, self.round = self.round, self.round + 1
         mine = published.get(self.rank)
         with self.meter.timed():

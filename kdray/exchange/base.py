@@ -1,4 +1,10 @@
-"""What every Ray exchange shares: the wire layout of a set of signals, the meter, and the shared-gradient sum.
+"""The exchange interface, the in-process exchange, and what every Ray exchange shares: the wire layout of a set of
+signals, the meter, and the shared-gradient sum.
+
+An exchange moves published signals (detached named tensors) from the peers that publish them to the peers that learn
+from them, along a :class:`~kdray.topology.Topology`. It knows nothing of what the signals mean, of methods or of
+how peers are built: the population tells it which peers live in this process and, for the stale exchange, how to
+run a stale copy of a source peer (:class:`ExchangePlan`).
 
 A set of named tensors (one peer's published signals, or a peer's weights) travels as one flat ``uint8`` buffer:
 an 8-byte signature of its layout, then each tensor's bytes at a 16-byte aligned offset. Both ends know the layout
@@ -11,16 +17,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from kdray.errors import KdrayError
-from kdray.population import Exchange
+from kdray.topology import Topology
+
+Signals = dict[str, Tensor]
 
 HEADER_BYTES = 8
 ALIGN = 16
@@ -153,6 +161,75 @@ def weights_of(modules: Mapping[str, nn.Module | None]) -> dict[str, Tensor]:
     return out
 
 
+class Replica(Protocol):
+    """A stale copy of a source peer that this process can run (the stale exchange's)."""
+
+    def weights(self) -> dict[str, Tensor]:
+        """The copy's parameters and buffers by name; the tensors share storage with the copy (copy_ into them)."""
+        ...
+
+    def signals(self, phase: str, inputs: Tensor) -> Signals:
+        """What the source would publish in ``phase`` on ``inputs`` (detached)."""
+        ...
+
+
+@dataclass
+class ExchangePlan:
+    """What an exchange is told about the population once this process's peers are built."""
+
+    local: list[int]  # the peers that live in this process
+    edges: set[tuple[int, int]] = field(default_factory=set)  # (source, receiver) over every phase
+    frozen: set[int] = field(default_factory=set)  # peers that never change (no need to ship them twice)
+    replica: Callable[[int], Replica] | None = None  # builds a stale copy of a peer (stale exchange)
+    live_weights: Callable[[int], dict[str, Tensor]] | None = (
+        None  # a local peer's weights, as Replica.weights
+    )
+
+
+class Exchange:
+    """Moves published signals between peers."""
+
+    def attach(self, plan: ExchangePlan) -> None:
+        """Called once, after this process's peers are built."""
+
+    def exchange(
+        self,
+        phase: str,
+        topology: Topology,
+        step: int,
+        published: dict[int, Signals],
+        inputs: Tensor | None = None,
+    ) -> dict[int, dict[int, Signals]]:
+        """``published``: local peer -> its detached signals. Returns local peer -> {source peer -> signals}, the
+        sources being those ``topology`` names. ``inputs``: what the networks saw in this phase (the stale exchange
+        runs its copies of the source peers on it)."""
+        raise NotImplementedError
+
+    def distilling(self, step: int) -> bool:
+        """False during a burn-in (stale exchange): the peers then train on the method's task terms only
+        (``Method.task_terms``); every other term is computed and logged with weight 0."""
+        return True
+
+    def reduce_shared_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the shared module's gradients over all processes (nothing to do when everything is local)."""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
+
+
+class LocalExchange(Exchange):
+    """Every peer in this process: the signals are handed over by reference."""
+
+    def exchange(self, phase, topology, step, published, inputs=None):
+        return {k: {s: published[s] for s in topology.sources_of(k) if s in published} for k in published}
+
+
 class DistributedExchange(Exchange):
     """An exchange between the ranks of a ``torch.distributed`` group: one peer per rank (rank = peer index).
 
@@ -162,8 +239,7 @@ class DistributedExchange(Exchange):
 
     name = "distributed"
 
-    def __init__(self, method, rank: int, world: int, device: torch.device, group=None, object_group=None):
-        self.method = method
+    def __init__(self, rank: int, world: int, device: torch.device, group=None, object_group=None):
         self.rank, self.world, self.device = rank, world, device
         self.group, self.object_group = group, object_group
         self.meter = ExchangeMeter()
@@ -173,20 +249,24 @@ class DistributedExchange(Exchange):
         dist.all_gather_object(out, obj, group=self.object_group)
         return out
 
-    def reduce_shared_grads(self, module: nn.Module) -> None:
+    def reduce_shared_grads(self, params: list[nn.Parameter]) -> None:
         """All-reduce (sum) of the shared module's gradients: every replica then takes the same update.
 
         A parameter that got no gradient on any rank keeps ``grad = None`` (the optimizer skips it, as in one
         process); one that got a gradient somewhere gets the sum, zeros standing in for the ranks without one.
+        The sum runs in the parameters' own dtype (a float64 run stays float64 end to end).
         """
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in params if p.requires_grad]
         if not params or self.world == 1:
             return
         with self.meter.timed():
-            device = params[0].device
-            has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+            dtype = params[0].dtype
+            has = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=params[0].device)
             flat = torch.cat(
-                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                    for p in params
+                ]
                 + [has]
             )
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
@@ -204,9 +284,3 @@ class DistributedExchange(Exchange):
         out = self.meter.summary()
         self.meter.reset()
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        pass

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kdray.exchange.base import DistributedExchange, ExchangeError, SignalLayout
-from kdray.methods.base import Phase, Signals
+from kdray.exchange.base import DistributedExchange, ExchangeError, SignalLayout, Signals
 from kdray.topology import Topology
 
 
@@ -29,19 +28,19 @@ class CollectiveExchange(DistributedExchange):
         self.split_wait = split_wait
         self._layouts: dict[str, list[SignalLayout | None]] = {}
 
-    def exchange(self, phase: Phase, step: int, published: dict[int, Signals], inputs=None):
+    def exchange(self, phase: str, topology: Topology, step: int, published: dict[int, Signals], inputs=None):
         if set(published) - {self.rank}:
             raise ExchangeError(
                 f"rank {self.rank} publishes for peers {sorted(published)}: one peer per rank"
             )
         self.meter.step(step)
-        topo = self.method.phase_topology(phase)
+        topo = topology
         mine = published.get(self.rank)
         with self.meter.timed():
             if self.split_wait:
                 with self.meter.waiting():
                     dist.barrier(group=self.group)
-            layouts = self._negotiate(phase.name, mine, topo)
+            layouts = self._negotiate(phase, mine, topo)
             if self._is_all_to_all(topo, layouts):
                 signals = self._all_gather(layouts, mine)
             else:

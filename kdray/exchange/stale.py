@@ -22,54 +22,48 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kdray.exchange.base import DistributedExchange, SignalLayout, weights_of
-from kdray.methods.base import Phase, Signals
-from kdray.population import PeerRuntime, build_peer
-
-
-def _weights(peer: PeerRuntime) -> dict[str, torch.Tensor]:
-    return weights_of({"net": peer.net.model, "state": peer.state})
+from kdray.exchange.base import DistributedExchange, ExchangePlan, Replica, SignalLayout, Signals
+from kdray.topology import Topology
 
 
 class StaleExchange(DistributedExchange):
     name = "stale"
 
-    def __init__(self, *args, cfg, every: int, burn_in: int = 0, **kwargs):
+    def __init__(self, *args, every: int, burn_in: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cfg, self.every, self.burn_in = cfg, every, burn_in
-        self.local: dict[int, PeerRuntime] = {}
-        self.copies: dict[int, PeerRuntime] = {}
+        self.every, self.burn_in = every, burn_in
+        self.local: set[int] = set()
+        self.copies: dict[int, Replica] = {}
+        self.shipping: list[tuple[int, int]] = []  # (source, receiver) pairs whose weights cross processes
         self.block: int | None = None  # step // every of the last shipment
 
-    def attach(self, peers: list[PeerRuntime]) -> None:
-        self.local = {p.index: p for p in peers}
-        edges = {e for ph in self.method.phases() for e in self.method.phase_topology(ph).edges()}
-        # (source, receiver) pairs across processes; frozen sources never change, so their copies never need shipping
-        self.plan = sorted((s, r) for s, r in edges if s != r and not (s in self.local and r in self.local))
-        for s in sorted({s for s, r in self.plan if r in self.local}):
-            copy = build_peer(self.cfg, self.method, s, self.device)
-            for p in (q for m in copy.modules() for q in m.parameters()):
-                p.requires_grad_(False)
-            copy.optimizers.clear()
-            copy.train_mode()
-            self.copies[s] = copy
-        self.plan = [(s, r) for s, r in self.plan if not self.cfg.peers[s].frozen]
+    def attach(self, plan: ExchangePlan) -> None:
+        if plan.replica is None or plan.live_weights is None:
+            raise ValueError("the stale exchange needs the population to build replicas of its source peers")
+        self.live_weights = plan.live_weights
+        self.local = set(plan.local)
+        # (source, receiver) pairs across processes; a frozen source never changes: its copy never needs shipping
+        crossing = sorted(
+            (s, r) for s, r in plan.edges if s != r and not (s in self.local and r in self.local)
+        )
+        for s in sorted({s for s, r in crossing if r in self.local}):
+            self.copies[s] = plan.replica(s)
+        self.shipping = [(s, r) for s, r in crossing if s not in plan.frozen]
 
     def distilling(self, step: int) -> bool:
         return step >= self.burn_in
 
     # ------------------------------------------------------------------ shipping weights
     def _ship(self) -> None:
-        ops, received = [], {}
-        sent = {}
-        for s, r in self.plan:
+        ops, received, sent = [], {}, {}
+        for s, r in self.shipping:
             if s in self.local and r not in self.local:
                 if s not in sent:
-                    weights = _weights(self.local[s])
+                    weights = self.live_weights(s)
                     sent[s] = SignalLayout.of(weights).pack(weights)
                 ops.append(dist.P2POp(dist.isend, sent[s], r, self.group))
             elif r in self.local and s not in self.local and s not in received:
-                layout = SignalLayout.of(_weights(self.copies[s]))
+                layout = SignalLayout.of(self.copies[s].weights())
                 received[s] = (layout, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device))
                 ops.append(dist.P2POp(dist.irecv, received[s][1], s, self.group))
         if ops:
@@ -81,46 +75,39 @@ class StaleExchange(DistributedExchange):
 
     @torch.no_grad()
     def _load_copy(self, s: int, weights: dict[str, torch.Tensor]) -> None:
-        target = _weights(self.copies[s])  # state_dict tensors share storage with the copy's parameters
+        target = self.copies[s].weights()  # tensors sharing storage with the copy's parameters and buffers
         for name, value in weights.items():
             target[name].copy_(value)
 
     # ------------------------------------------------------------------ signals
-    def exchange(self, phase: Phase, step: int, published: dict[int, Signals], inputs=None):
+    def exchange(self, phase: str, topology: Topology, step: int, published: dict[int, Signals], inputs=None):
         self.meter.step(step)
         with self.meter.timed():
             block = step // self.every
             if block != self.block:
                 self._ship()
                 self.block = block
-            topo = self.method.phase_topology(phase)
             computed: dict[int, Signals] = {}
             out: dict[int, dict[int, Signals]] = {}
             for k in published:
                 out[k] = {}
-                for s in topo.sources_of(k):
+                for s in topology.sources_of(k):
                     if s in published:
                         out[k][s] = published[s]
                         continue
                     if s not in computed:
-                        computed[s] = self._signals_of(s, phase, inputs)
+                        if inputs is None:
+                            raise ValueError("the stale exchange needs the phase inputs to run its copies")
+                        computed[s] = self.copies[s].signals(phase, inputs.detach())
                     out[k][s] = computed[s]
         return out
-
-    @torch.no_grad()
-    def _signals_of(self, s: int, phase: Phase, inputs: torch.Tensor | None) -> Signals:
-        if inputs is None:
-            raise ValueError("the stale exchange needs the phase inputs to run its copies")
-        copy = self.copies[s]
-        signals = self.method.publish(phase, s, copy.net(inputs.detach()), copy.state)
-        return {k: v.detach() for k, v in signals.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
             "block": self.block,
             "copies": {
-                str(s): {k: v.clone() for k, v in _weights(c).items()} for s, c in self.copies.items()
+                str(s): {k: v.clone() for k, v in c.weights().items()} for s, c in self.copies.items()
             },
         }
 

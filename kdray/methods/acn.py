@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdray.config import MethodConfig, OptimizerConfig
+from kdray.config import AuxOptimizerConfig, MethodConfig
 from kdray.losses import js_divergence, kl_divergence
 from kdray.methods.base import Method, PeerContext, Phase
+from kdray.methods.registry import register
 from kdray.topology import Topology, all_to_all
 
 
@@ -58,12 +59,18 @@ class ACNConfig(MethodConfig):
     divergence: Literal["kl", "js"] = "kl"
     gen_hidden: int = Field(32, ge=1)
     gen_layers: int = Field(2, ge=1)
-    gen_optimizer: OptimizerConfig = OptimizerConfig(
-        name="adam", lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0
+    gen_optimizer: AuxOptimizerConfig = AuxOptimizerConfig(
+        name="adam", lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, schedule="constant"
     )
     gen_every: int = Field(1, ge=1, description="run the generator phase every N steps")
+    gen_bn_stats: Literal["keep", "update"] = Field(
+        "keep",
+        description="whether the generator phase's forward of the divergent examples moves the peers' BatchNorm "
+        "running statistics ('keep': only the co-distillation forward does)",
+    )
 
 
+@register
 class ACN(Method):
     name = "acn"
     Config = ACNConfig
@@ -75,7 +82,13 @@ class ACN(Method):
 
     def phases(self) -> list[Phase]:
         return [
-            Phase("gen", optimizer="shared", scope="shared", every=self.cfg.gen_every),
+            Phase(
+                "gen",
+                optimizer="shared",
+                scope="shared",
+                every=self.cfg.gen_every,
+                bn_stats=self.cfg.gen_bn_stats,
+            ),
             Phase("codistill", optimizer="net"),
         ]
 
@@ -84,7 +97,7 @@ class ACN(Method):
 
         return ResidualImageGenerator(self.pop.input_shape[0], self.cfg.gen_hidden, self.cfg.gen_layers)
 
-    def shared_optimizer(self, shared: nn.Module) -> OptimizerConfig:
+    def shared_optimizer(self, shared: nn.Module) -> AuxOptimizerConfig:
         return self.cfg.gen_optimizer
 
     # ------------------------------------------------------------------ divergent examples
@@ -110,9 +123,23 @@ class ACN(Method):
         return kl_divergence(b, a, t) if self.cfg.divergence == "kl" else js_divergence(a, b, t)
 
     def generator_part(self, own: Tensor, others: list[Tensor]) -> Tensor:
-        """Peer k's share of the mean pairwise divergence: every ordered pair (k, l) and (l, k), others detached."""
+        """Peer k's part of the mean pairwise divergence J = 1/(K(K-1)) sum_{a != b} D(p_a, p_b), for the gradient:
+        every ordered pair with k in it, (k, l) and (l, k), the others detached. Summed over the peers, the parts'
+        gradients are J's gradient exactly; their *values* add up to 2J (each pair is in two parts), so the value
+        this returns is k's share of J alone, the pairs (k, l): ``share + (part - part.detach())``."""
         k_total = len(others) + 1
-        total = sum(self._divergence(own, z.detach()) + self._divergence(z.detach(), own) for z in others)
+        scale = 1.0 / (k_total * (k_total - 1))
+        first = sum(self._divergence(own, z.detach()) for z in others)  # (k, l): own output first
+        second = sum(self._divergence(z.detach(), own) for z in others)  # (l, k)
+        part = scale * (first + second)
+        return scale * first.detach() + (part - part.detach())
+
+    def pairwise_mean(self, logits: list[Tensor]) -> Tensor:
+        """J itself, from every peer's outputs (diagnostic)."""
+        k_total = len(logits)
+        total = sum(
+            self._divergence(a, b) for i, a in enumerate(logits) for j, b in enumerate(logits) if i != j
+        )
         return total / (k_total * (k_total - 1))
 
     def loss(self, phase: Phase, ctx: PeerContext) -> dict[str, Tensor]:
@@ -129,7 +156,8 @@ class ACN(Method):
                 # The penalty involves the generator only: each of the K parts carries 1/K of it.
                 terms["bound"] = F.relu(rms - self.cfg.radius).pow(2).mean() / k_total
             ctx.metrics["pert_rms"] = rms.detach().mean()
-            ctx.metrics["div_gen"] = -terms["gen"].detach() * k_total  # the whole pairwise mean, as seen by k
+            with torch.no_grad():
+                ctx.metrics["div_gen"] = self.pairwise_mean([logits.detach(), *others])
             return terms
         n = ctx.batch.x.shape[0]
         own_x, own_div = logits[:n], logits[n:]

@@ -24,14 +24,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdray.config import MethodConfig, OptimizerConfig
+from kdray.config import AuxOptimizerConfig, MethodConfig
 from kdray.errors import ConfigError
 from kdray.losses import gan_fake, gan_real, kl_divergence
 from kdray.methods.base import Method, PeerContext, Phase
+from kdray.methods.registry import register
 from kdray.topology import Topology, all_to_all, ring
 
 
@@ -47,9 +49,25 @@ class AFDConfig(MethodConfig):
     )
     disc_hidden: int = Field(64, ge=1)
     disc_layers: int = Field(2, ge=1)
-    adv_optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0)
-    disc_optimizer: OptimizerConfig = OptimizerConfig(
-        name="adam", lr=2e-4, betas=(0.5, 0.999), weight_decay=0.0
+    disc_norm: Literal["none", "dcgan", "spectral", "batch"] = Field(
+        "spectral",
+        description="discriminator normalisation (see FeatureDiscriminator); 'batch' is kdray 0.1's",
+    )
+    disc_batch: Literal["separate", "joint"] = Field(
+        "separate",
+        description="the discriminator scores real and fake maps in separate calls, or in one batch (its batch "
+        "statistics then span both)",
+    )
+    adv_bn_stats: Literal["keep", "update"] = Field(
+        "keep",
+        description="whether the adversarial phase's second forward of the batch moves the peers' BatchNorm "
+        "running statistics ('keep': only the logit phase's forward does)",
+    )
+    adv_optimizer: AuxOptimizerConfig = AuxOptimizerConfig(
+        name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="follow"
+    )
+    disc_optimizer: AuxOptimizerConfig = AuxOptimizerConfig(
+        name="adam", lr=2e-4, betas=(0.5, 0.999), weight_decay=0.0, schedule="constant"
     )
     adv_every: int = Field(1, ge=1, description="run the adversarial feature update every N steps")
     disc_every: int = Field(
@@ -57,6 +75,7 @@ class AFDConfig(MethodConfig):
     )
 
 
+@register
 class AFD(Method):
     name = "afd"
     Config = AFDConfig
@@ -89,7 +108,7 @@ class AFD(Method):
     def phases(self) -> list[Phase]:
         return [
             Phase("logit", optimizer="net"),
-            Phase("adv", optimizer="adv", every=self.cfg.adv_every),
+            Phase("adv", optimizer="adv", every=self.cfg.adv_every, bn_stats=self.cfg.adv_bn_stats),
             # The discriminator reads the maps the adversarial phase just published, so it can only run on steps
             # where that phase ran: every lcm(adv_every, disc_every) steps.
             Phase(
@@ -114,7 +133,7 @@ class AFD(Method):
             {
                 "transfer": make_transfer(shape, self.common_shape, mode),
                 "disc": FeatureDiscriminator(
-                    self.common_shape[0], self.cfg.disc_hidden, self.cfg.disc_layers
+                    self.common_shape[0], self.cfg.disc_hidden, self.cfg.disc_layers, self.cfg.disc_norm
                 ),
             }
         )
@@ -141,14 +160,21 @@ class AFD(Method):
             kl = sum(kl_divergence(logits, z, t) for z in ctx.from_sources("logits")) / len(ctx.received)
             return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": (t * t) * kl}
         disc = ctx.state["disc"]
+        (real,) = ctx.from_sources("feat")  # peer k-1's transferred map, detached
         if phase.name == "adv":
             fake = ctx.published["feat"]  # T_k(f_k), with grad in this phase
-            return {"adv": gan_real(disc(fake), cfg.gan)}
-        (real,) = ctx.from_sources("feat")  # peer k-1's transferred map, detached
+            return {"adv": gan_real(self.score(disc, real, fake)[1], cfg.gan)}
         fake = ctx.published["feat"]  # own transferred map from the adversarial phase, detached
-        d_real, d_fake = disc(real), disc(fake)
+        d_real, d_fake = self.score(disc, real, fake)
         threshold = 0.5 if cfg.gan == "lsgan" else 0.0
         ctx.metrics["disc_acc_real"] = (d_real.detach() > threshold).float().mean()
         ctx.metrics["disc_acc_fake"] = (d_fake.detach() <= threshold).float().mean()
         ctx.metrics["feat_l1"] = (fake - real).abs().mean()  # the point-wise distance AFD does not minimise
         return {"disc": gan_real(d_real, cfg.gan) + gan_fake(d_fake, cfg.gan)}
+
+    def score(self, disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+        """D's scores of the real and the fake maps, from two calls or from one batch (``disc_batch``)."""
+        if self.cfg.disc_batch == "joint":
+            scores = disc(torch.cat([real, fake]))
+            return scores[: len(real)], scores[len(real) :]
+        return disc(real), disc(fake)

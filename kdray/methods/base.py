@@ -1,32 +1,43 @@
 """The method interface: per-peer maths over exchanged, detached signals.
 
-A method never sees an engine, a process group or Ray. Per training step the engine runs the method's
-:class:`Phase` list in order. For a phase with ``forward=True`` it
+A method never sees an engine, a process group, Ray or MLflow (a test reads the imports). Per training step the
+engine runs the method's :class:`Phase` list in order. For a phase with ``forward=True`` it
 
 1. asks :meth:`Method.phase_inputs` for the input every peer sees (the batch, or generated images),
 2. runs each local peer's network once (logits + the taps the method declared),
 3. asks :meth:`Method.publish` what each peer ships, detaches it, and lets the exchange deliver to every peer the
    signals of its topology sources,
 4. calls :meth:`Method.loss` per peer, sums ``weight * term`` over named terms and back-propagates,
-5. steps the optimizer group the phase names, then calls :meth:`Method.after_phase` (memories, EMA copies).
+5. steps the optimizer group the phase names; then, under ``torch.no_grad()`` (the engine's, not a decorator an
+   override could drop), writes the rows the loss asked for into the peer's per-sample buffers
+   (:meth:`PeerContext.write`) and calls :meth:`Method.after_phase` (EMA copies).
 
 Because a peer's loss only involves its own graph and detached signals, the same code gives the same numbers with all
 peers in one process and with one peer per Ray worker. A ``scope="shared"`` phase trains a module shared by the whole
 population (a generator): each peer contributes the loss terms that involve its own outputs (others detached); the
 gradients of the parts are summed (in one process: by autograd; across workers: by an all-reduce). For pairwise
 terms that sum equals the gradient of the joint loss exactly.
+
+What a method may declare besides its losses:
+
+- per-peer private modules (:meth:`Method.build_peer_state`: discriminators, transfer layers, EMA copies as
+  buffers) and extra optimizer groups (:meth:`Method.optimizer_groups`), each with its own schedule policy;
+- per-sample buffers (:meth:`Method.buffers`): one row per training sample, held by the engine, read at the batch's
+  indices, checkpointed with the peer;
+- a shared module (:meth:`Method.build_shared_state`) and its optimizer;
+- where its inputs come from (``data_source``): the training set, or a generator (no training set is built; an
+  epoch is ``train.steps_per_epoch`` steps; validation still uses real data).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from kdray.config import ExperimentConfig, MethodConfig, OptimizerConfig
+from kdray.config import AuxOptimizerConfig, ExperimentConfig, MethodConfig
 from kdray.errors import ConfigError
 from kdray.topology import Topology
 
@@ -56,6 +67,8 @@ class PopulationSpec:
     seed: int
     epochs: int
     steps_per_epoch: int
+    train_len: int  # training samples (rows of a per-sample buffer); 0 when the inputs come from a generator
+    batch_size: int
 
     @property
     def num_peers(self) -> int:
@@ -64,6 +77,16 @@ class PopulationSpec:
     @property
     def trainable(self) -> list[int]:
         return [p.index for p in self.peers if not p.frozen]
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """A per-sample buffer of one peer: ``train_len`` rows of ``shape``, in ``dtype``, initialised to zeros or to
+    the one-hot training labels (``shape`` must then be ``(num_classes,)``)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    init: Literal["zeros", "onehot"] = "zeros"
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,9 @@ class Phase:
     ``forward``: False reuses the previous phase's outputs and received signals, detached (e.g. a discriminator
     update on the features the generator step just produced).
     ``every`` / ``repeat``: run on steps where ``step % every == 0``, ``repeat`` times in a row.
+    ``bn_stats``: "update" lets this phase's forward move the peers' BatchNorm running statistics (train mode does);
+    "keep" restores them afterwards, so the eval-time statistics come from the peers' own training batches only
+    (adversarial phases forward perturbed inputs or run a second time on the same batch).
     """
 
     name: str
@@ -85,6 +111,7 @@ class Phase:
     forward: bool = True
     every: int = 1
     repeat: int = 1
+    bn_stats: Literal["update", "keep"] = "update"
 
 
 @dataclass
@@ -98,16 +125,29 @@ class PeerContext:
     published: (
         Signals  # what this peer published in this phase: with grad, or detached when outputs are reused
     )
-    batch: Batch
+    batch: Batch | None  # None when the inputs come from a generator
     inputs: Tensor  # what the networks saw in this phase
     state: nn.Module | None  # this peer's private modules and buffers
     shared: nn.Module | None  # the population's shared module (a generator), if any
     epoch: int
     step: int  # global step, counted from 0
-    metrics: dict[str, float] = field(default_factory=dict)  # diagnostics the method wants logged
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # this peer's per-sample buffers (whole tables)
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)  # diagnostics the method wants logged
+    writes: dict[str, Tensor] = field(default_factory=dict)  # buffer rows to write at the batch's indices
 
     def from_sources(self, key: str = "logits") -> list[Tensor]:
         return [signals[key] for _, signals in sorted(self.received.items())]
+
+    def rows(self, name: str) -> Tensor:
+        """This batch's rows of the per-sample buffer ``name`` (as stored: cast before doing maths in float32)."""
+        return self.buffers[name][self.batch.index]
+
+    def write(self, name: str, values: Tensor) -> None:
+        """Overwrite this batch's rows of buffer ``name`` with ``values`` after the phase's optimizer step (the
+        engine writes, detached and under ``no_grad``)."""
+        if name not in self.buffers:
+            raise KeyError(f"no per-sample buffer '{name}' (declared: {sorted(self.buffers)})")
+        self.writes[name] = values
 
 
 class Method:
@@ -121,6 +161,10 @@ class Method:
     min_peers: ClassVar[int] = 1
     max_peers: ClassVar[int | None] = None
     needs_frozen_teacher: ClassVar[bool] = False
+    # "dataset": batches of the training set; "generator": no training set, phase_inputs generates every input
+    data_source: ClassVar[Literal["dataset", "generator"]] = "dataset"
+    # "class_pairs": every batch also carries, for each sample, another sample of the same class (CS-KD)
+    batch_pairs: ClassVar[Literal["none", "class_pairs"]] = "none"
 
     def __init__(self, cfg: MethodConfig, pop: PopulationSpec):
         self.cfg = cfg
@@ -151,15 +195,24 @@ class Method:
             raise ConfigError(
                 "peers",
                 "no frozen peer",
-                f"method '{cls.name}' needs a teacher: a peer with frozen: true and checkpoint:",
+                f"method '{cls.name}' needs a teacher: a peer with frozen: true and checkpoint: (or from_stage:)",
             )
         for i in frozen:
-            if not cfg.peers[i].checkpoint:
+            if not cfg.peers[i].checkpoint and not cfg.peers[i].from_stage:
                 raise ConfigError(
-                    f"peers.{i}.checkpoint", None, "a frozen peer needs a kdray checkpoint to load"
+                    f"peers.{i}.checkpoint",
+                    None,
+                    "a frozen peer needs weights: a kdray checkpoint, or from_stage: an earlier stage",
                 )
         if len(frozen) == k:
             raise ConfigError("peers", "all frozen", "at least one peer must be trainable")
+        if cls.data_source == "generator" and cfg.train.steps_per_epoch is None:
+            raise ConfigError(
+                "train.steps_per_epoch",
+                None,
+                f"method '{cls.name}' trains without training data (a generator makes every input), so an epoch "
+                "has no natural length: set a number of steps",
+            )
 
     # ------------------------------------------------------------------ structure
     def build_topology(self) -> Topology:
@@ -182,8 +235,12 @@ class Method:
 
     # ------------------------------------------------------------------ state
     def build_peer_state(self, k: int) -> nn.Module | None:
-        """Private modules/buffers of peer k (discriminator, transfer layer, memory). Saved in checkpoints."""
+        """Private modules/buffers of peer k (discriminator, transfer layer, EMA copy). Saved in checkpoints."""
         return None
+
+    def buffers(self, k: int) -> dict[str, BufferSpec]:
+        """Per-sample buffers of peer k (name -> spec), e.g. PS-KD's memory of last epoch's predictions."""
+        return {}
 
     def build_shared_state(self) -> nn.Module | None:
         """A module shared by the population (replicated per worker, gradients summed)."""
@@ -191,16 +248,17 @@ class Method:
 
     def optimizer_groups(
         self, k: int, net: nn.Module, state: nn.Module | None
-    ) -> dict[str, tuple[list[nn.Parameter], OptimizerConfig]]:
-        """Extra optimizer groups of peer k besides "net" (name -> params, optimizer settings)."""
+    ) -> dict[str, tuple[list[nn.Parameter], AuxOptimizerConfig]]:
+        """Extra optimizer groups of peer k besides "net" (name -> params, optimizer settings). A group whose
+        ``lr`` should be relative to the network's sets it before returning."""
         return {}
 
-    def shared_optimizer(self, shared: nn.Module) -> OptimizerConfig | None:
+    def shared_optimizer(self, shared: nn.Module) -> AuxOptimizerConfig | None:
         return None
 
     # ------------------------------------------------------------------ per step
     def phase_inputs(
-        self, phase: Phase, batch: Batch, shared: nn.Module | None, rng: torch.Generator
+        self, phase: Phase, batch: Batch | None, shared: nn.Module | None, rng: torch.Generator
     ) -> Tensor:
         """The input all peers see in this phase. ``rng`` is seeded from (seed, step): identical on every worker."""
         return batch.x
@@ -213,19 +271,11 @@ class Method:
         """Named, unweighted loss terms of one peer in one phase."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def after_phase(self, phase: Phase, ctx: PeerContext) -> None:
-        """Called after the phase's optimizer step (memories, EMA copies)."""
+        """Called after the phase's optimizer step, under ``no_grad`` (EMA copies of private modules)."""
 
-    @torch.no_grad()
     def after_shared_step(self, phase: Phase, shared: nn.Module) -> None:
-        """Called once per process after a shared phase's optimizer step (e.g. an EMA generator)."""
-
-
-def frozen_parameters(modules: Iterable[nn.Module]) -> None:
-    for module in modules:
-        for p in module.parameters():
-            p.requires_grad_(False)
+        """Called once per process after a shared phase's optimizer step, under ``no_grad`` (an EMA generator)."""
 
 
 def describe(method: type[Method]) -> dict[str, Any]:

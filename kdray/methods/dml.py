@@ -16,6 +16,7 @@ from torch import Tensor
 from kdray.config import MethodConfig
 from kdray.losses import kl_divergence
 from kdray.methods.base import Method, PeerContext, Phase
+from kdray.methods.registry import register
 from kdray.topology import Topology, all_to_all
 
 
@@ -23,6 +24,7 @@ class DMLConfig(MethodConfig):
     weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0, "kl": 1.0})
 
 
+@register
 class DML(Method):
     name = "dml"
     Config = DMLConfig

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from kdray.config import MethodConfig
 from kdray.methods.base import Method, PeerContext, Phase
+from kdray.methods.registry import register
 from kdray.topology import Topology, no_exchange
 
 
@@ -18,6 +19,7 @@ class IndependentConfig(MethodConfig):
     weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
 
 
+@register
 class Independent(Method):
     name = "independent"
     Config = IndependentConfig

@@ -15,6 +15,7 @@ from torch import Tensor
 from kdray.config import MethodConfig
 from kdray.losses import kl_divergence
 from kdray.methods.base import Method, PeerContext, Phase
+from kdray.methods.registry import register
 from kdray.topology import Topology, teacher_student
 
 
@@ -23,6 +24,7 @@ class KDConfig(MethodConfig):
     weights: dict[str, float] = Field(default_factory=lambda: {"ce": 0.1, "kd": 0.9})
 
 
+@register
 class HintonKD(Method):
     name = "kd"
     Config = KDConfig

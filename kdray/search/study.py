@@ -145,24 +145,24 @@ def plan_resources(
 
     Local engine: the population trains in the trial process, on ``cpus_per_trial`` CPUs (default: the cluster's
     CPUs shared by the concurrent trials, at least one) with as many torch threads. Ray engine: the trial is only the
-    Train driver (a sliver of a CPU); its K workers need K x ``engine.cpus_per_peer`` CPUs, and no more trials start
+    Train driver (a sliver of a CPU); its K workers need K x ``engine.placement.cpus_per_peer`` CPUs, and no more trials start
     than the cluster can host, or their worker groups would wait for each other forever.
     """
     cpus = float(cluster.get("CPU", 1))
     gpus = float(cluster.get("GPU", 0))
     if cfg.engine.name == "ray":
-        # The trial (Train driver) holds a sliver of a CPU, so each worker gets 99 % of engine.cpus_per_peer:
+        # The trial (Train driver) holds a sliver of a CPU, so each worker gets 99 % of engine.placement.cpus_per_peer:
         # K workers at 1 CPU then fit beside their driver on K CPUs (RAY_NOTES.md, Tune with Train V2).
-        worker_cpus = round(cfg.engine.cpus_per_peer * WORKER_CPU_SHARE, 4)
+        worker_cpus = round(cfg.engine.placement.cpus_per_peer * WORKER_CPU_SHARE, 4)
         need = cfg.num_peers * worker_cpus + DRIVER_CPUS
-        need_gpu = cfg.num_peers * cfg.engine.gpus_per_peer
+        need_gpu = cfg.num_peers * cfg.engine.placement.gpus_per_peer
         fits = int((cpus + 1e-6) // need)
         if need_gpu:
             fits = min(fits, int((gpus + 1e-6) // need_gpu))
         if fits < 1:
             raise PlacementError(
                 f"one population needs {need:g} CPU(s) and {need_gpu:g} GPU(s) ({cfg.num_peers} peers x "
-                f"engine.cpus_per_peer/gpus_per_peer); the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s)"
+                f"engine.placement.cpus_per_peer/gpus_per_peer); the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s)"
             )
         concurrent = min(max_concurrent or fits, fits)
         note = f"{concurrent} trial(s) at once, each a Train driver with {cfg.num_peers} workers"
@@ -185,7 +185,7 @@ def plan_resources(
 # ---------------------------------------------------------------------------------------------------- Ray
 @contextlib.contextmanager
 def study_ray(cfg: ExperimentConfig):
-    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.address`` or
+    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.session.address`` or
     ``RAY_ADDRESS`` is attached to; otherwise a private Ray on loopback, shut down at the end)."""
     from kdray.engines.ray_runtime import ray_session
 
@@ -364,7 +364,7 @@ def run_study(
         if res.threads and base.train.threads is None:
             forced["train.threads"] = res.threads
         if res.worker_cpus is not None:
-            forced["engine.cpus_per_peer"] = res.worker_cpus
+            forced["engine.placement.cpus_per_peer"] = res.worker_cpus
         if tracking.enabled:
             forced["tracking.uri"] = tracking.uri
         parent = tracking.start(

@@ -1,0 +1,119 @@
+"""What a user sees of a training run, the same for both engines: a progress bar per epoch, one line per epoch,
+and per-step curves (MLflow metrics ``step/<key>`` at the global step, and ``<out>/steps.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kdray.config import ExperimentConfig
+from kdray.metrics import MetricSums
+from kdray.tracking import Tracker
+
+STEPS_FILE = "steps.jsonl"
+
+
+def progress_text(cfg: ExperimentConfig, means: dict[str, float], extra: str = "") -> str:
+    """``peer0 1.234/0.56 peer1 ...``: each trainable peer's summed running loss and training accuracy."""
+    parts = []
+    for p in cfg.peers:
+        if p.frozen:
+            continue
+        terms = [v for k, v in means.items() if k.startswith(f"{p.name}/loss_")]
+        if not terms:
+            continue
+        acc = means.get(f"{p.name}/train_acc")
+        parts.append(f"{p.name} {sum(terms):.3f}" + (f"/{acc:.2f}" if acc is not None else ""))
+    shared = [v for k, v in means.items() if k.startswith("shared/loss_")]
+    if shared:
+        parts.append(f"shared {sum(shared):.3f}")
+    return " ".join(parts) + (f" {extra}" if extra else "")
+
+
+def epoch_line(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
+    accs = [
+        f"{p.name} {metrics[f'{p.name}/val_acc']:.4f}" for p in cfg.peers if f"{p.name}/val_acc" in metrics
+    ]
+    ens = metrics.get("ensemble/val_acc")
+    tail = f" | ensemble {ens:.4f}" if ens is not None else ""
+    what = "val_acc" if cfg.data.select_on == "val" else "test_acc (selecting on the test split)"
+    body = f"{what} " + ", ".join(accs) + tail if accs else "(not evaluated)"
+    return f"epoch {metrics['epoch']}/{cfg.train.epochs}: {body}"
+
+
+def write_step_row(tracker: Tracker, out_dir: Path, step: int, row: dict[str, float]) -> None:
+    """One per-step row: MLflow metrics ``step/<key>`` at ``step`` and a line of ``steps.jsonl``."""
+    tracker.log_metrics({f"step/{k}": v for k, v in row.items()}, step=step)
+    with (out_dir / STEPS_FILE).open("a") as fh:
+        fh.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def read_step_rows(out_dir: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The per-step rows, one per step (a row written again after a resume replaces the earlier one)."""
+    rows: dict[int, dict[str, Any]] = {}
+    path = Path(out_dir) / STEPS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.setdefault(row["step"], {}).update(row)
+    return [rows[s] for s in sorted(rows) if upto is None or s <= upto]
+
+
+class StepWindow:
+    """Running sums of the step metrics since the last flush; flushed every ``every`` steps."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.window = MetricSums()
+
+    def add(self, step: int, metrics: MetricSums) -> dict[str, float] | None:
+        """Add step ``step``'s metrics; at a flush step, return the window's means and start a new window."""
+        self.window.merge(metrics)
+        if (step + 1) % self.every:
+            return None
+        row, self.window = self.window.means(), MetricSums()
+        return row
+
+
+class EpochBar:
+    """One tqdm bar per epoch (steps, throughput, a postfix), or one plain line per epoch without a terminal."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.bar: tqdm | None = None
+
+    def start(self, epoch: int, start_step: int, steps: int) -> None:
+        self.close()
+        self.bar = tqdm(
+            total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
+            disable=not self.cfg.train.progress, dynamic_ncols=True, unit="step", file=sys.stderr,
+        )  # fmt: skip
+
+    def advance(self, steps_done: int, postfix: str | None = None) -> None:
+        if self.bar is None:
+            return
+        if steps_done > self.bar.n:
+            self.bar.update(steps_done - self.bar.n)
+        if postfix is not None and not self.bar.disable:
+            self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def line(self, text: str) -> None:
+        """An epoch line: printed whatever ``train.progress`` says (it only turns the bar off)."""
+        if self.bar is not None and not self.bar.disable:
+            tqdm.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)

@@ -1,0 +1,87 @@
+"""How Ray workers tell the driver what is happening: typed events posted to a small actor the driver drains.
+
+Workers post fire-and-forget (``board.post.remote(event)``): a live progress event a few times a second per rank,
+a per-step row every ``train.log_every_steps`` steps, and rank 0's start, first step, epoch ends and finish. The
+driver drains the board a few times a second (progress bar, MLflow, epoch callbacks) and raises the stop flag
+the workers poll when the user asks the run to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkersStarted:
+    """Every worker of a (re)started group is built and about to train: where each peer runs."""
+
+    placement: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    time: float  # unix time the first step of this attempt ended
+
+
+@dataclass(frozen=True)
+class Live:
+    """One rank's running means since its previous Live event (the driver's progress bar)."""
+
+    rank: int
+    epoch: int
+    steps_done: int  # steps of the epoch done
+    steps: int  # steps per epoch
+    means: dict[str, float]
+    exchange_ms: float | None  # this rank's exchange time per step over the window
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One rank's per-step row (its own peer's keys) at a global step."""
+
+    rank: int
+    step: int
+    row: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    epoch: int
+    metrics: dict[str, float]
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    history: list[dict[str, float]]
+    best: dict[str, Any]
+    peer_params: dict[str, int]
+    steps_per_epoch: int
+
+
+class ProgressBoard:
+    """The actor (0 CPUs): a list of events since the last drain, and a stop flag."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.stop = False
+
+    def post(self, event: Any) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[Any]:
+        events, self.events = self.events, []
+        return events
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+
+def create_board(namespace: str | None = None):
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressBoard).options(namespace=namespace).remote()

@@ -1,0 +1,207 @@
+"""What every Ray Train worker runs (rank = peer index): build its own peer with :class:`~kdray.population.Population`
+(``local_ids=[rank]``) and the exchange ``engine.exchange`` names, then the same loop as the LocalEngine
+(:func:`kdray.loop.train_epochs`) with the process group as its collective and a :class:`WorkerSink`.
+
+Every rank reports its own peer (and where the loop stands) to Ray Train at each checkpoint: after a worker failure
+Train restarts the group (``engine.fault_tolerance.max_failures``) and each rank resumes from its own file, mid-epoch
+included. Rank 0 also writes the whole population to ``<out>/checkpoints/last.pt`` in the LocalEngine's format.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.checkpoint import load_checkpoint, save_checkpoint
+from kdray.config import validate
+from kdray.engines.display import StepWindow
+from kdray.engines.ray_board import EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
+from kdray.engines.sysinfo import listening_addresses, process_started_at
+from kdray.loop import Progress, train_epochs
+from kdray.metrics import MetricSums
+from kdray.population import Population
+
+LIVE_EVERY_S = 0.5  # a Live event per rank at most this often
+STOP_CHECK_EVERY = 20  # steps between stop checks (each is a small collective)
+
+
+class ProcessGroup:
+    """The loop's collective on Ray workers: small Python objects over a gloo group."""
+
+    check_every = STOP_CHECK_EVERY
+
+    def __init__(self, rank: int, world: int, group) -> None:
+        self.rank, self.world, self.group = rank, world, group
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+
+class WorkerSink:
+    """Live progress and per-step rows to the driver's board; Ray Train reports at every checkpoint."""
+
+    def __init__(self, board, rank: int, steps_per_epoch: int, log_every: int, pop: Population):
+        self.board, self.rank, self.spe, self.pop = board, rank, steps_per_epoch, pop
+        self.window = StepWindow(log_every)
+        self.live = MetricSums()
+        self.last_live = time.monotonic()
+        self.first_posted = False
+        self.exchange_meter = getattr(pop.exchange, "meter", None)
+        self._live_exchange = (0.0, 0)  # (seconds, steps) of the exchange meter at the last Live event
+
+    def epoch_started(self, epoch: int, start_step: int, steps: int) -> None:
+        self.board.post.remote(Live(self.rank, epoch, start_step, steps, {}, None))
+
+    def step_done(self, epoch: int, step_in_epoch: int, step: int, metrics: MetricSums) -> None:
+        if not self.first_posted:
+            self.first_posted = True
+            if self.rank == 0:
+                self.board.post.remote(FirstStep(time.time()))
+        self.live.merge(metrics)
+        row = self.window.add(step, metrics)
+        if row is not None:
+            self.board.post.remote(StepRow(self.rank, step + 1, row))
+        now = time.monotonic()
+        if now - self.last_live >= LIVE_EVERY_S or step_in_epoch + 1 == self.spe:
+            self.board.post.remote(
+                Live(self.rank, epoch, step_in_epoch + 1, self.spe, self.live.means(), self._exchange_ms())
+            )
+            self.live, self.last_live = MetricSums(), now
+
+    def _exchange_ms(self) -> float | None:
+        meter = self.exchange_meter
+        if meter is None:
+            return None
+        seconds, steps = self._live_exchange
+        self._live_exchange = (meter.seconds, meter.steps)
+        return (
+            1000.0 * (meter.seconds - seconds) / max(meter.steps - steps, 1) if meter.steps >= steps else None
+        )
+
+    def checkpointed(self, pop: Population, progress: Progress, path: Path | None) -> None:
+        """Every rank saves its own peer (and where the loop stands) and reports it to Ray Train."""
+        import ray.train
+
+        payload = {
+            "epoch": progress.epoch,
+            "progress": progress.state(),
+            "history": progress.history,
+            "best": progress.best,
+            "rng": torch.get_rng_state(),
+            **pop.state_dict(self.rank),
+        }
+        done = progress.epoch * self.spe + progress.step_in_epoch
+        metrics = {"epoch": progress.epoch, "step": done}
+        if progress.step_in_epoch == 0 and progress.history:
+            metrics = {**progress.history[-1], **metrics}
+        with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
+            save_checkpoint(Path(folder) / f"rank{self.rank}.pt", payload)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint-{done:08d}",
+            )
+
+    def epoch_done(self, metrics: dict[str, float], progress: Progress, path: Path | None) -> None:
+        if self.rank == 0:
+            self.board.post.remote(EpochDone(progress.epoch, metrics, str(path) if path else None))
+
+    def stop_requested(self) -> bool:
+        import ray
+
+        return self.rank == 0 and bool(ray.get(self.board.stop_requested.remote()))
+
+
+def restore(pop: Population, rank: int, train_checkpoint, resume_ref) -> Progress:
+    """From this rank's file in Train's latest checkpoint (a restart), else from ``--resume``'s last.pt."""
+    import ray
+
+    if train_checkpoint is not None:
+        with train_checkpoint.as_directory() as folder:
+            payload = load_checkpoint(Path(folder) / f"rank{rank}.pt")
+    elif resume_ref is not None:
+        payload = ray.get(resume_ref)
+    else:
+        return Progress()
+    pop.load_state_dict(payload, rank)
+    torch.set_rng_state(payload["rng"])
+    return Progress.from_checkpoint(payload)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (rank = peer index)."""
+    entered = time.time()
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    from kdray.exchange import make_exchange
+    from kdray.methods import METHODS
+
+    for name, cls in config["methods"].items():
+        METHODS.setdefault(name, cls)  # plug-in methods registered in the driver
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = validate(config["config"])
+    if cfg.engine.placement.gpus_per_peer > 0:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    object_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    attempt = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(attempt, src=0, group=object_group)
+    exchange = make_exchange(
+        cfg.engine, rank, world, device, object_group=object_group, store_name=config["store_name"],
+        attempt=attempt[0], namespace=config["namespace"],
+    )  # fmt: skip
+    pop = Population(cfg, local_ids=[rank], device=device, exchange=exchange)
+    built = time.time()
+    collective = ProcessGroup(rank, world, object_group)
+    board = config["board"]
+    sink = WorkerSink(board, rank, pop.steps_per_epoch, cfg.train.log_every_steps, pop)
+    progress = restore(pop, rank, ray.train.get_checkpoint(), config["resume"])
+    me = {
+        "marks": {"process_start": process_started_at(), "entered": entered, "built": built},
+        "rank": rank,
+        "peer": cfg.peers[rank].name,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+        "listening": listening_addresses(),
+    }
+    placement = collective.all_gather(me)
+    if rank == 0:
+        board.post.remote(WorkersStarted(placement))
+    meta = {"config": config["checkpoint_config"], "mlflow_run_id": config["run_id"]}
+    train_epochs(pop, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
+    if rank == 0:
+        board.post.remote(
+            Finished(
+                history=progress.history,
+                best=progress.best,
+                peer_params={p.name: p.num_params for p in pop.spec.peers},
+                steps_per_epoch=pop.steps_per_epoch,
+            )
+        )

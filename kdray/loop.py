@@ -1,0 +1,256 @@
+"""The epoch loop, one plain function that both engines run: train the epoch's steps, merge the metrics, evaluate,
+checkpoint, emit.
+
+What differs between engines is passed in as two small objects:
+
+- a :class:`Collective`: how this process's numbers meet the other processes' (``InProcess``: there are none;
+  on Ray workers, the process group). Every rank gets the same merged numbers, so every rank takes the same
+  decisions (best epoch, stop).
+- a :class:`Sink`: where progress goes (``LocalSink``: a progress bar, MLflow and the epoch callbacks; on Ray
+  workers: the driver's live view and Ray Train's reports).
+
+Checkpoints: at every epoch end and every ``train.checkpoint_every_steps`` steps (and when a stop is requested),
+the population's state is gathered to the writer (the only process, or rank 0) and written atomically to
+``<out>/checkpoints/last.pt`` (and ``best.pt`` when the selection metric improved), with where the loop stands
+(:class:`Progress`), so ``--resume`` continues exactly, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from kdray.checkpoint import save_checkpoint
+from kdray.config import ExperimentConfig
+from kdray.errors import DivergedError, KdrayError
+from kdray.metrics import MetricSums, merge_states, non_finite
+from kdray.population import Population
+
+
+class Stopped(KdrayError):
+    """The run stopped at a safe point because it was asked to (Ctrl-C, SIGTERM); it can be resumed."""
+
+    exit_code = 130
+
+
+@dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint must hold to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of epoch ``epoch`` already trained (a mid-epoch checkpoint)
+    partial: MetricSums = field(default_factory=MetricSums)  # their metrics
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"metric": float("-inf"), "epoch": -1})
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "partial": self.partial.state(),
+            "history": self.history,
+            "best": self.best,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any]) -> Progress:
+        progress = payload.get("progress") or {}
+        return cls(
+            epoch=int(payload["epoch"]),
+            step_in_epoch=int(progress.get("step_in_epoch", 0)),
+            partial=MetricSums.from_state(progress.get("partial")),
+            history=list(payload.get("history", [])),
+            best=dict(payload.get("best") or {"metric": float("-inf"), "epoch": -1}),
+        )
+
+
+class Collective(Protocol):
+    """How the processes of one population meet. ``check_every``: steps between stop checks (each one is a
+    collective on Ray workers)."""
+
+    rank: int
+    world: int
+    check_every: int
+
+    def all_gather(self, obj: Any) -> list[Any]: ...
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (the writer); None elsewhere."""
+        ...
+
+
+class InProcess:
+    """The collective of a population that lives in one process: there is nobody else."""
+
+    rank, world, check_every = 0, 1, 1
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+class Sink(Protocol):
+    def epoch_started(self, epoch: int, start_step: int, steps: int) -> None: ...
+
+    def step_done(self, epoch: int, step_in_epoch: int, step: int, metrics: MetricSums) -> None: ...
+
+    def checkpointed(self, pop: Population, progress: Progress, path: Path | None) -> None:
+        """After every checkpoint (Ray workers report their own peer to Ray Train here)."""
+        ...
+
+    def epoch_done(self, metrics: dict[str, float], progress: Progress, path: Path | None) -> None: ...
+
+    def stop_requested(self) -> bool: ...
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+def merge_eval(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluation sums of processes holding disjoint peers, as if one process held them all (rank order = peer
+    order, so the ensemble's float sums are the same as in one process)."""
+    probs_sum = None
+    for part in parts:
+        if part["probs_sum"] is not None:
+            probs_sum = part["probs_sum"] if probs_sum is None else probs_sum + part["probs_sum"]
+    return {
+        "n": parts[0]["n"],
+        "correct": {k: v for p in parts for k, v in p["correct"].items()},
+        "loss": {k: v for p in parts for k, v in p["loss"].items()},
+        "probs_sum": probs_sum,
+        "labels": parts[0]["labels"],
+    }
+
+
+def summarise_eval(cfg: ExperimentConfig, ev: dict[str, Any], prefix: str = "val") -> dict[str, float]:
+    """Summed evaluation counts -> per-peer accuracy and loss, and the trainable peers' ensemble accuracy."""
+    out: dict[str, float] = {}
+    n = max(ev["n"], 1)
+    for k, c in ev["correct"].items():
+        name = cfg.peers[k].name
+        out[f"{name}/{prefix}_acc"] = float(c) / n
+        out[f"{name}/{prefix}_loss"] = float(ev["loss"][k]) / n
+    if ev.get("probs_sum") is not None:
+        out[f"ensemble/{prefix}_acc"] = float((ev["probs_sum"].argmax(1) == ev["labels"]).double().mean())
+    return out
+
+
+def merge_population(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "peers": {name: sd for part in parts for name, sd in part["peers"].items()},
+        "shared": parts[0]["shared"],
+        "exchange": {r: sd for part in parts for r, sd in part["exchange"].items()},
+    }
+
+
+def exchange_figures(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Per-rank exchange figures -> the population's: bytes summed, times averaged over ranks."""
+    if not parts or "bytes_per_step" not in parts[0]:
+        return {}
+    out = {
+        "exchange/bytes_per_step": sum(p["bytes_per_step"] for p in parts),
+        "exchange/ms_per_step": sum(p["ms_per_step"] for p in parts) / len(parts),
+    }
+    if all("wait_ms_per_step" in p for p in parts):  # engine.exchange.split_wait
+        out["exchange/wait_ms_per_step"] = sum(p["wait_ms_per_step"] for p in parts) / len(parts)
+    return out
+
+
+def score(cfg: ExperimentConfig, metrics: dict[str, float]) -> float:
+    """The number 'best' refers to: the mean selection-split accuracy of the trainable peers."""
+    accs = [
+        metrics[f"{p.name}/val_acc"] for p in cfg.peers if not p.frozen and f"{p.name}/val_acc" in metrics
+    ]
+    return sum(accs) / len(accs) if accs else float("nan")
+
+
+def check_finite(metrics: dict[str, float], epoch: int) -> None:
+    bad = non_finite(metrics)
+    if bad:
+        raise DivergedError(
+            f"training diverged in epoch {epoch + 1}: {bad[0]} = {metrics[bad[0]]} ({len(bad)} non-finite metric(s))"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+def train_epochs(
+    pop: Population,
+    progress: Progress,
+    collective: Collective,
+    sink: Sink,
+    ckpt_dir: Path,
+    meta: dict[str, Any],
+) -> Progress:
+    """Train ``pop`` from where ``progress`` stands to the last epoch. ``meta``: what every checkpoint carries
+    besides the state (the resolved config, the MLflow run id)."""
+    cfg = pop.cfg
+    spe, epochs = pop.steps_per_epoch, cfg.train.epochs
+    every = cfg.train.checkpoint_every_steps
+    select_split = cfg.data.select_on
+
+    def checkpoint(improved: bool = False) -> Path | None:
+        parts = collective.gather(pop.state_dict(collective.rank))
+        path = None
+        if parts is not None:
+            payload = {
+                **meta, "epoch": progress.epoch, "step": progress.epoch * spe + progress.step_in_epoch,
+                "progress": progress.state(), "history": progress.history, "best": progress.best,
+                "rng": torch.get_rng_state(), **merge_population(parts),
+            }  # fmt: skip
+            path = save_checkpoint(ckpt_dir / "last.pt", payload)
+            if improved:
+                save_checkpoint(ckpt_dir / "best.pt", payload)
+        sink.checkpointed(pop, progress, path)
+        return path
+
+    for epoch in range(progress.epoch, epochs):
+        sink.epoch_started(epoch, progress.step_in_epoch, spe)
+        started, first = time.perf_counter(), progress.step_in_epoch
+        for i, batch in enumerate(pop.batches(epoch, progress.step_in_epoch), start=progress.step_in_epoch):
+            step = epoch * spe + i
+            metrics = pop.train_step(batch, epoch, step)
+            progress.partial.merge(metrics)
+            progress.step_in_epoch = i + 1
+            sink.step_done(epoch, i, step, metrics)
+            if i + 1 == spe:
+                break
+            stopping = (step + 1) % collective.check_every == 0 and any(
+                collective.all_gather(sink.stop_requested())
+            )
+            if stopping or (every and (step + 1) % every == 0):
+                checkpoint()
+            if stopping:
+                raise Stopped(
+                    f"stopped at a safe point (epoch {epoch + 1}, step {i + 1}/{spe}); the checkpoint is in "
+                    f"{ckpt_dir}; continue with: kdray train --resume {ckpt_dir.parent}"
+                )
+        step_ms = 1000.0 * (time.perf_counter() - started) / max(progress.step_in_epoch - first, 1)
+        metrics = merge_states(collective.all_gather(progress.partial.state()))
+        check_finite(metrics, epoch)
+        metrics.update(pop.learning_rates())
+        if epoch + 1 == epochs or (epoch + 1) % cfg.train.eval_every == 0:
+            ev = merge_eval(collective.all_gather(pop.evaluate(select_split)))
+            metrics.update(summarise_eval(cfg, ev, "val"))
+        ranks = collective.all_gather({**pop.exchange.stats(), "step_ms": step_ms})
+        metrics.update(exchange_figures(ranks))
+        metrics["train/step_ms"] = sum(r["step_ms"] for r in ranks) / len(ranks)
+        metrics = {k: v for k, v in sorted(metrics.items())} | {"epoch": epoch + 1}
+        progress.epoch, progress.step_in_epoch, progress.partial = epoch + 1, 0, MetricSums()
+        progress.history.append(metrics)
+        current = score(cfg, metrics)
+        improved = not math.isnan(current) and current > progress.best["metric"]
+        if improved:
+            progress.best = {"metric": current, "epoch": epoch + 1}
+        path = checkpoint(improved)
+        sink.epoch_done(metrics, progress, path)
+        if epoch + 1 < epochs and any(collective.all_gather(sink.stop_requested())):
+            raise Stopped(
+                f"stopped at a safe point (end of epoch {epoch + 1}); continue with: kdray train --resume "
+                f"{ckpt_dir.parent}"
+            )
+    return progress

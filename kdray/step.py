@@ -1,0 +1,210 @@
+"""One training step: the method's phases, in order, for the peers that live in this process.
+
+Per phase with a forward (:class:`~kdray.methods.base.Phase`): inputs -> each local peer's network once -> publish,
+detach, exchange -> each trainable peer's named loss terms -> weighted sum -> backward -> the phase's optimizer
+group steps -> per-sample buffer writes and the method's after-phase hook, under ``no_grad``. The global RNG is
+reseeded from (seed, step, phase, peer) before each peer's forward, so dropout draws the same masks whether the
+peers share a process or not, and a resumed run draws what the uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from kdray.data import Batch
+from kdray.methods.base import PeerContext, Phase, Signals
+from kdray.metrics import MetricSums
+from kdray.seeds import seed_for
+
+if TYPE_CHECKING:
+    from kdray.population import PeerRuntime, Population
+
+
+def weighted_sum(terms: dict[str, Tensor], weight: Callable[[str], float]) -> Tensor:
+    """``sum_t w_t * term_t``, skipping the multiplications by 1."""
+    total: Tensor | None = None
+    for name, value in terms.items():
+        w = weight(name)
+        part = value if w == 1.0 else w * value
+        total = part if total is None else total + part
+    assert total is not None, "a method's loss returned no terms"
+    return total
+
+
+def _detach(signals: Signals) -> Signals:
+    return {k: v.detach() for k, v in signals.items()}
+
+
+@contextlib.contextmanager
+def running_stats_kept(modules: Iterable[nn.Module], keep: bool):
+    """With ``keep``: the BatchNorm running statistics of ``modules`` are what they were before the block (the
+    forward still normalises with the batch's own statistics, as train mode does)."""
+    if not keep:
+        yield
+        return
+    norms = [
+        m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    saved = [
+        (m, m.running_mean.clone() if m.running_mean is not None else None,
+         m.running_var.clone() if m.running_var is not None else None,
+         m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+        for m in norms
+    ]  # fmt: skip
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                if mean is not None:
+                    m.running_mean.copy_(mean)
+                if var is not None:
+                    m.running_var.copy_(var)
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+
+
+class StepRunner:
+    """Runs one training step of the method's phases for the peers of one :class:`Population`."""
+
+    def __init__(self, pop: Population):
+        self.pop = pop
+        self.cfg, self.method, self.peers, self.shared = pop.cfg, pop.method, pop.peers, pop.shared
+        self.device = pop.device
+        self.phases = self.method.phases()
+        self.amp = self.cfg.train.amp and self.device.type == "cuda"
+        # Training accuracy is read off the first phase that trains the networks on the batch.
+        self._acc_phase = next((ph for ph in self.phases if ph.optimizer == "net"), self.phases[0])
+        # Peers that must run a forward in peer-scope phases: trainable ones, and frozen ones others learn from.
+        sources = {s for ph in self.phases for s, _ in self.method.phase_topology(ph).edges()}
+        self._forward_peers = [p for p in self.peers if not p.frozen or p.index in sources]
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch: Batch | None, epoch: int, step: int) -> MetricSums:
+        """One step; returns its metrics as sums and counts (tensors: the caller decides when to synchronise)."""
+        rng = torch.Generator().manual_seed(seed_for(self.cfg.seed, "step", step))
+        metrics = MetricSums()
+        last = None  # (inputs, outputs, received, published) of the previous phase
+        for i, phase in enumerate(self.phases):
+            if step % phase.every:
+                continue
+            for r in range(phase.repeat):
+                last = self._run_phase(phase, (i, r), batch, epoch, step, rng, last, metrics)
+        return metrics
+
+    def _forward(
+        self, phase: Phase, tag: tuple[int, int], step: int, inputs: Tensor, peers: list[PeerRuntime]
+    ):
+        shared_scope = phase.scope == "shared"
+        outs: dict[int, Signals] = {}
+        for p in peers:
+            torch.manual_seed(seed_for(self.cfg.seed, "forward", step, *tag, p.index))
+            with torch.set_grad_enabled(shared_scope or not p.frozen):
+                outs[p.index] = p.net(inputs)
+        return outs
+
+    def _run_phase(self, phase: Phase, tag, batch, epoch: int, step: int, rng, last, metrics: MetricSums):
+        # Restored after the backward: autograd checks that BatchNorm's saved inputs are not modified before it.
+        keep = phase.bn_stats == "keep" and (phase.forward or last is None)
+        with running_stats_kept((p.net for p in self.peers), keep=keep):
+            return self._phase(phase, tag, batch, epoch, step, rng, last, metrics)
+
+    def _phase(self, phase: Phase, tag, batch, epoch: int, step: int, rng, last, metrics: MetricSums):
+        method, exchange = self.method, self.pop.exchange
+        shared_scope = phase.scope == "shared"
+        forward_peers = self.peers if shared_scope else self._forward_peers
+        shared_module = self.shared.module if self.shared else None
+        if phase.forward or last is None:
+            with self._autocast():
+                inputs = method.phase_inputs(phase, batch, shared_module, rng)
+                outs = self._forward(phase, tag, step, inputs, forward_peers)
+                live = {
+                    p.index: method.publish(phase, p.index, outs[p.index], p.state) for p in forward_peers
+                }
+            published = {k: _detach(v) for k, v in live.items()}
+            received = exchange.exchange(phase.name, method.phase_topology(phase), step, published, inputs)
+        else:
+            inputs, prev_outs, received, published = last
+            inputs = inputs.detach()
+            outs = {k: _detach(v) for k, v in prev_outs.items()}
+            live = published
+        participants = self.peers if shared_scope else [p for p in self.peers if not p.frozen]
+        weights = self._weights(step)
+        total: Tensor | None = None
+        contexts = []
+        shared_terms: dict[str, Tensor] = {}
+        with self._autocast():
+            for p in participants:
+                ctx = PeerContext(
+                    p.index, phase.name, outs[p.index], received.get(p.index, {}), live.get(p.index, {}),
+                    batch, inputs, p.state, shared_module, epoch, step, buffers=p.buffers,
+                )  # fmt: skip
+                terms = method.loss(phase, ctx)
+                loss = weighted_sum(terms, weights)
+                total = loss if total is None else total + loss
+                for t, v in terms.items():
+                    if (
+                        shared_scope
+                    ):  # the peers' parts add up to the shared objective: one report per phase run
+                        shared_terms[t] = shared_terms[t] + v.detach() if t in shared_terms else v.detach()
+                    else:
+                        metrics.add(f"{p.name}/loss_{t}", v)
+                for t, v in ctx.metrics.items():
+                    metrics.add(f"{p.name}/{t}", v)
+                if phase is self._acc_phase and batch is not None and "logits" in outs[p.index]:
+                    pred = outs[p.index]["logits"][: len(batch.y)].detach().argmax(1)
+                    metrics.add(f"{p.name}/train_acc", (pred == batch.y).float().mean())
+                contexts.append(ctx)
+        for t, v in shared_terms.items():
+            # a process holding some of the peers reports its share of one report: the shares add up to 1
+            metrics.add(f"shared/loss_{t}", v, count=len(participants) / self.pop.spec.num_peers)
+        # Zero only the groups this phase steps; each group zeroes before its own backward, so grads that
+        # another phase's loss left on these parameters never leak into this update.
+        if shared_scope:
+            assert self.shared is not None and self.shared.optimizer is not None, (
+                "shared phase without a shared optimizer"
+            )
+            self.shared.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in participants:
+                p.optimizers[phase.optimizer].zero_grad(set_to_none=True)
+        if total is not None and total.requires_grad:
+            total.backward()
+        if shared_scope:
+            params = list(self.shared.module.parameters())
+            exchange.reduce_shared_grads(params)
+            self._clip(params)
+            self.shared.optimizer.step()
+            with torch.no_grad():
+                method.after_shared_step(phase, self.shared.module)
+        else:
+            for p in participants:
+                opt = p.optimizers[phase.optimizer]
+                self._clip(q for g in opt.param_groups for q in g["params"])
+                opt.step()
+        with torch.no_grad():
+            for p, ctx in zip(participants, contexts):
+                for name, values in ctx.writes.items():
+                    buf = p.buffers[name]
+                    buf[ctx.batch.index] = values.detach().to(buf.dtype)
+                method.after_phase(phase, ctx)
+        return inputs, outs, received, published
+
+    def _weights(self, step: int):
+        if self.pop.exchange.distilling(step):
+            return self.method.weight
+        task_terms = self.method.task_terms
+        return lambda t: self.method.weight(t) if t in task_terms else 0.0
+
+    def _clip(self, params: Iterable[Tensor]) -> None:
+        if self.cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(params), self.cfg.train.grad_clip)
