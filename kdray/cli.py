@@ -11,6 +11,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from kdray.errors import KdrayError
 
@@ -30,13 +31,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise KdrayError("kdray train: give a CONFIG file (or --resume RUN_DIR to continue a run)")
     result = train(args.config, overrides=args.set, out=args.out, resume=args.resume)
     s = result.summary
+    if "staged" in s:
+        for stage in s["staged"]["stages"]:
+            accs = ", ".join(
+                f"{p['name']} {p['test_acc']:.4f}" for p in stage["peers"] if p.get("test_acc") is not None
+            )
+            print(f"stage {stage['name']} ({stage['method']}): test_acc {accs}")
+        print(f"run folder: {Path(s['staged']['stages'][-1]['run_folder']).parent.parent}")
+        return 0
+    selected = "val_acc" if s["selection"]["split"] == "val" else "test_acc (selection split)"
     accs = ", ".join(
         f"{p['name']} ({p['arch']}) {p['val_acc']:.4f}" for p in s["peers"] if p["val_acc"] is not None
     )
     print(
-        f"done in {s['wall_s']:.1f} s: val_acc {accs}"
+        f"done in {s['wall_s']:.1f} s: {selected} {accs}"
         + (f"; ensemble {s['ensemble_acc']:.4f}" if s["ensemble_acc"] else "")
     )
+    test = s.get("test")
+    if test:
+        accs = ", ".join(f"{name} {acc:.4f}" for name, acc in test["peers"].items())
+        ens = f"; ensemble {test['ensemble_acc']:.4f}" if test.get("ensemble_acc") is not None else ""
+        print(f"test split, evaluated once ({test['checkpoint']}, epoch {test['epoch']}): test_acc {accs}{ens}")
     print(f"run folder: {result.out_dir}  (summary.json, curves.png, checkpoints/)")
     if s.get("mlflow_run_id"):
         print(f"mlflow run: {s['mlflow_run_id']}")
@@ -46,17 +61,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from kdray.api import evaluate
 
-    report = evaluate(args.checkpoint, overrides=args.set)
+    report = evaluate(args.checkpoint, overrides=args.set, split=args.split)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['checkpoint']} (epoch {report['epoch']})")
+        split = report["split"]
+        print(f"{report['checkpoint']} (epoch {report['epoch']}), {split} split")
         for p in report["peers"]:
-            print(
-                f"  {p['name']:>12} {p['arch']:<14} val_acc {p['val_acc']:.4f}  val_loss {p['val_loss']:.4f}"
-            )
+            print(f"  {p['name']:>12} {p['arch']:<14} {split}_acc {p['acc']:.4f}  {split}_loss {p['loss']:.4f}")
         if report["ensemble_acc"] is not None:
-            print(f"  {'ensemble':>12} {'':<14} val_acc {report['ensemble_acc']:.4f}")
+            print(f"  {'ensemble':>12} {'':<14} {split}_acc {report['ensemble_acc']:.4f}")
     return 0
 
 
@@ -104,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="re-evaluate a saved population")
     p.add_argument("checkpoint", help="a checkpoint file or a run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.root=/data")
+    p.add_argument(
+        "--split", choices=["val", "test"], default="val",
+        help="val: the validation split carved from the training set (default); test: the test split",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 

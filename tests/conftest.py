@@ -22,7 +22,8 @@ TINY = {
         "dataset": "synthetic",
         "batch_size": 16,
         "val_batch_size": 64,
-        "synthetic": {"num_classes": 4, "channels": 1, "image_size": 12, "train_len": 128, "val_len": 64},
+        "val_split": 32,
+        "synthetic": {"num_classes": 4, "channels": 1, "image_size": 12, "train_len": 128, "test_len": 64},
     },
     "peers": [
         {"arch": "resnet8", "arch_kwargs": {"width": 4}},
@@ -41,7 +42,8 @@ TINY = {
 
 @pytest.fixture
 def tiny_raw() -> dict:
-    """A raw config dict for a 2-peer DML population on a 4-class synthetic set (fast on CPU)."""
+    """A raw config dict for a 2-peer DML population on a 4-class synthetic set (fast on CPU): 96 training samples
+    (6 steps of 16), 32 carved for validation, 64 test samples."""
     return copy.deepcopy(TINY)
 
 

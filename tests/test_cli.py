@@ -44,9 +44,9 @@ def _run(capsys, *argv):
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     tmp_path, capsys, tiny_raw, overrides, fragment, monkeypatch
 ):
-    import kdray.data
+    import kdray.data.fetch
 
-    monkeypatch.setattr(kdray.data, "SYSTEM_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(kdray.data.fetch, "SYSTEM_FASHION_MNIST", tmp_path / "nowhere")
     config = _write(tmp_path, tiny_raw)
     out = tmp_path / "run"
     sets = [a for o in overrides for a in ("--set", o.replace("@ROOT", str(tmp_path / "empty")))]
@@ -108,10 +108,15 @@ def test_train_then_eval_round_trip(tmp_path, capsys, tiny_raw):
     summary = json.loads((out / "summary.json").read_text())
     code, stdout, _ = _run(capsys, "eval", out, "--json")
     report = json.loads(stdout)
-    assert code == 0
+    assert code == 0 and report["split"] == "val"
     for trained, again in zip(summary["peers"], report["peers"]):
-        assert again["val_acc"] == pytest.approx(trained["val_acc"])
+        assert again["acc"] == pytest.approx(trained["val_acc"])
     assert report["ensemble_acc"] == pytest.approx(summary["ensemble_acc"])
+    # the test split: what the run evaluated once at the end, on its selected checkpoint (best.pt)
+    code, stdout, _ = _run(capsys, "eval", out / "checkpoints" / "best.pt", "--split", "test", "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["split"] == "test"
+    assert {p["name"]: p["acc"] for p in report["peers"]} == pytest.approx(summary["test"]["peers"])
 
 
 def test_python_dash_m_entry_point():

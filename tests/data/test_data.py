@@ -122,9 +122,16 @@ def cifar_cfg(root: Path, **kw) -> DataConfig:
             "download": False,
             "batch_size": 8,
             "val_batch_size": 5,
+            "val_split": None,  # these tests read the files: nothing carved unless a test asks
+            "select_on": "test",
             **kw,
         }
     )
+
+
+def carved_ids(n: int, count: int, seed: int) -> list[int]:
+    """The validation indices build_data carves (the same seeded permutation)."""
+    return sorted(torch.randperm(n, generator=seeded_generator("val_split", seed))[:count].tolist())
 
 
 def all_batches(dm, epoch: int, **kw) -> list[Batch]:
@@ -174,7 +181,9 @@ def test_start_step_does_not_touch_the_skipped_batches(cifar_root, monkeypatch):
     seen = []
     original = dm._train_batch
     monkeypatch.setattr(
-        dm, "_train_batch", lambda index, epoch, step: seen.append(step) or original(index, epoch, step)
+        dm,
+        "_train_batch",
+        lambda index, epoch, step, stream: seen.append(step) or original(index, epoch, step, stream),
     )
     all_batches(dm, 0, start_step=3)
     assert seen == [3, 4]
@@ -188,6 +197,7 @@ def test_data_loading_leaves_the_global_rng_untouched(cifar_root, tmp_path):
         build_data(
             DataConfig(dataset="imagefolder", root=str(tmp_path / "images"), batch_size=2, image_size=16), 0
         ),
+        build_data(cifar_cfg(cifar_root, val_split=0.25, select_on="val", label_noise={"rate": 0.5}), seed=0),
     ]
     torch.manual_seed(123)
     np.random.seed(123)
@@ -195,7 +205,8 @@ def test_data_loading_leaves_the_global_rng_untouched(cifar_root, tmp_path):
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     for dm in modules:
         all_batches(dm, 1)
-        list(dm.val_batches())
+        all_batches(dm, 1, pairs=True)
+        list(dm.eval_batches("test"))
     assert torch.equal(torch.get_rng_state(), before[0])
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
 
@@ -211,16 +222,16 @@ def test_each_index_at_most_once_per_epoch_and_drop_last(cifar_root):
     assert all(b.index.dtype == torch.int64 and b.y.dtype == torch.int64 for b in dm.train_batches(0))
 
 
-def test_train_size_and_val_size_take_the_first_samples(cifar_root):
-    dm = build_data(cifar_cfg(cifar_root, train_size=20, val_size=7, augment=False), seed=1)
-    assert (dm.spec.train_len, dm.spec.val_len, dm.steps_per_epoch()) == (20, 7, 2)
+def test_train_size_and_test_size_take_the_first_samples(cifar_root):
+    dm = build_data(cifar_cfg(cifar_root, train_size=20, test_size=7, augment=False), seed=1)
+    assert (dm.spec.train_len, dm.spec.test_len, dm.steps_per_epoch()) == (20, 7, 2)
     mean, std = NORMALISATION["cifar10"]
     raw = torch.from_numpy(cifar_images(40, 0)).reshape(40, 3, 32, 32)
     for batch in dm.train_batches(0):
         assert int(batch.index.max()) < 20
         assert torch.equal(batch.y, batch.index % 10)
         assert torch.equal(batch.x, normalise(raw[batch.index], mean, std))
-    val = list(dm.val_batches())
+    val = list(dm.eval_batches("test"))
     assert [len(b.index) for b in val] == [5, 2]  # the last partial batch is kept
     assert torch.equal(torch.cat([b.index for b in val]), torch.arange(7))
 
@@ -293,10 +304,11 @@ def test_fashion_mnist_from_root_folder(tmp_path):
     write_fake_fashion_mnist(tmp_path / "fashion-mnist")
     assert locate_fashion_mnist(tmp_path, download=False) == tmp_path / "fashion-mnist"
     dm = build_data(DataConfig(root=str(tmp_path), download=False, batch_size=16, val_batch_size=4), seed=0)
-    assert dm.spec == DataSpec(10, 1, 28, 40, 10, "fashion_mnist")
+    assert dm.spec == DataSpec(10, 1, 28, 36, 4, 10, "fashion_mnist")  # 10% of 40 carved for validation
     batch = next(dm.train_batches(0))
     assert batch.x.shape == (16, 1, 28, 28) and batch.x.dtype == torch.float32
-    assert torch.equal(batch.y, batch.index % 10)
+    train_ids = torch.tensor([i for i in range(40) if i not in carved_ids(40, 4, seed=0)])
+    assert torch.equal(batch.y, train_ids[batch.index] % 10)  # index: position in the training split
 
 
 def test_locate_fashion_mnist_names_every_path_tried(tmp_path, monkeypatch):
@@ -350,8 +362,8 @@ def test_real_fashion_mnist():
 # -------------------------------------------------------------------------------------------------------- CIFAR
 def test_fake_cifar10_loads_in_nchw_with_labels(cifar_root):
     dm = build_data(cifar_cfg(cifar_root, augment=False), seed=0)
-    assert dm.spec == DataSpec(10, 3, 32, 40, 12, "cifar10")
-    val = torch.cat([b.y for b in dm.val_batches()])
+    assert dm.spec == DataSpec(10, 3, 32, 40, 0, 12, "cifar10")
+    val = torch.cat([b.y for b in dm.eval_batches("test")])
     assert val.tolist() == [9 - i % 10 for i in range(12)]
     (train_x, train_y), _ = load_cifar(cifar_root, "cifar10", download=False)
     assert train_x.dtype == torch.uint8 and train_x.shape == (40, 3, 32, 32)
@@ -364,10 +376,10 @@ def test_fake_cifar100_loads_fine_labels(tmp_path):
     write_fake_cifar100(tmp_path)
     cfg = DataConfig(dataset="cifar100", root=str(tmp_path), download=False, batch_size=10, augment=False)
     dm = build_data(cfg, seed=0)
-    assert dm.spec == DataSpec(100, 3, 32, 30, 7, "cifar100")
-    assert torch.cat([b.y for b in dm.val_batches()]).tolist() == [(7 * i + 200) % 100 for i in range(7)]
+    assert dm.spec == DataSpec(100, 3, 32, 27, 3, 7, "cifar100")
+    assert torch.cat([b.y for b in dm.eval_batches("test")]).tolist() == [(7 * i + 200) % 100 for i in range(7)]
     mean, std = NORMALISATION["cifar100"]
-    x = next(dm.val_batches()).x
+    x = next(dm.eval_batches("test")).x
     assert x[0, 1, 0, 0].item() == pytest.approx(((200 + 50) / 255 - mean[1]) / std[1], abs=1e-6)
 
 
@@ -404,9 +416,12 @@ def test_cifar_reader_refuses_a_pickle_that_would_run_code(cifar_root):
 # -------------------------------------------------------------------------------------------------- ImageFolder
 def test_image_folder_loads_with_indices_the_same_with_worker_processes(tmp_path):
     write_image_folder(tmp_path, {"cat": 4, "dog": 3})
-    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), batch_size=3, val_batch_size=3, image_size=16)
+    cfg = DataConfig(
+        dataset="imagefolder", root=str(tmp_path), batch_size=3, val_batch_size=3, image_size=16,
+        val_split=None, select_on="test",
+    )  # fmt: skip
     dm = build_data(cfg, seed=2)
-    assert dm.spec == DataSpec(2, 3, 16, 7, 4, "imagefolder")
+    assert dm.spec == DataSpec(2, 3, 16, 7, 0, 4, "imagefolder")
     batches = all_batches(dm, 1)
     assert len(batches) == 2 and batches[0].x.shape == (3, 3, 16, 16)
     index = torch.cat([b.index for b in batches])
@@ -415,25 +430,24 @@ def test_image_folder_loads_with_indices_the_same_with_worker_processes(tmp_path
     assert_same_batches(all_batches(dm, 1, start_step=1), batches[1:])
     with_workers = build_data(cfg.model_copy(update={"num_workers": 1}), seed=2)
     assert_same_batches(all_batches(with_workers, 1), batches)
-    val = list(dm.val_batches())
-    assert [b.index.tolist() for b in val] == [[0, 1, 2], [3]] and torch.cat([b.y for b in val]).tolist() == [
-        0,
-        0,
-        1,
-        1,
-    ]
-    assert_same_batches(val, list(dm.val_batches()))
+    test = list(dm.eval_batches("test"))
+    assert [b.index.tolist() for b in test] == [[0, 1, 2], [3]]
+    assert torch.cat([b.y for b in test]).tolist() == [0, 0, 1, 1]
+    assert_same_batches(test, list(dm.eval_batches("test")))
 
 
-def test_image_folder_without_a_split_validates_on_its_training_images(tmp_path):
+def test_image_folder_without_a_split_tests_on_its_training_images(tmp_path):
     write_image_folder(tmp_path, {"a": 2, "b": 2})
     flat = tmp_path / "train"  # class folders directly under the root
     with pytest.warns(UserWarning, match="no train/ and val/ split"):
         dm = build_data(
-            DataConfig(dataset="imagefolder", root=str(flat), batch_size=2, augment=False), seed=0
+            DataConfig(
+                dataset="imagefolder", root=str(flat), batch_size=2, augment=False, val_split=None, select_on="test"
+            ),
+            seed=0,
         )
-    assert (dm.spec.train_len, dm.spec.val_len, dm.spec.image_size) == (4, 4, 64)
-    val = torch.cat([b.x for b in dm.val_batches()])
+    assert (dm.spec.train_len, dm.spec.test_len, dm.spec.image_size) == (4, 4, 64)
+    val = torch.cat([b.x for b in dm.eval_batches("test")])
     train = {int(i): x for b in dm.train_batches(0) for i, x in zip(b.index, b.x)}
     assert all(torch.equal(train[i], val[i]) for i in train)
 
@@ -452,14 +466,77 @@ def test_synthetic_is_learnable_and_independent_of_the_run_seed():
         dataset="synthetic", batch_size=64, synthetic=SyntheticConfig(num_classes=10, train_len=1000)
     )
     a, b = build_data(cfg, seed=0), build_data(cfg, seed=1)
-    assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.epoch_indices(0), b.epoch_indices(0))
-    assert a.spec == DataSpec(10, 3, 32, 1000, 256, "synthetic")
+    assert not torch.equal(a.epoch_indices(0), b.epoch_indices(0))
+    assert torch.equal(a.splits["test"][0], b.splits["test"][0])
+    assert a.spec == DataSpec(10, 3, 32, 900, 100, 256, "synthetic")
     # nearest class mean, estimated from the training batches, classifies the validation set
     xs, ys = zip(*((batch.x, batch.y) for batch in a.train_batches(0)))
     x, y = torch.cat(xs).flatten(1), torch.cat(ys)
     means = torch.stack([x[y == k].mean(0) for k in range(10)])
-    val = list(a.val_batches())
+    val = list(a.eval_batches("test"))
     pred = torch.cdist(torch.cat([v.x for v in val]).flatten(1), means).argmin(1)
     accuracy = (pred == torch.cat([v.y for v in val])).float().mean().item()
     assert accuracy > 0.9
     assert abs(x.std().item() - 1) < 0.1  # already normalised
+
+
+# ------------------------------------------------------------------------- validation split, label noise, pairs
+def test_val_split_is_carved_from_the_training_set_disjoint_and_seeded(cifar_root):
+    dm = build_data(cifar_cfg(cifar_root, val_split=0.25, select_on="val", augment=False), seed=5)
+    assert (dm.spec.train_len, dm.spec.val_len, dm.spec.test_len) == (30, 10, 12)
+    val_ids = carved_ids(40, 10, seed=5)
+    train_ids = [i for i in range(40) if i not in val_ids]
+    raw = torch.from_numpy(cifar_images(40, 0)).reshape(40, 3, 32, 32)
+    mean, std = NORMALISATION["cifar10"]
+    val_x = torch.cat([b.x for b in dm.eval_batches("val")])
+    assert torch.equal(val_x, normalise(raw[val_ids], mean, std))  # exactly the carved samples, in order
+    seen = torch.cat([b.index for b in dm.train_batches(0)])  # positions in the training split
+    assert set(torch.tensor(train_ids)[seen].tolist()).isdisjoint(val_ids)
+    assert build_data(cifar_cfg(cifar_root, val_split=10, select_on="val"), seed=5).spec.val_len == 10  # a count
+    other = build_data(cifar_cfg(cifar_root, val_split=0.25, select_on="val"), seed=6)
+    assert not torch.equal(torch.cat([b.y for b in other.eval_batches("val")]), torch.tensor(val_ids) % 10)
+    with pytest.raises(DataError, match="data.val_split = 40"):
+        build_data(cifar_cfg(cifar_root, val_split=40, select_on="val"), seed=0)
+
+
+def test_selection_on_the_test_split_must_be_said():
+    with pytest.raises(Exception, match="select_on"):
+        DataConfig(val_split=None)
+    assert DataConfig(val_split=None, select_on="test").select_on == "test"
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "pair"])
+def test_label_noise_corrupts_exactly_the_recorded_share(cifar_root, kind):
+    cfg = cifar_cfg(cifar_root, label_noise={"kind": kind, "rate": 0.4}, augment=False)
+    dm = build_data(cfg, seed=3)
+    noise = dm.noise
+    assert noise["corrupted"] == 16 and noise["of"] == 40 and len(noise["indices"]) == 16
+    clean = torch.arange(40) % 10  # the fake set's labels
+    noisy = dm.train_labels()
+    changed = (noisy != clean).nonzero().flatten().tolist()
+    assert changed == noise["indices"]  # every recorded index changed, nothing else did
+    assert noise["clean_labels"] == clean[changed].tolist() and noise["noisy_labels"] == noisy[changed].tolist()
+    if kind == "pair":
+        assert torch.equal(noisy[changed], (clean[changed] + 1) % 10)
+    assert torch.equal(build_data(cfg, seed=3).train_labels(), noisy)  # seeded
+    assert not torch.equal(build_data(cfg, seed=4).train_labels(), noisy)
+    assert torch.cat([b.y for b in dm.eval_batches("test")]).tolist() == [9 - i % 10 for i in range(12)]
+
+
+def test_class_pairs_are_same_class_other_samples(cifar_root):
+    dm = build_data(cifar_cfg(cifar_root, batch_size=10), seed=0)
+    labels = dm.train_labels()
+    for epoch in (0, 1):
+        for batch in dm.train_batches(epoch, pairs=True):
+            pair = batch.pair
+            assert torch.equal(labels[pair.index], labels[batch.index])  # same class
+            assert (pair.index != batch.index).all()  # another sample (4 of each class here)
+            assert torch.equal(pair.y, batch.y) and pair.x.shape == batch.x.shape
+    again = [b.pair.index for b in dm.train_batches(0, pairs=True)]
+    assert all(torch.equal(a, b.pair.index) for a, b in zip(again, dm.train_batches(0, pairs=True)))
+
+
+def test_without_training_data_only_evaluation_splits_remain(cifar_root):
+    dm = build_data(cifar_cfg(cifar_root, val_split=8, select_on="val"), seed=0, with_train=False)
+    assert (dm.spec.train_len, dm.spec.val_len, dm.spec.test_len, dm.steps_per_epoch()) == (0, 8, 12, 0)
+    assert len(torch.cat([b.y for b in dm.eval_batches("val")])) == 8

@@ -12,16 +12,16 @@ import torch
 import kdray
 from kdray.checkpoint import load_checkpoint
 from kdray.config import load_config
-from kdray.engines.process import PopulationProcess
 from kdray.methods import METHODS
 from kdray.methods.dml import DML
+from kdray.population import Population
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 from benchmarks.reference_dml import train_reference  # noqa: E402
 
 
 def _params(payload_or_proc) -> dict[str, torch.Tensor]:
-    if isinstance(payload_or_proc, PopulationProcess):
+    if isinstance(payload_or_proc, Population):
         return {
             f"{p.name}.{n}": t.detach().clone()
             for p in payload_or_proc.peers
@@ -30,25 +30,30 @@ def _params(payload_or_proc) -> dict[str, torch.Tensor]:
     return {f"{name}.{n}": t for name, sd in payload_or_proc["peers"].items() for n, t in sd["net"].items()}
 
 
-def test_dml_step_equals_hand_written_loop(tiny_raw):
-    tiny_raw["train"]["max_steps_per_epoch"] = 4
+@pytest.mark.parametrize("k", [2, 3])
+def test_dml_step_equals_hand_written_loop(tiny_raw, k):
+    """K = 3 and T = 2: a 1/(K-1) slip, a missing T^2 or a KL with swapped arguments would fail (float64: the
+    comparison holds to 1e-10 on any CPU)."""
+    tiny_raw["peers"] = [{"arch": "resnet8", "arch_kwargs": {"width": 4}} for _ in range(k)]
+    tiny_raw["train"].update(steps_per_epoch=4, dtype="float64")
     tiny_raw["method"]["temperature"] = 2.0
     cfg = load_config(tiny_raw)
-    proc = PopulationProcess(cfg)
-    proc.train_steps(0)
-    nets = train_reference(cfg, proc.data, 4)
-    for peer, net in zip(proc.peers, nets):
+    pop = Population(cfg)
+    for i, batch in enumerate(pop.batches(0)):
+        pop.train_step(batch, 0, i)
+    nets = train_reference(cfg, pop.data, 4, dtype=torch.float64)
+    for peer, net in zip(pop.peers, nets):
         ref = dict(net.named_parameters())
         for name, value in peer.net.model.named_parameters():
-            assert torch.allclose(value, ref[name], atol=1e-6), name
+            assert torch.allclose(value, ref[name], atol=1e-10, rtol=0), name
 
 
 def test_dml_gradients_reach_only_the_peer_itself(tiny_raw):
     cfg = load_config(tiny_raw)
-    proc = PopulationProcess(cfg)
-    batch = next(iter(proc.data.train_batches(0)))
-    outs = [p.net(batch.x) for p in proc.peers]
-    method = proc.method
+    pop = Population(cfg)
+    batch = next(iter(pop.data.train_batches(0)))
+    outs = [p.net(batch.x) for p in pop.peers]
+    method = pop.method
     from kdray.methods.base import PeerContext, Phase
 
     phase = Phase("main")
@@ -57,8 +62,8 @@ def test_dml_gradients_reach_only_the_peer_itself(tiny_raw):
     )
     loss = sum(method.weight(t) * v for t, v in method.loss(phase, ctx).items())
     loss.backward()
-    assert all(p.grad is not None for p in proc.peers[0].net.parameters())
-    assert all(p.grad is None for p in proc.peers[1].net.parameters())
+    assert all(p.grad is not None for p in pop.peers[0].net.parameters())
+    assert all(p.grad is None for p in pop.peers[1].net.parameters())
 
 
 def test_same_seed_same_result_and_different_seed_differs(tiny_raw, tmp_path):
@@ -72,28 +77,66 @@ def test_same_seed_same_result_and_different_seed_differs(tiny_raw, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["dml", "afd", "acn"])
-def test_resume_equals_uninterrupted(tiny_raw, tmp_path, method):
+@pytest.mark.parametrize("cut", ["epoch", "mid-epoch"])
+def test_resume_equals_uninterrupted(tiny_raw, tmp_path, method, cut):
+    """Stop after epoch 1, or inside epoch 2 (a mid-epoch checkpoint), resume: the same parameters, method state,
+    shared generator, schedulers and per-epoch metrics as one uninterrupted run."""
     tiny_raw["method"] = {"name": method}
     tiny_raw["train"]["epochs"] = 2
-    tiny_raw["train"]["max_steps_per_epoch"] = 3
+    tiny_raw["train"]["steps_per_epoch"] = 4
+    part = copy.deepcopy(tiny_raw)
+    if cut == "epoch":
+        # a 1-epoch run's schedule spans one epoch; resumed as a 2-epoch run it would change course: constant lr
+        tiny_raw["train"]["schedule"] = part["train"]["schedule"] = {"name": "constant"}
+        part["train"]["epochs"] = 1
+        kdray.train(part, out=tmp_path / "part")
+    else:
+        # stop inside epoch 2, after its 2nd step (the checkpoint written every 2 steps is the last one)
+        part["train"]["checkpoint_every_steps"] = 2
+        stop_after(part, tmp_path / "part", global_step=6)
+        assert load_checkpoint(tmp_path / "part")["progress"]["step_in_epoch"] == 2
     full = kdray.train(tiny_raw, out=tmp_path / "full")
-    kdray.train(tiny_raw, overrides=["train.epochs=1"], out=tmp_path / "part")
-    # The resumed run uses the 2-epoch config: the schedule is the same function of the epoch in both.
     resumed = kdray.train(tiny_raw, resume=tmp_path / "part")
     assert resumed.out_dir == tmp_path / "part"
     full_ck, res_ck = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
-    assert res_ck["epoch"] == 2 and res_ck["step"] == full_ck["step"] == 6
+    assert res_ck["epoch"] == 2 and res_ck["step"] == full_ck["step"] == 8
     pf, pr = _params(full_ck), _params(res_ck)
     assert pf.keys() == pr.keys()
     for k in pf:
         assert torch.equal(pf[k], pr[k]), k
-    for name in full_ck["peers"]:  # method state (discriminators, transfer layers) and optimizers too
+    for name in full_ck["peers"]:  # method state, optimizers' moments and schedulers too
         for key, value in full_ck["peers"][name]["state"].items():
             assert torch.equal(value, res_ck["peers"][name]["state"][key]), key
+        assert full_ck["peers"][name]["schedulers"] == res_ck["peers"][name]["schedulers"]
     if full_ck["shared"] is not None:
         for key, value in full_ck["shared"]["module"].items():
             assert torch.equal(value, res_ck["shared"]["module"][key]), key
     assert [h["epoch"] for h in res_ck["history"]] == [1, 2]
+    for got, want in zip(res_ck["history"], full_ck["history"]):
+        assert {k: v for k, v in got.items() if k != "train/step_ms"} == {
+            k: v for k, v in want.items() if k != "train/step_ms"
+        }
+
+
+def stop_after(raw: dict, out, global_step: int) -> None:
+    """Train ``raw`` into ``out`` and ask it to stop once ``global_step`` steps are done (as SIGTERM would)."""
+    import kdray.engines.local as local
+
+    original = local.LocalSink.step_done
+
+    def step_done(self, epoch, step_in_epoch, step, metrics):
+        original(self, epoch, step_in_epoch, step, metrics)
+        if step + 1 >= global_step:
+            self.engine.stop = lambda: True
+
+    from kdray.loop import Stopped
+
+    local.LocalSink.step_done = step_done
+    try:
+        with pytest.raises(Stopped, match="safe point"):
+            kdray.train(raw, out=out)
+    finally:
+        local.LocalSink.step_done = original
 
 
 class RecordingDML(DML):
@@ -115,10 +158,10 @@ def test_all_peers_receive_identical_batches(tiny_raw, tmp_path, monkeypatch):
     kdray.train(tiny_raw, out=tmp_path / "r")
     seen = RecordingDML.seen
     assert sorted(seen) == [0, 1, 2]
-    assert len(seen[0]) == 128 // 16
+    assert len(seen[0]) == 96 // 16
     for k in (1, 2):
         assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[k]))
-    assert len(torch.cat(seen[0]).unique()) == 128  # a permutation: every sample once per epoch
+    assert len(torch.cat(seen[0]).unique()) == 96  # a permutation: every training sample once per epoch
 
 
 def test_kd_leaves_the_teacher_unchanged(tiny_raw, tmp_path):
@@ -144,4 +187,5 @@ def test_kd_leaves_the_teacher_unchanged(tiny_raw, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included: eval mode
     summary = json.loads((student.out_dir / "summary.json").read_text())
     assert summary["peers"][0]["val_acc"] == pytest.approx(teacher.summary["peers"][0]["val_acc"])
+    assert summary["peers"][0]["test_acc"] == pytest.approx(teacher.summary["peers"][0]["test_acc"])
     assert "student/loss_kd" in summary["history"][-1]
