@@ -161,10 +161,10 @@ class AFD(Method):
             return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": (t * t) * kl}
         disc = ctx.state["disc"]
         (real,) = ctx.from_sources("feat")  # peer k-1's transferred map, detached
-        if phase.name == "adv":
-            fake = ctx.published["feat"]  # T_k(f_k), with grad in this phase
-            return {"adv": gan_real(self.score(disc, real, fake)[1], cfg.gan)}
-        fake = ctx.published["feat"]  # own transferred map from the adversarial phase, detached
+        fake = ctx.published["feat"]  # own transferred map: with grad in the adversarial phase, detached after
+        if phase.name == "adv":  # the network wants D to call its map real
+            d_fake = self.score(disc, real, fake)[1] if cfg.disc_batch == "joint" else disc(fake)
+            return {"adv": gan_real(d_fake, cfg.gan)}
         d_real, d_fake = self.score(disc, real, fake)
         threshold = 0.5 if cfg.gan == "lsgan" else 0.0
         ctx.metrics["disc_acc_real"] = (d_real.detach() > threshold).float().mean()
@@ -173,7 +173,8 @@ class AFD(Method):
         return {"disc": gan_real(d_real, cfg.gan) + gan_fake(d_fake, cfg.gan)}
 
     def score(self, disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
-        """D's scores of the real and the fake maps, from two calls or from one batch (``disc_batch``)."""
+        """D's scores of the real and the fake maps: from one batch (``disc_batch: joint``, D's batch statistics
+        then span both), or from separate calls."""
         if self.cfg.disc_batch == "joint":
             scores = disc(torch.cat([real, fake]))
             return scores[: len(real)], scores[len(real) :]
