@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdray.engines.process import PopulationProcess  # noqa: E402
+
 from benchmarks.reference_dml import build_reference_peers, dml_step  # noqa: E402
 from kdray.config import load_config  # noqa: E402
-from kdray.engines.process import PopulationProcess  # noqa: E402
 
 
 def config(args: argparse.Namespace, image: int, channels: int) -> dict:

@@ -71,9 +71,9 @@ def base_config(peers: int, size: int, steps: int, method: str = "dml") -> dict:
 def local_step_ms(raw: dict, steps: int, threads: int = CORES) -> float:
     """Steady-state ms per step of the whole population in one process (the loop LocalEngine runs)."""
     import torch
+    from kdray.engines.process import PopulationProcess
 
     from kdray.config import load_config
-    from kdray.engines.process import PopulationProcess
 
     cfg = load_config({**raw, "train": {**raw["train"], "threads": threads}})
     proc = PopulationProcess(cfg)

@@ -81,8 +81,9 @@ def study_row(name: str, study: dict, wall: float) -> dict:
 
 
 def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    import kdray
     from kdray.engines.process import score
+
+    import kdray
     from kdray.search.study import StudySettings, run_study
 
     config = REPO / CONFIGS[method]

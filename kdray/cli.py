@@ -51,7 +51,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if test:
         accs = ", ".join(f"{name} {acc:.4f}" for name, acc in test["peers"].items())
         ens = f"; ensemble {test['ensemble_acc']:.4f}" if test.get("ensemble_acc") is not None else ""
-        print(f"test split, evaluated once ({test['checkpoint']}, epoch {test['epoch']}): test_acc {accs}{ens}")
+        print(
+            f"test split, evaluated once ({test['checkpoint']}, epoch {test['epoch']}): test_acc {accs}{ens}"
+        )
     print(f"run folder: {result.out_dir}  (summary.json, curves.png, checkpoints/)")
     if s.get("mlflow_run_id"):
         print(f"mlflow run: {s['mlflow_run_id']}")
@@ -68,7 +70,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         split = report["split"]
         print(f"{report['checkpoint']} (epoch {report['epoch']}), {split} split")
         for p in report["peers"]:
-            print(f"  {p['name']:>12} {p['arch']:<14} {split}_acc {p['acc']:.4f}  {split}_loss {p['loss']:.4f}")
+            print(
+                f"  {p['name']:>12} {p['arch']:<14} {split}_acc {p['acc']:.4f}  {split}_loss {p['loss']:.4f}"
+            )
         if report["ensemble_acc"] is not None:
             print(f"  {'ensemble':>12} {'':<14} {split}_acc {report['ensemble_acc']:.4f}")
     return 0

@@ -41,7 +41,9 @@ class ToyMemory(Method):
         return all_to_all(self.pop.num_peers)
 
     def buffers(self, k):
-        return {"memory": BufferSpec((self.pop.num_classes,), getattr(torch, self.cfg.memory_dtype), "onehot")}
+        return {
+            "memory": BufferSpec((self.pop.num_classes,), getattr(torch, self.cfg.memory_dtype), "onehot")
+        }
 
     def loss(self, phase: Phase, ctx: PeerContext) -> dict[str, Tensor]:
         logits = ctx.out["logits"]

@@ -377,7 +377,9 @@ def test_fake_cifar100_loads_fine_labels(tmp_path):
     cfg = DataConfig(dataset="cifar100", root=str(tmp_path), download=False, batch_size=10, augment=False)
     dm = build_data(cfg, seed=0)
     assert dm.spec == DataSpec(100, 3, 32, 27, 3, 7, "cifar100")
-    assert torch.cat([b.y for b in dm.eval_batches("test")]).tolist() == [(7 * i + 200) % 100 for i in range(7)]
+    assert torch.cat([b.y for b in dm.eval_batches("test")]).tolist() == [
+        (7 * i + 200) % 100 for i in range(7)
+    ]
     mean, std = NORMALISATION["cifar100"]
     x = next(dm.eval_batches("test")).x
     assert x[0, 1, 0, 0].item() == pytest.approx(((200 + 50) / 255 - mean[1]) / std[1], abs=1e-6)
@@ -442,7 +444,12 @@ def test_image_folder_without_a_split_tests_on_its_training_images(tmp_path):
     with pytest.warns(UserWarning, match="no train/ and val/ split"):
         dm = build_data(
             DataConfig(
-                dataset="imagefolder", root=str(flat), batch_size=2, augment=False, val_split=None, select_on="test"
+                dataset="imagefolder",
+                root=str(flat),
+                batch_size=2,
+                augment=False,
+                val_split=None,
+                select_on="test",
             ),
             seed=0,
         )
@@ -492,7 +499,9 @@ def test_val_split_is_carved_from_the_training_set_disjoint_and_seeded(cifar_roo
     assert torch.equal(val_x, normalise(raw[val_ids], mean, std))  # exactly the carved samples, in order
     seen = torch.cat([b.index for b in dm.train_batches(0)])  # positions in the training split
     assert set(torch.tensor(train_ids)[seen].tolist()).isdisjoint(val_ids)
-    assert build_data(cifar_cfg(cifar_root, val_split=10, select_on="val"), seed=5).spec.val_len == 10  # a count
+    assert (
+        build_data(cifar_cfg(cifar_root, val_split=10, select_on="val"), seed=5).spec.val_len == 10
+    )  # a count
     other = build_data(cifar_cfg(cifar_root, val_split=0.25, select_on="val"), seed=6)
     assert not torch.equal(torch.cat([b.y for b in other.eval_batches("val")]), torch.tensor(val_ids) % 10)
     with pytest.raises(DataError, match="data.val_split = 40"):
@@ -515,7 +524,9 @@ def test_label_noise_corrupts_exactly_the_recorded_share(cifar_root, kind):
     noisy = dm.train_labels()
     changed = (noisy != clean).nonzero().flatten().tolist()
     assert changed == noise["indices"]  # every recorded index changed, nothing else did
-    assert noise["clean_labels"] == clean[changed].tolist() and noise["noisy_labels"] == noisy[changed].tolist()
+    assert (
+        noise["clean_labels"] == clean[changed].tolist() and noise["noisy_labels"] == noisy[changed].tolist()
+    )
     if kind == "pair":
         assert torch.equal(noisy[changed], (clean[changed] + 1) % 10)
     assert torch.equal(build_data(cfg, seed=3).train_labels(), noisy)  # seeded

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from kdray.config import load_config
@@ -105,7 +104,9 @@ def test_codistillation_losses_by_hand(tiny_raw):
     batch = next(iter(proc.data.train_batches(0)))
     g = torch.Generator().manual_seed(1)
     own, peer = torch.randn(32, 4, generator=g), torch.randn(32, 4, generator=g)
-    ctx = PeerContext(0, "codistill", {"logits": own}, {1: {"logits": peer}}, {}, batch, batch.x, None, None, 0, 0)
+    ctx = PeerContext(
+        0, "codistill", {"logits": own}, {1: {"logits": peer}}, {}, batch, batch.x, None, None, 0, 0
+    )
     terms = method.loss(phase, ctx)
 
     def kl(target, student):  # KL(p_target^T || p_student^T), batch mean

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 from torch import nn
 
@@ -220,7 +219,8 @@ def test_one_adversarial_step_makes_the_discriminator_call_the_map_more_real(tin
 
 
 @pytest.mark.parametrize(
-    ("norm", "batch"), [("none", "separate"), ("spectral", "separate"), ("dcgan", "joint"), ("batch", "joint")]
+    ("norm", "batch"),
+    [("none", "separate"), ("spectral", "separate"), ("dcgan", "joint"), ("batch", "joint")],
 )
 @pytest.mark.parametrize("change", ["scale", "mean"])
 def test_discriminator_separates_maps_that_differ_only_in_scale_or_mean(norm, batch, change):

@@ -1,0 +1,100 @@
+"""Stages: one ``kdray train`` runs a teacher stage then a student stage; a stop inside stage 2 resumes in stage 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import kdray
+from kdray.checkpoint import load_checkpoint
+from kdray.errors import ConfigError
+
+
+def _staged(tiny_raw) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
+    raw.pop("peers")
+    raw.pop("method")
+    raw["train"].update(epochs=2, steps_per_epoch=3)
+    raw["tracking"] = {"enabled": True}
+    raw["stages"] = [
+        {"name": "teacher", "method": {"name": "independent"}, "peers": [{"name": "net", **small}]},
+        {
+            "name": "student",
+            "method": {"name": "kd", "temperature": 4.0},
+            "train": {"checkpoint_every_steps": 1},
+            "peers": [
+                {"name": "teacher", "frozen": True, "from_stage": "teacher", **small},
+                {"name": "student", **small},
+            ],
+        },
+    ]
+    return raw
+
+
+def test_two_stages_in_one_run_nested_in_mlflow(tiny_raw, tmp_path):
+    result = kdray.train(_staged(tiny_raw), out=tmp_path / "run")
+    out = tmp_path / "run"
+    assert result.out_dir == out / "stages" / "student"
+    teacher = load_checkpoint(out / "stages" / "teacher" / "checkpoints" / "last.pt")["peers"]["net"]["net"]
+    frozen = load_checkpoint(out / "stages" / "student" / "checkpoints" / "last.pt")["peers"]["teacher"][
+        "net"
+    ]
+    assert all(torch.equal(teacher[k], frozen[k]) for k in teacher)  # the teacher is stage 1's final weights
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["teacher", "student"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = [
+        r for r in client.search_runs([parent.info.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]  # fmt: skip
+    assert sorted(r.info.run_name for r in children) == ["tiny-student", "tiny-teacher"]
+
+
+def test_a_stop_in_stage_two_resumes_there_without_retraining_stage_one(tiny_raw, tmp_path):
+    import kdray.engines.local as local
+    from kdray.loop import Stopped
+
+    raw = _staged(tiny_raw)
+    original = local.LocalSink.step_done
+
+    def stop_in_student(self, epoch, step_in_epoch, step, metrics):
+        original(self, epoch, step_in_epoch, step, metrics)
+        if self.cfg.name == "tiny-student" and step == 3:
+            self.engine.stop = lambda: True
+
+    local.LocalSink.step_done = stop_in_student
+    try:
+        with pytest.raises(Stopped):
+            kdray.train(raw, out=tmp_path / "run")
+    finally:
+        local.LocalSink.step_done = original
+    teacher_ckpt = tmp_path / "run" / "stages" / "teacher" / "checkpoints" / "last.pt"
+    stamp = teacher_ckpt.stat().st_mtime_ns
+    assert load_checkpoint(tmp_path / "run" / "stages" / "student")["progress"]["step_in_epoch"] == 1
+    resumed = kdray.train(None, resume=tmp_path / "run")
+    assert teacher_ckpt.stat().st_mtime_ns == stamp  # stage 1 was not trained again
+    full = kdray.train(raw, out=tmp_path / "full")
+    got = load_checkpoint(resumed.checkpoint)["peers"]["student"]["net"]
+    want = load_checkpoint(full.checkpoint)["peers"]["student"]["net"]
+    assert all(torch.equal(got[k], want[k]) for k in want)  # and stage 2 continued exactly
+
+
+def test_bad_stage_references_are_refused_before_anything_is_written(tiny_raw, tmp_path):
+    raw = _staged(tiny_raw)
+    raw["stages"][1]["peers"][0]["from_stage"] = "professor"
+    with pytest.raises(ConfigError, match=r"stages\.1 \(student\).*from_stage.*\['teacher'\]"):
+        kdray.train(raw, out=tmp_path / "run")
+    raw["stages"][1]["peers"][0]["from_stage"] = "student"  # itself: not an earlier stage
+    with pytest.raises(ConfigError, match="earlier stage"):
+        kdray.train(raw, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    plain = copy.deepcopy(tiny_raw)
+    plain["peers"][0]["from_stage"] = "teacher"
+    with pytest.raises(ConfigError, match="a plain config has none"):
+        kdray.train(plain, out=tmp_path / "plain")
