@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v:.1f} s" for k, v in extra["first_step"]["breakdown_s"].items() if v is not None
             )
         )
-    with ray_session(EngineConfig(object_store_mb=300), num_peers=max(args.peers)):
+    with ray_session(EngineConfig(name="ray", session={"object_store_mb": 300}), num_peers=max(args.peers)):
         for peers in args.peers:
             for size in args.sizes:
                 raw = base_config(peers, size, args.steps)

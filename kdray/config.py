@@ -451,6 +451,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# Sections that a single string may stand for, and the key that string sets (``exchange: actor``).
+SHORTHANDS = {"exchange": "name", "placement": "strategy"}
+
+
 def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.0.c`` in a nested dict/list, creating mappings on the way (validation rejects unknown keys later)."""
     parts = dotted.split(".")
@@ -470,6 +474,8 @@ def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
             else:
                 if node.get(part) is None:
                     node[part] = {}
+                elif isinstance(node[part], str) and part in SHORTHANDS:  # exchange: stale -> {name: stale}
+                    node[part] = {SHORTHANDS[part]: node[part]}
                 node = node[part]
         else:
             raise ConfigError(dotted, value, f"'{'.'.join(parts[:i])}' is a value, not a section")

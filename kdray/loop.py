@@ -232,7 +232,8 @@ def train_epochs(
         step_ms = 1000.0 * (time.perf_counter() - started) / max(progress.step_in_epoch - first, 1)
         metrics = merge_states(collective.all_gather(progress.partial.state()))
         check_finite(metrics, epoch)
-        metrics.update(pop.learning_rates())
+        for lrs in collective.all_gather(pop.learning_rates()):
+            metrics.update(lrs)
         if epoch + 1 == epochs or (epoch + 1) % cfg.train.eval_every == 0:
             ev = merge_eval(collective.all_gather(pop.evaluate(select_split)))
             metrics.update(summarise_eval(cfg, ev, "val"))

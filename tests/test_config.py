@@ -44,7 +44,11 @@ def test_overrides_are_typed_and_nested(tiny_raw):
         ("data.dataset=mnist3d", "data.dataset", "fashion_mnist"),
         ("train.epoch=3", "train.epoch", "unknown key"),
         ("method.temperature=0", "method.temperature", "greater than 0"),
-        ("engine.placement=everywhere", "engine.placement", "strict_spread"),
+        ("engine.placement=everywhere", "engine.placement.strategy", "strict_spread"),
+        ("engine.stale_every=10", "engine.stale_every", "engine.exchange.every"),
+        ("train.max_steps_per_epoch=3", "train.max_steps_per_epoch", "train.steps_per_epoch"),
+        ("data.val_split=0.5.5", "data.val_split", "number"),
+        ("data.label_noise.rate=1.5", "data.label_noise.rate", "less than 1"),
     ],
 )
 def test_bad_values_name_key_value_and_accepted(tiny_raw, override, key, fragment):
@@ -92,3 +96,28 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("peers: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_engine_sections_refuse_what_they_cannot_honour(tiny_raw):
+    ray = ["engine.name=ray"]
+    cfg = load_config(tiny_raw, [*ray, "engine.exchange=stale", "engine.exchange.every=10"])
+    assert cfg.engine.exchange.name == "stale" and cfg.engine.exchange.every == 10
+    # a key of the stale exchange with the collective one: named, with why and where it belongs
+    with pytest.raises(ConfigError) as exc:
+        load_config(tiny_raw, [*ray, "engine.exchange.every=10"])
+    msg = str(exc.value)
+    assert "engine.exchange.every" in msg and "collective exchange cannot honour it" in msg and "stale" in msg
+    # the local engine cannot honour Ray's sections
+    with pytest.raises(ConfigError, match=r"engine\.placement.*only to engine\.name: ray"):
+        load_config(tiny_raw, ["engine.placement.cpus_per_peer=2"])
+    # defaults stated explicitly are fine (a Ray config switched to local keeps working)
+    assert load_config(tiny_raw, ["engine.exchange=collective"]).engine.name == "local"
+    # the failure-injection hook of kdray 0.1 is not a user key any more
+    with pytest.raises(ConfigError, match="not a config key"):
+        load_config(tiny_raw, [*ray, "engine.inject_failure_at_step=3"])
+
+
+def test_label_noise_and_validation_keys(tiny_raw):
+    cfg = load_config(tiny_raw, ["data.label_noise={kind: pair, rate: 0.4}", "data.val_split=0.2"])
+    assert cfg.data.label_noise.kind == "pair" and cfg.data.val_split == 0.2
+    assert load_config(tiny_raw, ["data.val_split=100"]).data.val_split == 100

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kdray.checkpoint import write_atomic
 from kdray.config import ExperimentConfig
 from kdray.engines.base import Engine
 from kdray.engines.display import EpochBar, epoch_line, progress_text, write_step_row
@@ -103,11 +104,11 @@ class RayEngine(Engine):
         outcome["ray"]["startup_s"] = startup_breakdown(
             marks, outcome.pop("first_placement"), outcome["ray"]["first_step_at"]
         )
-        (self.out_dir / "ray_run.json").write_text(
+        write_atomic(
+            self.out_dir / "ray_run.json",
             json.dumps(
-                {**outcome["ray"], "placement": outcome["placement"], "exchange": outcome["exchange"]},
-                indent=2,
-            )
+                {**outcome["ray"], "placement": outcome["placement"], "exchange": outcome["exchange"]}, indent=2
+            ).encode(),
         )
         return outcome
 
@@ -166,6 +167,11 @@ class DriverView:
                 self.attempts += 1
                 self.placement = placement
                 self.first_placement = self.first_placement or placement  # start-up is the first attempt's
+                # where every peer runs, as soon as it is known (process ids included: a user can watch them)
+                write_atomic(
+                    self.engine.out_dir / "ray_run.json",
+                    json.dumps({"attempts": self.attempts, "placement": placement}, indent=2).encode(),
+                )
             case FirstStep(time=at) if self.first_step_at is None:
                 self.first_step_at = at
             case Live():
@@ -206,7 +212,8 @@ class DriverView:
         for key in ("bytes_per_step", "ms_per_step", "wait_ms_per_step"):
             values = [h[f"exchange/{key}"] for h in history if f"exchange/{key}" in h]
             exchange[key] = sum(values) / len(values) if values else None
-        steps = [h["train/step_ms"] for h in history if "train/step_ms" in h]
+        # epochs this engine trained (a run resumed from a LocalEngine checkpoint has earlier ones without exchange)
+        steps = [h["train/step_ms"] for h in history if "train/step_ms" in h and "exchange/ms_per_step" in h]
         exchange["step_ms"] = sum(steps) / len(steps) if steps else None
         if exchange["ms_per_step"] is not None and exchange["step_ms"]:
             exchange["share_of_step"] = exchange["ms_per_step"] / exchange["step_ms"]

@@ -58,8 +58,9 @@ class ProcessGroup:
 class WorkerSink:
     """Live progress and per-step rows to the driver's board; Ray Train reports at every checkpoint."""
 
-    def __init__(self, board, rank: int, steps_per_epoch: int, log_every: int, pop: Population):
-        self.board, self.rank, self.spe, self.pop = board, rank, steps_per_epoch, pop
+    def __init__(self, board, rank: int, pop: Population, meta: dict[str, Any]):
+        self.board, self.rank, self.spe, self.pop, self.meta = board, rank, pop.steps_per_epoch, pop, meta
+        log_every = pop.cfg.train.log_every_steps
         self.window = StepWindow(log_every)
         self.live = MetricSums()
         self.last_live = time.monotonic()
@@ -101,6 +102,7 @@ class WorkerSink:
         import ray.train
 
         payload = {
+            **self.meta,
             "epoch": progress.epoch,
             "progress": progress.state(),
             "history": progress.history,
@@ -178,7 +180,8 @@ def train_worker(config: dict[str, Any]) -> None:
     built = time.time()
     collective = ProcessGroup(rank, world, object_group)
     board = config["board"]
-    sink = WorkerSink(board, rank, pop.steps_per_epoch, cfg.train.log_every_steps, pop)
+    meta = {"config": config["checkpoint_config"], "mlflow_run_id": config["run_id"]}
+    sink = WorkerSink(board, rank, pop, meta)
     progress = restore(pop, rank, ray.train.get_checkpoint(), config["resume"])
     me = {
         "marks": {"process_start": process_started_at(), "entered": entered, "built": built},
@@ -194,7 +197,6 @@ def train_worker(config: dict[str, Any]) -> None:
     placement = collective.all_gather(me)
     if rank == 0:
         board.post.remote(WorkersStarted(placement))
-    meta = {"config": config["checkpoint_config"], "mlflow_run_id": config["run_id"]}
     train_epochs(pop, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
     if rank == 0:
         board.post.remote(

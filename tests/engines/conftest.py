@@ -22,7 +22,7 @@ def ray_local():
     old = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = str(temp_dir)
     try:
-        with ray_session(EngineConfig(object_store_mb=200), num_peers=3):
+        with ray_session(EngineConfig(name="ray", session={"object_store_mb": 200}), num_peers=3):
             yield temp_dir
     finally:
         if old is None:

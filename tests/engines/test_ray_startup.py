@@ -15,8 +15,8 @@ from kdray.engines.ray_runtime import cluster_address
     ("address", "environ", "want"),
     [
         (None, {}, (None, "local")),
-        ("127.0.0.2:6379", {"RAY_ADDRESS": "10.0.0.1:6379"}, ("127.0.0.2:6379", "engine.address")),
-        ("auto", {}, ("auto", "engine.address")),
+        ("127.0.0.2:6379", {"RAY_ADDRESS": "10.0.0.1:6379"}, ("127.0.0.2:6379", "engine.session.address")),
+        ("auto", {}, ("auto", "engine.session.address")),
         (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, ("10.0.0.1:6379", "RAY_ADDRESS")),  # inside `ray job submit`
         (None, {"RAY_ADDRESS": "ray://head:10001"}, ("ray://head:10001", "RAY_ADDRESS")),
         (None, {"RAY_ADDRESS": "http://127.0.0.1:8265"}, (None, "local")),  # the Jobs API, not a cluster
@@ -24,7 +24,7 @@ from kdray.engines.ray_runtime import cluster_address
     ],
 )
 def test_cluster_address_engine_then_ray_address_then_local(address, environ, want):
-    assert cluster_address(EngineConfig(address=address), environ) == want
+    assert cluster_address(EngineConfig(name="ray", session={"address": address}), environ) == want
 
 
 def test_startup_breakdown_spans_add_up_to_the_total():
