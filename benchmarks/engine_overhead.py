@@ -2,7 +2,7 @@
 
 Both train the same peers (same seeds, same initial weights) on the same pre-staged batches; data loading is left
 out of both, so the difference is what kdray's step machinery costs (phases, publish/exchange, named weighted
-terms, metrics kept as tensors). Steps are timed in interleaved blocks (A, B, A, B, ...) so machine noise hits both
+terms, metrics kept as tensors, the per-step schedulers, the per-forward RNG reseeding). Steps are timed in interleaved blocks (A, B, A, B, ...) so machine noise hits both
 alike; the table reports medians of per-step times and their ratio. Target: overhead <= 3%.
 
     python benchmarks/engine_overhead.py --steps 200 --device cpu --out benchmarks/results
@@ -22,10 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdray.engines.process import PopulationProcess  # noqa: E402
-
 from benchmarks.reference_dml import build_reference_peers, dml_step  # noqa: E402
 from kdray.config import load_config  # noqa: E402
+from kdray.population import Population  # noqa: E402
 
 
 def config(args: argparse.Namespace, image: int, channels: int) -> dict:
@@ -35,6 +34,8 @@ def config(args: argparse.Namespace, image: int, channels: int) -> dict:
         "data": {
             "dataset": "synthetic",
             "batch_size": args.batch,
+            "val_split": None,  # nothing is evaluated here
+            "select_on": "test",
             "synthetic": {
                 "num_classes": 10,
                 "channels": channels,
@@ -61,7 +62,7 @@ def sync(device: torch.device) -> None:
 
 def measure(args: argparse.Namespace, image: int, channels: int) -> dict:
     cfg = load_config(config(args, image, channels))
-    proc = PopulationProcess(cfg)
+    proc = Population(cfg)
     device = proc.device
     batches = [b.to(device) for b in proc.data.train_batches(0)]
     nets, opts = build_reference_peers(cfg, proc.data)
@@ -74,7 +75,7 @@ def measure(args: argparse.Namespace, image: int, channels: int) -> dict:
         for i in range(n):
             b = batches[(start + i) % len(batches)]
             t = time.perf_counter()
-            proc.runner.step(b, 0, start + i)
+            proc.train_step(b, 0, start + i)  # what the loop runs: phases, then every scheduler's step
             sync(device)
             times.append(time.perf_counter() - t)
         return times

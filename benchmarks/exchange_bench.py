@@ -51,7 +51,7 @@ def base_config(peers: int, size: int, steps: int, method: str = "dml") -> dict:
                 "channels": channels,
                 "image_size": size,
                 "train_len": batch * steps,
-                "val_len": 256,
+                "test_len": 256,
             },
         },  # fmt: skip
         "peers": [{"arch": "resnet8", "arch_kwargs": {"width": 16}} for _ in range(peers)],
@@ -71,15 +71,16 @@ def base_config(peers: int, size: int, steps: int, method: str = "dml") -> dict:
 def local_step_ms(raw: dict, steps: int, threads: int = CORES) -> float:
     """Steady-state ms per step of the whole population in one process (the loop LocalEngine runs)."""
     import torch
-    from kdray.engines.process import PopulationProcess
 
     from kdray.config import load_config
+    from kdray.population import Population
 
     cfg = load_config({**raw, "train": {**raw["train"], "threads": threads}})
-    proc = PopulationProcess(cfg)
+    pop = Population(cfg)
     torch.set_num_threads(threads)
     marks = []
-    for _, _metrics in proc.steps(0):
+    for i, batch in enumerate(pop.batches(0)):
+        pop.train_step(batch, 0, i)
         marks.append(time.perf_counter())
     warm = min(3, len(marks) - 2)
     return (
@@ -97,17 +98,16 @@ def ray_run(raw: dict, exchange: str, out: Path, **engine) -> dict:
     raw["train"]["threads"] = max(1, CORES // peers)
     raw["engine"] = {
         "name": "ray",
-        "exchange": exchange,
-        "cpus_per_peer": int(1000 * CORES / peers) / 1000,
-        **engine,
+        "exchange": {"name": exchange, **engine},
+        "placement": {"cpus_per_peer": int(1000 * CORES / peers) / 1000},
     }
     result = kdray.train(raw, out=out)
     epoch2 = result.summary["history"][-1]
     row = {
-        "step_ms": epoch2["exchange/step_ms"],
+        "step_ms": epoch2["train/step_ms"],
         "exchange_ms": epoch2["exchange/ms_per_step"],
         "bytes_per_step": epoch2["exchange/bytes_per_step"],
-        "share": epoch2["exchange/ms_per_step"] / epoch2["exchange/step_ms"],
+        "share": epoch2["exchange/ms_per_step"] / epoch2["train/step_ms"],
         "first_step_s_ray_up": result.summary["first_step_s"],
     }
     if "exchange/wait_ms_per_step" in epoch2:  # split_wait: waiting for the slowest peer vs moving bytes
@@ -125,7 +125,7 @@ def first_step_from_launch(raw: dict, out: Path) -> dict:
     raw["engine"] = {
         "name": "ray",
         "exchange": "collective",
-        "cpus_per_peer": int(1000 * CORES / len(raw["peers"])) / 1000,
+        "placement": {"cpus_per_peer": int(1000 * CORES / len(raw["peers"])) / 1000},
     }
     config.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "RAY_ADDRESS")}
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["collective", "actor", "stale"],
         choices=["collective", "actor", "stale", "collective-split"],
-        help="collective-split: the collective exchange with engine.split_wait (waiting vs moving bytes)",
+        help="collective-split: the collective exchange with engine.exchange.split_wait (waiting vs moving bytes)",
     )
     parser.add_argument("--no-afd", action="store_true", help="skip the AFD ring-of-3 stale traffic runs")
     parser.add_argument("--quick", action="store_true", help="2 peers, 32x32, 12 steps")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 # one thread: a yardstick for shared machines, where a 2-thread process suffers most
                 local_1t = local_step_ms(raw, args.steps, threads=1)
                 for exchange in args.exchanges:
-                    engine = {"stale_every": args.steps} if exchange == "stale" else {}
+                    engine = {"every": args.steps} if exchange == "stale" else {}
                     if exchange == "collective-split":  # the collective exchange with a timed barrier first
                         engine = {"split_wait": True}
                     transport = exchange.removesuffix("-split")
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             # stale traffic where the signals are feature maps: AFD's ring of three at 32x32
             afd = base_config(3, 32, args.steps, method="afd")
             collective = ray_run(afd, "collective", work / "afd-collective")
-            stale = ray_run(afd, "stale", work / "afd-stale", stale_every=args.steps)
+            stale = ray_run(afd, "stale", work / "afd-stale", every=args.steps)
             extra["afd_ring3_32"] = {"collective": collective, "stale": stale}
             extra["stale_reduction_afd_ring3_32"] = collective["bytes_per_step"] / max(
                 stale["bytes_per_step"], 1

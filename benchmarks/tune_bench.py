@@ -37,7 +37,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         TWO_PEERS,
         "data.root=data",
         f"data.train_size={args.train_size}",
-        f"data.val_size={args.val_size}",
+        f"data.val_split={args.val_size}",
         f"train.epochs={args.epochs}",
         "train.progress=false",
         f"tracking.enabled={'true' if args.mlflow else 'false'}",
@@ -81,7 +81,7 @@ def study_row(name: str, study: dict, wall: float) -> dict:
 
 
 def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    from kdray.engines.process import score
+    from kdray.loop import score
 
     import kdray
     from kdray.search.study import StudySettings, run_study

@@ -18,7 +18,8 @@ def test_dml_on_fashion_mnist_learns_and_is_tracked(fmnist_root, tmp_path):
             f"data.root={fmnist_root}",
             "data.download=false",
             "data.train_size=6000",
-            "data.val_size=2000",
+            "data.val_split=1000",
+            "data.test_size=2000",
             "data.batch_size=64",
             "peers.1.arch=resnet8",
             "train.epochs=1",
@@ -36,6 +37,8 @@ def test_dml_on_fashion_mnist_learns_and_is_tracked(fmnist_root, tmp_path):
         assert 0 < peer["val_loss"] < 2.3
         assert peer["params"] > 0
     assert summary["ensemble_acc"] > 0.6
+    assert summary["selection"]["split"] == "val" and summary["selection"]["samples"] == 1000
+    assert all(peer["test_acc"] > 0.6 for peer in summary["peers"])  # the test split, once, at the end
 
     from mlflow.tracking import MlflowClient
 
@@ -46,6 +49,9 @@ def test_dml_on_fashion_mnist_learns_and_is_tracked(fmnist_root, tmp_path):
         name = peer["name"]
         assert run.data.metrics[f"{name}/val_acc"] == pytest.approx(peer["val_acc"])
         assert f"{name}/loss_kl" in run.data.metrics and f"{name}/loss_ce" in run.data.metrics
+        assert run.data.metrics[f"{name}/test_acc"] == pytest.approx(peer["test_acc"])
+        steps = client.get_metric_history(run.info.run_id, f"step/{name}/loss_ce")
+        assert [m.step for m in steps] == list(range(50, 84, 50))  # per-step curves every train.log_every_steps
     assert run.data.params["method.name"] == "dml"
     assert run.data.params["data.train_size"] == "6000"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -561,8 +561,9 @@ def write_outputs(
         # count, which the numbers depend on.
         mine = base.to_dict()
         best_cfg["tracking"] = copy.deepcopy(mine["tracking"])
-        for section, key in (("train", "progress"), ("train", "eval_every"), ("engine", "cpus_per_peer")):
+        for section, key in (("train", "progress"), ("train", "eval_every")):
             best_cfg[section][key] = mine[section][key]
+        best_cfg["engine"]["placement"]["cpus_per_peer"] = mine["engine"]["placement"]["cpus_per_peer"]
         header = (
             f"# Best trial {best['trial_id']} of study {study['name']} (kdray tune): {study['metric']} = "
             f"{best['objective']:.4f} after {best['epoch']} epoch(s).\n# Reproduce it: kdray train {study_dir / 'best.yaml'}\n"

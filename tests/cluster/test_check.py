@@ -19,8 +19,8 @@ from kdray.errors import KdrayError
 REPO = Path(__file__).resolve().parents[2]
 AWS = REPO / "cluster.yaml"
 ONPREM = REPO / "deploy" / "onprem.yaml"
-SHARED = ["engine.name=ray", "engine.storage_path=/mnt/kdray/ray_storage"]
-RING3_GPU = [*SHARED, "engine.placement=strict_spread", "engine.gpus_per_peer=1"]
+SHARED = ["engine.name=ray", "engine.session.storage_path=/mnt/kdray/ray_storage"]
+RING3_GPU = [*SHARED, "engine.placement.strategy=strict_spread", "engine.placement.gpus_per_peer=1"]
 
 
 def _raw(path: Path) -> dict:
@@ -67,7 +67,7 @@ def test_shipped_files_pass(path: Path, experiment: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "accepted by `ray up`" in out
     assert "/mnt/kdray" in out  # the shared storage found in setup_commands
-    assert "3 peers need 3 nodes" in out and "engine.storage_path /mnt/kdray/ray_storage: reachable" in out
+    assert "3 peers need 3 nodes" in out and "engine.session.storage_path /mnt/kdray/ray_storage: reachable" in out
 
 
 def test_shipped_aws_file_counts_nodes() -> None:
@@ -165,17 +165,17 @@ def test_too_few_nodes_for_strict_spread(tmp_path: Path, experiment: Path, capsy
     argv = ["cluster", "check", str(path), "--config", str(experiment)]
     assert main([*argv, *sum((["--set", s] for s in RING3_GPU), [])]) == 2
     err = capsys.readouterr().err
-    assert "engine.placement: strict_spread puts each of the 3 peers on its own node" in err
+    assert "engine.placement.strategy: strict_spread puts each of the 3 peers on its own node" in err
     assert "only 2 node(s) fit a peer {CPU: 1, GPU: 1}" in err
-    assert "engine.gpus_per_peer: 3 peers x 1 GPU = 3 GPUs, but the cluster has 2" in err
+    assert "engine.placement.gpus_per_peer: 3 peers x 1 GPU = 3 GPUs, but the cluster has 2" in err
     # The same population packs onto the head's 8 CPUs when it asks for no GPU.
     assert main([*argv, "--set", SHARED[0], "--set", SHARED[1]]) == 0
 
 
 def test_autoscaling_needs_a_longer_placement_timeout(experiment: Path) -> None:
     report = check_cluster(AWS, config=experiment, overrides=RING3_GPU)  # min_workers 0: the GPUs come later
-    assert any("engine.placement_timeout_s=60 s will likely expire first" in w for w in report.warnings)
-    report = check_cluster(AWS, config=experiment, overrides=[*RING3_GPU, "engine.placement_timeout_s=1200"])
+    assert any("engine.placement.timeout_s=60 s will likely expire first" in w for w in report.warnings)
+    report = check_cluster(AWS, config=experiment, overrides=[*RING3_GPU, "engine.placement.timeout_s=1200"])
     assert not any("placement_timeout_s" in w for w in report.warnings)
     report = check_cluster(
         AWS, config=experiment, overrides=SHARED
@@ -186,8 +186,8 @@ def test_autoscaling_needs_a_longer_placement_timeout(experiment: Path) -> None:
 def test_too_few_machines_on_premise(experiment: Path) -> None:
     four = [*RING3_GPU, "peers=[{arch: resnet8}, {arch: resnet8}, {arch: resnet8}, {arch: resnet8}]"]
     gpus, placement = _problems(ONPREM, config=experiment, overrides=four)
-    assert gpus.startswith("engine.gpus_per_peer: 4 peers x 1 GPU = 4 GPUs, but the cluster has 3")
-    assert placement.startswith("engine.placement: strict_spread puts each of the 4 peers on its own node")
+    assert gpus.startswith("engine.placement.gpus_per_peer: 4 peers x 1 GPU = 4 GPUs, but the cluster has 3")
+    assert placement.startswith("engine.placement.strategy: strict_spread puts each of the 4 peers on its own node")
     assert "add machines to provider.worker_ips" in placement
 
 
@@ -202,15 +202,15 @@ def test_too_few_machines_on_premise(experiment: Path) -> None:
 )
 def test_storage_local_to_one_node(experiment: Path, storage: str, fault: str) -> None:
     (problem,) = _problems(
-        AWS, config=experiment, overrides=["engine.name=ray", f"engine.storage_path={storage}"]
+        AWS, config=experiment, overrides=["engine.name=ray", f"engine.session.storage_path={storage}"]
     )
-    assert problem.startswith(f"engine.storage_path: {fault}")
+    assert problem.startswith(f"engine.session.storage_path: {fault}")
     assert "use a folder under the shared mount /mnt/kdray, or an s3:// / gs:// URI" in problem
 
 
 def test_storage_unset_on_a_multi_node_cluster(experiment: Path) -> None:
     (problem,) = _problems(AWS, config=experiment, overrides=["engine.name=ray"])
-    assert problem.startswith("engine.storage_path: not set: Ray Train would checkpoint to <out>/ray_storage")
+    assert problem.startswith("engine.session.storage_path: not set: Ray Train would checkpoint to <out>/ray_storage")
     assert problem.endswith("e.g. /mnt/kdray/ray_storage")
 
 
@@ -218,7 +218,7 @@ def test_storage_unset_on_a_multi_node_cluster(experiment: Path) -> None:
     "storage", ["s3://bucket/kdray", "gs://bucket/kdray", "/mnt/kdray", "file:///mnt/kdray/x"]
 )
 def test_storage_every_node_reaches(experiment: Path, storage: str) -> None:
-    check_cluster(AWS, config=experiment, overrides=["engine.name=ray", f"engine.storage_path={storage}"])
+    check_cluster(AWS, config=experiment, overrides=["engine.name=ray", f"engine.session.storage_path={storage}"])
 
 
 def test_mount_on_the_head_only_is_not_shared(tmp_path: Path, experiment: Path) -> None:
@@ -227,7 +227,7 @@ def test_mount_on_the_head_only_is_not_shared(tmp_path: Path, experiment: Path) 
     raw["head_setup_commands"].append(mount)
     (problem,) = _problems(_write(tmp_path, raw), config=experiment, overrides=SHARED)
     assert problem.startswith(
-        "engine.storage_path: '/mnt/kdray/ray_storage': /mnt/kdray is mounted on head only"
+        "engine.session.storage_path: '/mnt/kdray/ray_storage': /mnt/kdray is mounted on head only"
     )
 
 

@@ -62,7 +62,7 @@ def ring3_on_cluster(tmp_path_factory) -> dict:
         "--out",
         str(out),
         "--set",
-        f"engine.storage_path={tmp / 'ray_storage'}",
+        f"engine.session.storage_path={tmp / 'ray_storage'}",
         "--set",
         f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         "--timeout",
@@ -118,7 +118,7 @@ def test_summary_and_mlflow_run_hold_per_peer_metrics(ring3_on_cluster: dict) ->
     for name in names:
         for metric in ("val_acc", "loss_ce", "loss_kl", "loss_adv", "loss_disc"):
             assert f"{name}/{metric}" in run.data.metrics, sorted(run.data.metrics)
-    assert run.data.params["engine.placement"] == "strict_spread"
+    assert run.data.params["engine.placement.strategy"] == "strict_spread"
 
 
 def test_nothing_listens_beyond_loopback(ring3_on_cluster: dict) -> None:

@@ -125,13 +125,13 @@ def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_
     ]
     raw["method"] = {"name": "afd"}
     raw["train"]["threads"] = 1
-    raw["train"]["max_steps_per_epoch"] = 4
+    raw["train"]["steps_per_epoch"] = 4
     raw["engine"] = {
-        "name": "ray", "placement": "strict_spread", "cpus_per_peer": 0.5, "placement_timeout_s": 120,
+        "name": "ray", "placement": {"strategy": "strict_spread", "cpus_per_peer": 0.5, "timeout_s": 120},
     }  # fmt: skip
     config = tmp_path / "ring3.yaml"
     config.write_text(yaml.safe_dump(raw))
-    # no engine.address: the cluster is found through RAY_ADDRESS, as in a job started by `ray job submit`
+    # no engine.session.address: the cluster is found through RAY_ADDRESS, as in a job started by `ray job submit`
     run = subprocess.run(
         [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
         env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,

@@ -180,7 +180,7 @@ def test_resources_follow_cluster_and_population(tiny_raw):
     assert (r.resources, r.max_concurrent, r.threads) == ({"cpu": 4.0}, 2, 4)
     r = plan_resources(cfg, {"CPU": 2}, 4, None)
     assert (r.resources["cpu"], r.max_concurrent) == (1.0, 2)
-    ray_cfg = load_config(tiny_raw, ["engine.name=ray", "engine.cpus_per_peer=1"])
+    ray_cfg = load_config(tiny_raw, ["engine.name=ray", "engine.placement.cpus_per_peer=1"])
     r = plan_resources(ray_cfg, {"CPU": 5}, None, None)  # 2 workers at 0.99 CPU + a 0.01 driver: 2 fit in 5
     assert (r.resources, r.max_concurrent, r.threads, r.worker_cpus) == ({"cpu": 0.01}, 2, None, 0.99)
     assert plan_resources(ray_cfg, {"CPU": 2}, None, None).max_concurrent == 1  # exactly K CPUs host one
