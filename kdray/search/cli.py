@@ -21,7 +21,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         samples=args.samples, scheduler=args.scheduler, search=args.search, metric=args.metric,
         max_concurrent=args.max_concurrent, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
         grace_period=args.grace_period, perturbation_interval=args.perturbation_interval,
-        epoch_budget=args.epoch_budget, multi_objective=args.multi_objective,
+        epoch_budget=args.epoch_budget, multi_objective=args.multi_objective, address=args.address,
     )  # fmt: skip
     result = run_study(
         args.config, args.space, overrides=args.set, out=args.out, resume=args.resume, settings=settings
@@ -99,6 +99,10 @@ def add_parser(subparsers) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     p.add_argument("--out", help="study folder (default runs/<name>-tune-<time>)")
+    p.add_argument(
+        "--address", help="the Ray cluster to run the trials on (HOST:PORT or auto; default: RAY_ADDRESS, else a "
+        "private Ray on 127.0.0.1)",
+    )  # fmt: skip
     p.add_argument(
         "--resume", metavar="STUDY_DIR", help="continue an interrupted study; finished trials are kept"
     )

@@ -80,6 +80,7 @@ class StudySettings:
     multi_objective: bool = (
         False  # maximise the objective and minimise the trained peers' parameters (Pareto)
     )
+    address: str | None = None  # the Ray cluster the study runs on (default: engine.session.address, RAY_ADDRESS)
 
     def check(self) -> None:
         def bad(key: str, value: Any, accepted: str) -> StudyError:
@@ -184,12 +185,17 @@ def plan_resources(
 
 # ---------------------------------------------------------------------------------------------------- Ray
 @contextlib.contextmanager
-def study_ray(cfg: ExperimentConfig):
-    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``engine.session.address`` or
-    ``RAY_ADDRESS`` is attached to; otherwise a private Ray on loopback, shut down at the end)."""
+def study_ray(cfg: ExperimentConfig, address: str | None = None):
+    """Ray for the study: the RayEngine's session (an initialised Ray is used as it is; ``--address``,
+    ``engine.session.address`` or ``RAY_ADDRESS`` is attached to; otherwise a private Ray on loopback, shut down at
+    the end). A study of local-engine populations needs Ray too (each trial is a Tune actor): ``--address``."""
     from kdray.engines.ray_runtime import ray_session
 
-    with ray_session(cfg.engine, cfg.num_peers) as how:
+    engine = cfg.engine
+    if address is not None:
+        session = engine.session.model_copy(update={"address": address})
+        engine = engine.model_copy(update={"session": session})
+    with ray_session(engine, cfg.num_peers) as how:
         yield how
 
 
@@ -356,7 +362,7 @@ def run_study(
         tracking.tracker.check()  # before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
 
-    with study_ray(base):
+    with study_ray(base, settings.address):
         import ray
 
         res = plan_resources(base, ray.cluster_resources(), settings.max_concurrent, settings.cpus_per_trial)

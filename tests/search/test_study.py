@@ -120,6 +120,7 @@ def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local,
     """Two trials, one with a useless learning rate: it copies the better trial's checkpoint (weights, step, history)
     and continues with a perturbed KL weight, which is in effect from the next step."""
     tiny_raw["train"]["epochs"] = 4
+    tiny_raw["data"]["synthetic"]["train_len"] = 160  # 128 trained on: 8 steps per epoch
     space, settings = _pbt_pair()
     out = tmp_path / "pbt"
     study = run_study(tiny_raw, space, out=out, settings=settings).study
@@ -169,6 +170,8 @@ def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local,
     with_new = continue_with(new_kl, "new")
     with_old = continue_with(event["donor_values"]["method.weights.kl"], "old")
     for key, value in after[0]["metrics"].items():
+        if key == "train/step_ms":  # a timing, not a result
+            continue
         assert with_new[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     assert with_old["peer0/loss_kl"] != pytest.approx(after[0]["metrics"]["peer0/loss_kl"], rel=1e-6)
 
@@ -271,7 +274,7 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
     # PBT exploits only between trials running at the same time, and each Ray-engine trial first spends ~30 s
     # starting its Train run: epochs of a few seconds make the two trials overlap whatever their start-up skew.
     tiny_raw["train"]["epochs"] = 4
-    tiny_raw["data"]["synthetic"]["train_len"] = 2048  # 128 steps per epoch
+    tiny_raw["data"]["synthetic"]["train_len"] = 2080  # 2048 trained on (32 carved for validation): 128 steps
     tiny_raw["engine"] = {"name": "ray", "placement": {"cpus_per_peer": 0.5}}  # two trials x two workers on two cores
     space, settings = _pbt_pair()
     out = tmp_path / "pbt-ray"

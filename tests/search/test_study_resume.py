@@ -44,7 +44,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(ray_local, tiny_
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "kdray", "tune", str(cfg), "--space", str(space), "--samples", "3",
-         "--scheduler", "fifo", "--max-concurrent", "1", "--out", str(out), "--set", f"engine.session.address={ray_local}"],
+         "--scheduler", "fifo", "--max-concurrent", "1", "--out", str(out), "--address", str(ray_local)],
         cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
