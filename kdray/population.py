@@ -9,6 +9,8 @@ its per-sample buffers. The training step itself is :mod:`kdray.step`; the epoch
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,7 @@ class PeerRuntime:
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     schedulers: dict[str, Any] = field(default_factory=dict)  # optimizer group -> its LRScheduler
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    schedule: Any = None  # (optimizer) -> a fresh LRScheduler for it, the population's plan
 
     def train_mode(self) -> None:
         self.net.train(not self.frozen)
@@ -75,20 +78,37 @@ class PeerRuntime:
             "net": self.net.model.state_dict(),
             "state": self.state.state_dict() if self.state is not None else {},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "buffers": dict(self.buffers),
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any], step: int) -> None:
+        """Restore the peer as it was after ``step`` global steps. The schedulers are not restored but replayed:
+        rebuilt from this run's plan and stepped ``step`` times, so a resumed run follows the same per-step curve
+        (the same float operations in the same order), and a run resumed with more epochs follows the longer
+        plan from where it stands."""
         self.net.model.load_state_dict(sd["net"])
         if self.state is not None:
             self.state.load_state_dict(sd["state"])
         for k, o in self.optimizers.items():
             o.load_state_dict(sd["optimizers"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(sd["schedulers"][k])
+        for k in self.schedulers:
+            self.schedulers[k] = replay_schedule(self.optimizers[k], self.schedule, step)
         for k, buf in self.buffers.items():
             buf.copy_(sd["buffers"][k])
+
+
+def replay_schedule(optimizer: torch.optim.Optimizer, schedule, step: int):
+    """A fresh scheduler of ``optimizer`` from its base rates, stepped ``step`` times."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    scheduler = schedule(optimizer)
+    with (
+        warnings.catch_warnings()
+    ):  # torch warns of a scheduler stepped before its optimizer: replaying, it is
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
 
 
 def population_spec(cfg: ExperimentConfig, data: DataModule, steps_per_epoch: int) -> PopulationSpec:
@@ -170,11 +190,17 @@ def build_peer(
     ]
     for name, (params, ocfg) in method.optimizer_groups(k, net, state).items():
         groups.append((name, params, ocfg, ocfg.lr, ocfg.schedule == "follow"))
+    peer.schedule = functools.partial(
+        build_scheduler,
+        schedule=cfg.train.schedule,
+        steps_per_epoch=pop.steps_per_epoch,
+        epochs=cfg.train.epochs,
+    )
     for name, params, ocfg, lr, follows in groups:
         opt = make_optimizer(params, ocfg, lr)
         peer.optimizers[name] = opt
         if follows:
-            sched = build_scheduler(opt, cfg.train.schedule, pop.steps_per_epoch, cfg.train.epochs)
+            sched = peer.schedule(opt)
             if sched is not None:
                 peer.schedulers[name] = sched
     return peer
@@ -187,20 +213,20 @@ class SharedRuntime:
     module: nn.Module
     optimizer: torch.optim.Optimizer | None
     scheduler: Any = None
+    schedule: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else {},
-            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any], step: int) -> None:
         self.module.load_state_dict(sd["module"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(sd["optimizer"])
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(sd["scheduler"])
+            self.scheduler = replay_schedule(self.optimizer, self.schedule, step)
 
 
 def build_shared(cfg: ExperimentConfig, method: Method, device: torch.device) -> SharedRuntime | None:
@@ -213,10 +239,13 @@ def build_shared(cfg: ExperimentConfig, method: Method, device: torch.device) ->
     if ocfg is None:
         return SharedRuntime(module, None)
     opt = make_optimizer(module.parameters(), ocfg)
-    sched = None
-    if ocfg.schedule == "follow":
-        sched = build_scheduler(opt, cfg.train.schedule, method.pop.steps_per_epoch, cfg.train.epochs)
-    return SharedRuntime(module, opt, sched)
+    schedule = functools.partial(
+        build_scheduler,
+        schedule=cfg.train.schedule,
+        steps_per_epoch=method.pop.steps_per_epoch,
+        epochs=cfg.train.epochs,
+    )
+    return SharedRuntime(module, opt, schedule(opt) if ocfg.schedule == "follow" else None, schedule)
 
 
 # ------------------------------------------------------------------------------------------------ the population
@@ -375,8 +404,10 @@ class Population:
         }
 
     def load_state_dict(self, sd: dict[str, Any], rank: int = 0) -> None:
+        """Restore this process's part of a population checkpoint (taken after ``sd["step"]`` global steps)."""
+        step = int(sd.get("step", 0))
         for p in self.peers:
-            p.load_state_dict(sd["peers"][p.name])
+            p.load_state_dict(sd["peers"][p.name], step)
         if self.shared is not None and sd.get("shared") is not None:
-            self.shared.load_state_dict(sd["shared"])
+            self.shared.load_state_dict(sd["shared"], step)
         self.exchange.load_state_dict((sd.get("exchange") or {}).get(rank, {}))

@@ -9,7 +9,9 @@
 
 chained with ``SequentialLR``. The network's optimizer always follows it; an auxiliary optimizer (adversarial,
 discriminator, generator) follows it when its config says ``schedule: follow`` and keeps its rate when it says
-``constant``. Schedulers are checkpointed with their optimizer, so a resumed run continues the same curve.
+``constant``. A resumed run rebuilds its schedulers and replays them to the step it resumes at
+(:func:`kdray.population.replay_schedule`): the same curve, exactly, or the longer plan of a run resumed with more
+epochs, from where it stands.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def warmup_steps(schedule: ScheduleConfig, steps_per_epoch: int) -> int:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, steps_per_epoch: int, epochs: int
+    optimizer: torch.optim.Optimizer, *, schedule: ScheduleConfig, steps_per_epoch: int, epochs: int
 ) -> LRScheduler | None:
     """The per-step scheduler of ``optimizer`` (None: the rate never changes)."""
     total = steps_per_epoch * epochs

@@ -39,7 +39,10 @@ def _run(capsys, *argv):
         (["method.name=afd", "method.transfer=off", "peers.1.arch_kwargs.width=8"], "method.transfer"),
         (["data.dataset=fashion_mnist", "data.root=@ROOT", "data.download=false"], "fashion-mnist"),
         (["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"], "tracking.uri"),
-        (["engine.name=ray", "engine.exchange=collective", "engine.exchange.every=5"], "engine.exchange.every"),
+        (
+            ["engine.name=ray", "engine.exchange=collective", "engine.exchange.every=5"],
+            "engine.exchange.every",
+        ),
         (["engine.stale_every=5"], "engine.exchange.every"),
     ],
 )

@@ -51,7 +51,9 @@ def test_dml_on_fashion_mnist_learns_and_is_tracked(fmnist_root, tmp_path):
         assert f"{name}/loss_kl" in run.data.metrics and f"{name}/loss_ce" in run.data.metrics
         assert run.data.metrics[f"{name}/test_acc"] == pytest.approx(peer["test_acc"])
         steps = client.get_metric_history(run.info.run_id, f"step/{name}/loss_ce")
-        assert [m.step for m in steps] == list(range(50, 84, 50))  # per-step curves every train.log_every_steps
+        assert [m.step for m in steps] == list(
+            range(50, 84, 50)
+        )  # per-step curves every train.log_every_steps
     assert run.data.params["method.name"] == "dml"
     assert run.data.params["data.train_size"] == "6000"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -75,3 +75,23 @@ def test_auxiliary_optimizers_follow_or_keep_their_rate(tiny_raw):
         0.5,
         0.999,
     )
+
+
+def test_a_run_resumed_with_more_epochs_follows_the_longer_plan(tiny_raw, tmp_path):
+    """Schedulers are replayed, not restored: resumed with epochs 1 -> 3, a cosine run continues from step 4 of
+    the 3-epoch plan (the rate jumps up to it), and ends at ~0 at step 12, not climbing back up a 1-epoch cosine."""
+    import kdray
+    from kdray.checkpoint import load_checkpoint
+
+    tiny_raw["train"].update(epochs=1, steps_per_epoch=4)
+    kdray.train(tiny_raw, out=tmp_path / "run")
+    rates = []
+    kdray.train(
+        None,
+        overrides=["train.epochs=3"],
+        resume=tmp_path / "run",
+        callbacks=[lambda metrics, _: rates.append(metrics["peer0/lr"])],
+    )
+    plan = [0.05 * 0.5 * (1 + math.cos(math.pi * t / 12)) for t in range(13)]
+    assert rates == pytest.approx([plan[8], plan[12]], abs=1e-12)  # the rate after each epoch's last step
+    assert load_checkpoint(tmp_path / "run")["step"] == 12

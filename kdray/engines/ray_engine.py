@@ -107,7 +107,8 @@ class RayEngine(Engine):
         write_atomic(
             self.out_dir / "ray_run.json",
             json.dumps(
-                {**outcome["ray"], "placement": outcome["placement"], "exchange": outcome["exchange"]}, indent=2
+                {**outcome["ray"], "placement": outcome["placement"], "exchange": outcome["exchange"]},
+                indent=2,
             ).encode(),
         )
         return outcome

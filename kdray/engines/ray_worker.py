@@ -101,16 +101,17 @@ class WorkerSink:
         """Every rank saves its own peer (and where the loop stands) and reports it to Ray Train."""
         import ray.train
 
+        done = progress.epoch * self.spe + progress.step_in_epoch
         payload = {
             **self.meta,
             "epoch": progress.epoch,
+            "step": done,
             "progress": progress.state(),
             "history": progress.history,
             "best": progress.best,
             "rng": torch.get_rng_state(),
             **pop.state_dict(self.rank),
         }
-        done = progress.epoch * self.spe + progress.step_in_epoch
         metrics = {"epoch": progress.epoch, "step": done}
         if progress.step_in_epoch == 0 and progress.history:
             metrics = {**progress.history[-1], **metrics}

@@ -80,7 +80,9 @@ class StudySettings:
     multi_objective: bool = (
         False  # maximise the objective and minimise the trained peers' parameters (Pareto)
     )
-    address: str | None = None  # the Ray cluster the study runs on (default: engine.session.address, RAY_ADDRESS)
+    address: str | None = (
+        None  # the Ray cluster the study runs on (default: engine.session.address, RAY_ADDRESS)
+    )
 
     def check(self) -> None:
         def bad(key: str, value: Any, accepted: str) -> StudyError:

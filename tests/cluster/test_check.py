@@ -67,7 +67,10 @@ def test_shipped_files_pass(path: Path, experiment: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "accepted by `ray up`" in out
     assert "/mnt/kdray" in out  # the shared storage found in setup_commands
-    assert "3 peers need 3 nodes" in out and "engine.session.storage_path /mnt/kdray/ray_storage: reachable" in out
+    assert (
+        "3 peers need 3 nodes" in out
+        and "engine.session.storage_path /mnt/kdray/ray_storage: reachable" in out
+    )
 
 
 def test_shipped_aws_file_counts_nodes() -> None:
@@ -187,7 +190,9 @@ def test_too_few_machines_on_premise(experiment: Path) -> None:
     four = [*RING3_GPU, "peers=[{arch: resnet8}, {arch: resnet8}, {arch: resnet8}, {arch: resnet8}]"]
     gpus, placement = _problems(ONPREM, config=experiment, overrides=four)
     assert gpus.startswith("engine.placement.gpus_per_peer: 4 peers x 1 GPU = 4 GPUs, but the cluster has 3")
-    assert placement.startswith("engine.placement.strategy: strict_spread puts each of the 4 peers on its own node")
+    assert placement.startswith(
+        "engine.placement.strategy: strict_spread puts each of the 4 peers on its own node"
+    )
     assert "add machines to provider.worker_ips" in placement
 
 
@@ -210,7 +215,9 @@ def test_storage_local_to_one_node(experiment: Path, storage: str, fault: str) -
 
 def test_storage_unset_on_a_multi_node_cluster(experiment: Path) -> None:
     (problem,) = _problems(AWS, config=experiment, overrides=["engine.name=ray"])
-    assert problem.startswith("engine.session.storage_path: not set: Ray Train would checkpoint to <out>/ray_storage")
+    assert problem.startswith(
+        "engine.session.storage_path: not set: Ray Train would checkpoint to <out>/ray_storage"
+    )
     assert problem.endswith("e.g. /mnt/kdray/ray_storage")
 
 
@@ -218,7 +225,9 @@ def test_storage_unset_on_a_multi_node_cluster(experiment: Path) -> None:
     "storage", ["s3://bucket/kdray", "gs://bucket/kdray", "/mnt/kdray", "file:///mnt/kdray/x"]
 )
 def test_storage_every_node_reaches(experiment: Path, storage: str) -> None:
-    check_cluster(AWS, config=experiment, overrides=["engine.name=ray", f"engine.session.storage_path={storage}"])
+    check_cluster(
+        AWS, config=experiment, overrides=["engine.name=ray", f"engine.session.storage_path={storage}"]
+    )
 
 
 def test_mount_on_the_head_only_is_not_shared(tmp_path: Path, experiment: Path) -> None:

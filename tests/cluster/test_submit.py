@@ -112,9 +112,15 @@ def test_submit_and_follow_until_success(workdir: Path, fake_jobs: FakeJobs, cap
 def test_ray_engine_attaches_to_the_jobs_cluster(workdir: Path, fake_jobs: FakeJobs) -> None:
     cfg = str(workdir / "configs/tiny.yaml")
     assert submit_job("h:8265", cfg, ["engine.name=ray"], working_dir=workdir, wait=False) == 0
-    assert fake_jobs.submitted[-1]["entrypoint"].endswith("--set engine.name=ray --set engine.session.address=auto")
+    assert fake_jobs.submitted[-1]["entrypoint"].endswith(
+        "--set engine.name=ray --set engine.session.address=auto"
+    )
     submit_job(
-        "h:8265", cfg, ["engine.name=ray", "engine.session.address=10.0.0.1:6379"], working_dir=workdir, wait=False
+        "h:8265",
+        cfg,
+        ["engine.name=ray", "engine.session.address=10.0.0.1:6379"],
+        working_dir=workdir,
+        wait=False,
     )
     assert "auto" not in fake_jobs.submitted[-1]["entrypoint"]
     submit_job("h:8265", cfg, working_dir=workdir, wait=False)  # engine.name=local: nothing to attach

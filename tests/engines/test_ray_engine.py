@@ -109,7 +109,10 @@ def _peer_metrics(history: list[dict]) -> list[dict]:
 
 CASES = {
     # method, engine keys; DML through the collective exchange also loses a worker (killed from outside)
-    "dml-collective-killed-worker": ("dml", {"exchange": "collective", "fault_tolerance": {"max_failures": 1}}),
+    "dml-collective-killed-worker": (
+        "dml",
+        {"exchange": "collective", "fault_tolerance": {"max_failures": 1}},
+    ),
     # DML through the actor exchange starts from a LocalEngine checkpoint of epoch 1 (``--resume`` onto Ray)
     "dml-actor-resumed": ("dml", {"exchange": "actor"}),
     "afd-ring3-hetero-collective": ("afd", {"exchange": "collective"}),
@@ -139,14 +142,18 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, mo
     resumed = case.endswith("-resumed")
     if resumed:  # a 1-epoch run's schedule spans 1 epoch: continued to 2 it would differ from a 2-epoch run's
         raw["train"]["schedule"] = {"name": "constant"}
-    local, ray = _run_pair(raw, tmp_path, resume_epoch=1 if resumed else None, kill="killed" in case, **engine)
+    local, ray = _run_pair(
+        raw, tmp_path, resume_epoch=1 if resumed else None, kill="killed" in case, **engine
+    )
     if resumed:
         assert ray.summary["engine"] == "ray" and ray.summary["epochs"] == 2
 
     ray_ckpt, local_ckpt = load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)
     assert _compare_states(ray_ckpt, local_ckpt) <= TOL
     # the same per-peer and ensemble metrics, epoch by epoch, restarts included
-    for got, want in zip(_peer_metrics(ray.summary["history"]), _peer_metrics(local.summary["history"]), strict=True):
+    for got, want in zip(
+        _peer_metrics(ray.summary["history"]), _peer_metrics(local.summary["history"]), strict=True
+    ):
         assert got.keys() == want.keys()
         for k in want:
             assert got[k] == pytest.approx(want[k], rel=1e-7, abs=1e-9), k

@@ -211,7 +211,9 @@ def test_ray_engine_trial_is_the_train_driver(ray_local, tiny_raw, tmp_path):
     local = kdray.train(tiny_raw, overrides=["engine.name=local", "train.threads=1"], out=tmp_path / "local")
     assert trial["objective"] == pytest.approx(local.summary["best"]["metric"], abs=2 / 64)
     best = yaml.safe_load((out / "best.yaml").read_text())
-    assert best["engine"]["name"] == "ray" and best["engine"]["placement"]["cpus_per_peer"] == 1.0  # the user's, not 0.99
+    assert (
+        best["engine"]["name"] == "ray" and best["engine"]["placement"]["cpus_per_peer"] == 1.0
+    )  # the user's, not 0.99
 
 
 def test_multi_objective_study_finds_the_accuracy_size_front(ray_local, tiny_raw, tmp_path):
@@ -275,7 +277,10 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
     # starting its Train run: epochs of a few seconds make the two trials overlap whatever their start-up skew.
     tiny_raw["train"]["epochs"] = 4
     tiny_raw["data"]["synthetic"]["train_len"] = 2080  # 2048 trained on (32 carved for validation): 128 steps
-    tiny_raw["engine"] = {"name": "ray", "placement": {"cpus_per_peer": 0.5}}  # two trials x two workers on two cores
+    tiny_raw["engine"] = {
+        "name": "ray",
+        "placement": {"cpus_per_peer": 0.5},
+    }  # two trials x two workers on two cores
     space, settings = _pbt_pair()
     out = tmp_path / "pbt-ray"
     study = run_study(tiny_raw, space, out=out, settings=settings).study
