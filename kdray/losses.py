@@ -43,12 +43,17 @@ def kl_divergence(
     return _reduce(per_sample, reduction, student_logits.shape[1])
 
 
-def kl_to_probs(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+def kl_to_probs(
+    student_logits: Tensor,
+    target_probs: Tensor,
+    temperature: float = 1.0,
+    reduction: Reduction = "batchmean",
+) -> Tensor:
     """``KL(p || softmax(s/T))`` for a target already given as probabilities (memories, hand-made teachers)."""
     log_q = F.log_softmax(student_logits / temperature, dim=1)
     p = target_probs.clamp_min(0)
     per_sample = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), torch.zeros_like(p)).sum(dim=1)
-    return per_sample.mean()
+    return _reduce(per_sample, reduction, student_logits.shape[1])
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

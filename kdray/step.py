@@ -123,6 +123,14 @@ class StepRunner:
         shared_scope = phase.scope == "shared"
         forward_peers = self.peers if shared_scope else self._forward_peers
         shared_module = self.shared.module if self.shared else None
+        previous = {k: _detach(v) for k, v in last[1].items()} if last is not None else {}
+        if (
+            phase.optimizer is None
+        ):  # an observing forward: no loss, no update; the next phase reads its outputs
+            with self._autocast(), torch.no_grad():
+                inputs = method.phase_inputs(phase, batch, shared_module, rng)
+                outs = self._forward(phase, tag, step, inputs, forward_peers)
+            return inputs, outs, {}, {}
         if phase.forward or last is None:
             with self._autocast():
                 inputs = method.phase_inputs(phase, batch, shared_module, rng)
@@ -147,6 +155,7 @@ class StepRunner:
                 ctx = PeerContext(
                     p.index, phase.name, outs[p.index], received.get(p.index, {}), live.get(p.index, {}),
                     batch, inputs, p.state, shared_module, epoch, step, buffers=p.buffers,
+                    previous=previous.get(p.index, {}),
                 )  # fmt: skip
                 terms = method.loss(phase, ctx)
                 loss = weighted_sum(terms, weights)

@@ -94,7 +94,9 @@ class Phase:
     """One update inside a training step.
 
     ``optimizer``: the optimizer group stepped after this phase's backward ("net" = the peer's network with the
-    experiment's optimizer and schedule; other names come from :meth:`Method.optimizer_groups`).
+    experiment's optimizer and schedule; other names come from :meth:`Method.optimizer_groups`). None: an observing
+    forward under ``no_grad`` (no loss, no update) whose outputs the next phase reads as ``ctx.previous`` (CS-KD's
+    forward of the class-pair samples).
     ``scope``: "peer" trains each trainable peer's own parameters; "shared" trains the population's shared module,
     with every peer (frozen ones too) contributing its part of the loss.
     ``forward``: False reuses the previous phase's outputs and received signals, detached (e.g. a discriminator
@@ -106,7 +108,7 @@ class Phase:
     """
 
     name: str
-    optimizer: str = "net"
+    optimizer: str | None = "net"
     scope: Literal["peer", "shared"] = "peer"
     forward: bool = True
     every: int = 1
@@ -132,6 +134,7 @@ class PeerContext:
     epoch: int
     step: int  # global step, counted from 0
     buffers: dict[str, Tensor] = field(default_factory=dict)  # this peer's per-sample buffers (whole tables)
+    previous: Signals = field(default_factory=dict)  # this peer's outputs in the previous phase, detached
     metrics: dict[str, Tensor | float] = field(default_factory=dict)  # diagnostics the method wants logged
     writes: dict[str, Tensor] = field(default_factory=dict)  # buffer rows to write at the batch's indices
 

@@ -1,6 +1,8 @@
 """Independent training: K peers, no exchange. The baseline every distillation method is measured against.
 
-L_k = CE(y, softmax(z_k))
+L_k = CE(y_ls, softmax(z_k)),   y_ls = (1 - e) onehot(y) + e / C     (label smoothing, Szegedy et al. 2016; e = 0: plain CE)
+
+Label smoothing is the baseline that the self-distillation papers (TF-KD in particular) compare against.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from kdray.topology import Topology, no_exchange
 
 class IndependentConfig(MethodConfig):
     weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="e: the share of the target spread over all classes"
+    )
 
 
 @register
@@ -33,4 +38,6 @@ class Independent(Method):
         return {}
 
     def loss(self, phase: Phase, ctx: PeerContext) -> dict[str, Tensor]:
-        return {"ce": F.cross_entropy(ctx.out["logits"], ctx.batch.y)}
+        return {
+            "ce": F.cross_entropy(ctx.out["logits"], ctx.batch.y, label_smoothing=self.cfg.label_smoothing)
+        }

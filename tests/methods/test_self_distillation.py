@@ -1,0 +1,293 @@
+"""Self-distillation: PS-KD, CS-KD, TF-KD, AI-KD. Hand-computed targets and losses (a flipped sign or KL direction
+fails), memories at the right rows, the legacy TF-KD multiplier, AI-KD's two updates, a staged AI-KD run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdray
+from kdray.checkpoint import load_checkpoint
+from kdray.config import load_config
+from kdray.errors import ConfigError
+from kdray.methods.base import PeerContext
+from kdray.methods.pskd import progressive_alpha
+from kdray.metrics import MetricSums
+from kdray.population import Population
+
+
+def kl(p_logits, q_logits, t=1.0):
+    """KL(softmax(p/t) || softmax(q/t)), batch mean, written out."""
+    p, q = (p_logits / t).softmax(1), (q_logits / t).softmax(1)
+    return float((p * (p.log() - q.log())).sum(1).mean())
+
+
+def _pop(raw, method, peers=None):
+    raw = copy.deepcopy(raw)
+    raw["method"] = method
+    if peers is not None:
+        raw["peers"] = peers
+    return Population(load_config(raw))
+
+
+def _ctx(pop, k, out, batch, received=None, epoch=0, previous=None):
+    peer = next(p for p in pop.peers if p.index == k)
+    return PeerContext(
+        k, "main", out, received or {}, {}, batch, batch.x if batch else None, peer.state, None, epoch, 0,
+        buffers=peer.buffers, previous=previous or {},
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------------- PS-KD
+def test_pskd_alpha_grows_to_alpha_T_at_the_last_epoch():
+    assert progressive_alpha(0.8, 0, 10) == pytest.approx(0.08)
+    assert progressive_alpha(0.8, 9, 10) == pytest.approx(0.8)
+
+
+def test_pskd_target_and_loss_by_hand(tiny_raw):
+    tiny_raw["train"]["epochs"] = 4
+    pop = _pop(tiny_raw, {"name": "pskd"}, tiny_raw["peers"][:1])
+    phase = pop.method.phases()[0]
+    batch = next(iter(pop.batches(0)))
+    memory = pop.peers[0].buffers["memory"]
+    g = torch.Generator().manual_seed(0)
+    memory[batch.index] = torch.randn(16, 4, generator=g).softmax(1)  # last epoch's predictions
+    logits = torch.randn(16, 4, generator=g)
+    ctx = _ctx(pop, 0, {"logits": logits}, batch, epoch=2)
+    terms = pop.method.loss(phase, ctx)
+    a = 0.8 * 3 / 4
+    target = (1 - a) * F.one_hot(batch.y, 4).float() + a * memory[batch.index]
+    by_hand = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert float(terms["soft_ce"]) == pytest.approx(float(by_hand), rel=1e-6)
+    assert torch.allclose(
+        ctx.writes["memory"], logits.softmax(1)
+    )  # this step's predictions, for the next epoch
+
+
+def test_pskd_memory_is_written_at_the_batch_rows_after_the_step(tiny_raw):
+    pop = _pop(tiny_raw, {"name": "pskd"}, tiny_raw["peers"][:1])
+    memory = pop.peers[0].buffers["memory"]
+    assert torch.equal(memory, F.one_hot(pop.data.train_labels(), 4).float())  # initialised to the labels
+    batch = next(iter(pop.batches(0)))
+    net = pop.peers[0].net
+    net.train()
+    with (
+        torch.no_grad()
+    ):  # what the step's forward will predict (same seed for the forward, BN in train mode)
+        before = {k: v.clone() for k, v in net.model.state_dict().items()}
+        expected = net(batch.x)["logits"].softmax(1)
+        net.model.load_state_dict(before)
+    pop.train_step(batch, 0, 0)
+    assert torch.allclose(memory[batch.index], expected, atol=1e-6)
+    others = torch.ones(len(memory), dtype=torch.bool)
+    others[batch.index] = False
+    assert torch.equal(memory[others], F.one_hot(pop.data.train_labels()[others], 4).float())
+
+
+def test_pskd_inside_dml(tiny_raw):
+    pop = _pop(tiny_raw, {"name": "pskd", "weights": {"kl": 1.0}})
+    assert pop.method.topology.sources_of(0) == (1,)
+    metrics = pop.train_step(next(iter(pop.batches(0))), 0, 0).means()
+    assert metrics["peer0/loss_kl"] > 0 and "peer0/loss_soft_ce" in metrics
+
+
+# -------------------------------------------------------------------------------------------------------- CS-KD
+@pytest.mark.parametrize("pair_forward", ["separate", "joint"])
+def test_cskd_loss_by_hand(tiny_raw, pair_forward):
+    pop = _pop(tiny_raw, {"name": "cskd", "pair_forward": pair_forward}, tiny_raw["peers"][:1])
+    phase = next(ph for ph in pop.method.phases() if ph.name == "main")
+    batch = next(iter(pop.batches(0)))
+    assert batch.pair is not None and torch.equal(batch.pair.y, batch.y)
+    g = torch.Generator().manual_seed(1)
+    own, pair = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    if pair_forward == "joint":
+        ctx = _ctx(pop, 0, {"logits": torch.cat([own, pair])}, batch)
+    else:
+        ctx = _ctx(pop, 0, {"logits": own}, batch, previous={"logits": pair})
+    terms = pop.method.loss(phase, ctx)
+    assert float(terms["ce"]) == pytest.approx(float(F.cross_entropy(own, batch.y)), rel=1e-6)
+    assert float(terms["cls"]) == pytest.approx(
+        16 * kl(pair, own, 4.0), rel=1e-5
+    )  # T^2 KL(p(x')^T || p(x)^T)
+
+
+def test_cskd_pair_forward_carries_no_gradient(tiny_raw):
+    pop = _pop(tiny_raw, {"name": "cskd"}, tiny_raw["peers"][:1])
+    assert [ph.optimizer for ph in pop.method.phases()] == [None, "net"]
+    metrics = pop.train_step(next(iter(pop.batches(0))), 0, 0).means()
+    assert metrics["peer0/loss_cls"] >= 0 and "peer0/train_acc" in metrics
+
+
+# -------------------------------------------------------------------------------------------------------- TF-KD
+def test_tfkd_legacy_reduction_equals_kldivloss_mean_times_the_multiplier(tiny_raw, tmp_path):
+    teacher = _teacher(tiny_raw, tmp_path)
+    peers = [{"name": "t", **teacher}, {"name": "s", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    method = {"name": "tfkd", "mode": "self", "reduction": "legacy_mean", "multiplier": 50, "temperature": 6}
+    pop = _pop(tiny_raw, method, peers)
+    batch = next(iter(pop.batches(0)))
+    g = torch.Generator().manual_seed(2)
+    student, t_logits = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    terms = pop.method.loss(
+        pop.method.phases()[0], _ctx(pop, 1, {"logits": student}, batch, {0: {"logits": t_logits}})
+    )
+    published = torch.nn.KLDivLoss()(F.log_softmax(student / 6, 1), F.softmax(t_logits / 6, 1)) * 36 * 50
+    assert float(terms["kd"]) == pytest.approx(float(published), rel=1e-6)
+    assert float(terms["kd"]) == pytest.approx(36 * 50 * kl(t_logits, student, 6) / 4, rel=1e-5)
+
+
+def test_tfkd_reg_teacher_and_loss_by_hand(tiny_raw):
+    method = {"name": "tfkd", "mode": "reg", "temperature": 20, "multiplier": 100, "reduction": "legacy_mean"}
+    pop = _pop(tiny_raw, method, tiny_raw["peers"][:1])
+    batch = next(iter(pop.batches(0)))
+    student = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    terms = pop.method.loss(pop.method.phases()[0], _ctx(pop, 0, {"logits": student}, batch))
+    q = torch.full((16, 4), 0.01 / 3)
+    q[torch.arange(16), batch.y] = 0.99
+    teacher = F.softmax(q / 20, 1)  # the authors' code: a softmax over probabilities / T
+    published = torch.nn.KLDivLoss()(F.log_softmax(student, 1), teacher) * 100
+    assert float(terms["reg"]) == pytest.approx(float(published), rel=1e-6)
+
+
+def test_tfkd_self_needs_one_frozen_teacher(tiny_raw):
+    with pytest.raises(ConfigError, match="exactly one frozen teacher"):
+        _pop(tiny_raw, {"name": "tfkd", "mode": "self"}, tiny_raw["peers"][:1])
+
+
+# -------------------------------------------------------------------------------------------------------- AI-KD
+def _teacher(tiny_raw, tmp_path) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    raw["peers"] = [{"name": "net", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    raw["method"] = {"name": "independent"}
+    out = tmp_path / "pretrained"
+    if not (out / "checkpoints" / "last.pt").exists():
+        kdray.train(raw, out=out)
+    return {"arch": "resnet8", "arch_kwargs": {"width": 4}, "frozen": True, "checkpoint": str(out)}
+
+
+def _aikd(tiny_raw, tmp_path, **method):
+    peers = [
+        {"name": "pre", **_teacher(tiny_raw, tmp_path)},
+        {"name": "s", "arch": "resnet8", "arch_kwargs": {"width": 4}},
+    ]
+    return _pop(tiny_raw, {"name": "aikd", **method}, peers)
+
+
+def _params(module):
+    return {n: t.detach().clone() for n, t in module.named_parameters()}
+
+
+def test_aikd_updates_touch_only_their_own_parameters_and_the_student_fools_the_discriminator(
+    tiny_raw, tmp_path
+):
+    """The student step lowers the adversarial loss on a fixed batch and raises D's "real" score of the student's
+    distribution; the discriminator step changes the discriminator only."""
+    pop = _aikd(tiny_raw, tmp_path, weights={"ce": 0.0, "kd": 0.0, "adv": 1.0}, progressive=False)
+    runner = pop.runner
+    student, pre = pop.peers[1], pop.peers[0]
+    disc = student.state["disc"]
+    phases = {ph.name: ph for ph in pop.method.phases()}
+    batch = next(iter(pop.batches(0)))
+    for p in pop.peers:
+        p.train_mode()
+
+    def real_score() -> float:  # D's score of the student's distribution (high: "looks pre-trained")
+        with torch.no_grad():
+            return float(disc(pop.method.probs(student.net(batch.x)["logits"])).mean())
+
+    before_d, before_net, before_pre = _params(disc), _params(student.net), _params(pre.net)
+    s0 = real_score()
+    rng = torch.Generator().manual_seed(0)
+    metrics = MetricSums()
+    last = runner._run_phase(phases["student"], (0, 0), batch, 0, 0, rng, None, metrics)
+    s1 = real_score()
+    assert s1 > s0  # the student moved towards what D calls real
+    assert all(
+        torch.equal(before_d[k], v) for k, v in _params(disc).items()
+    )  # D untouched by the student step
+    assert any(not torch.equal(before_net[k], v) for k, v in _params(student.net).items())
+    adv0 = metrics.means()["s/loss_adv"]
+    assert (1 - s1) ** 2 < adv0 + 1e-6  # LSGAN (1 - D)^2 fell on the same batch
+
+    net_after = _params(student.net)
+    runner._run_phase(phases["disc"], (1, 0), batch, 0, 0, rng, last, MetricSums())
+    assert any(not torch.equal(before_d[k], v) for k, v in _params(disc).items())
+    assert all(torch.equal(net_after[k], v) for k, v in _params(student.net).items())  # the student untouched
+    assert all(torch.equal(before_pre[k], v) for k, v in _params(pre.net).items())  # pre-trained: frozen
+
+
+def test_aikd_loss_by_hand(tiny_raw, tmp_path):
+    pop = _aikd(tiny_raw, tmp_path, temperature=2.0)
+    batch = next(iter(pop.batches(0)))
+    g = torch.Generator().manual_seed(4)
+    z, zp = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    terms = pop.method.loss(pop.method.phases()[0], _ctx(pop, 1, {"logits": z}, batch, {0: {"logits": zp}}))
+    a = progressive_alpha(0.8, 0, 1)
+    target = (1 - a) * F.one_hot(batch.y, 4).float() + a * F.one_hot(batch.y, 4).float()  # memory: one-hot
+    assert float(terms["ce"]) == pytest.approx(float(-(target * z.log_softmax(1)).sum(1).mean()), rel=1e-6)
+    assert float(terms["kd"]) == pytest.approx(4 * kl(zp, z, 2.0), rel=1e-5)
+    d = pop.peers[1].state["disc"](z.softmax(1))
+    assert float(terms["adv"]) == pytest.approx(float((1 - d.detach()).pow(2).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("switches", "terms"),
+    [
+        ({"progressive": False}, {"ce", "kd", "adv"}),
+        ({"deterministic": False}, {"ce", "adv"}),
+        ({"adversarial": False}, {"ce", "kd"}),
+    ],
+)
+def test_aikd_ablations_are_configs(tiny_raw, tmp_path, switches, terms):
+    pop = _aikd(tiny_raw, tmp_path, **switches)
+    metrics = pop.train_step(next(iter(pop.batches(0))), 0, 0).means()
+    assert {k.split("loss_")[1] for k in metrics if k.startswith("s/loss_") and k != "s/loss_disc"} == terms
+    assert ("memory" in pop.peers[1].buffers) == switches.get("progressive", True)
+    assert (pop.peers[1].state is not None) == switches.get("adversarial", True)
+
+
+def test_aikd_refuses_another_architecture(tiny_raw, tmp_path):
+    peers = [
+        {"name": "pre", **_teacher(tiny_raw, tmp_path)},
+        {"name": "s", "arch": "resnet14", "arch_kwargs": {"width": 4}},
+    ]
+    with pytest.raises(ConfigError, match="same architecture"):
+        _pop(tiny_raw, {"name": "aikd"}, peers)
+
+
+def test_aikd_two_stages_resume_inside_stage_two(tiny_raw, tmp_path):
+    """Stage 1 pre-trains the network; stage 2 (AI-KD) stops mid-epoch and resumes there: the memory, the
+    discriminator and the student continue exactly as in an uninterrupted run."""
+    import kdray.engines.local as local
+    from kdray.loop import Stopped
+
+    small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
+    raw = copy.deepcopy(tiny_raw)
+    raw.pop("peers")
+    raw.pop("method")
+    raw["train"].update(epochs=2, steps_per_epoch=3, checkpoint_every_steps=1)
+    raw["stages"] = [
+        {"name": "pretrain", "method": {"name": "independent"}, "peers": [{"name": "net", **small}]},
+        {"name": "aikd", "method": {"name": "aikd"},
+         "peers": [{"name": "pre", "frozen": True, "from_stage": "pretrain", **small}, {"name": "s", **small}]},
+    ]  # fmt: skip
+    original = local.LocalSink.step_done
+
+    def stop_in_stage_two(self, epoch, step_in_epoch, step, metrics):
+        original(self, epoch, step_in_epoch, step, metrics)
+        if self.cfg.name == "tiny-aikd" and step == 3:
+            self.engine.stop = lambda: True
+
+    local.LocalSink.step_done = stop_in_stage_two
+    try:
+        with pytest.raises(Stopped):
+            kdray.train(raw, out=tmp_path / "run")
+    finally:
+        local.LocalSink.step_done = original
+    resumed = load_checkpoint(kdray.train(None, resume=tmp_path / "run").checkpoint)
+    full = load_checkpoint(kdray.train(raw, out=tmp_path / "full").checkpoint)
+    for part in ("net", "state", "buffers"):
+        for key, value in full["peers"]["s"][part].items():
+            assert torch.equal(resumed["peers"]["s"][part][key], value), (part, key)
