@@ -197,18 +197,17 @@ def final_test(
     best = ckpt_dir / "best.pt"
     chosen = best if best.is_file() else ckpt_dir / "last.pt"
     report = evaluate(chosen, split="test")
-    tracker.log_metrics(
-        {
-            **{f"{p['name']}/test_acc": p["acc"] for p in report["peers"]},
-            **({"ensemble/test_acc": report["ensemble_acc"]} if report["ensemble_acc"] is not None else {}),
-        },
-        step=report["epoch"],
-    )
+    logged = {f"{p['name']}/test_{k}": p[k] for p in report["peers"] for k in ("acc", "loss", "ece")}
+    if report["ensemble_acc"] is not None:
+        logged.update({"ensemble/test_acc": report["ensemble_acc"], "ensemble/test_ece": report["ensemble_ece"]})
+    tracker.log_metrics(logged, step=report["epoch"])
     return {
         "checkpoint": chosen.name,
         "epoch": report["epoch"],
         "peers": {p["name"]: p["acc"] for p in report["peers"]},
+        "ece": {p["name"]: p["ece"] for p in report["peers"]},
         "ensemble_acc": report["ensemble_acc"],
+        "ensemble_ece": report["ensemble_ece"],
     }
 
 
@@ -250,6 +249,7 @@ def write_summary(
                     (h[f"{p.name}/val_acc"] for h in history if f"{p.name}/val_acc" in h), default=None
                 ),
                 "test_acc": test["peers"].get(p.name),
+                "test_ece": (test.get("ece") or {}).get(p.name),
             }
         )
     summary = {
@@ -323,8 +323,10 @@ def evaluate(
                 "arch": p.arch,
                 "acc": metrics[f"{p.name}/eval_acc"],
                 "loss": metrics[f"{p.name}/eval_loss"],
+                "ece": metrics[f"{p.name}/eval_ece"],
             }
             for p in cfg.peers
         ],
         "ensemble_acc": metrics.get("ensemble/eval_acc"),
+        "ensemble_ece": metrics.get("ensemble/eval_ece"),
     }

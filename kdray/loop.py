@@ -29,7 +29,7 @@ from kdray.checkpoint import save_checkpoint
 from kdray.config import ExperimentConfig
 from kdray.errors import DivergedError, KdrayError
 from kdray.metrics import MetricSums, merge_states, non_finite
-from kdray.population import Population
+from kdray.population import Population, calibration_sums, expected_calibration_error
 
 
 class Stopped(KdrayError):
@@ -122,6 +122,7 @@ def merge_eval(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "n": parts[0]["n"],
         "correct": {k: v for p in parts for k, v in p["correct"].items()},
         "loss": {k: v for p in parts for k, v in p["loss"].items()},
+        "calibration": {k: v for p in parts for k, v in p["calibration"].items()},
         "probs_sum": probs_sum,
         "labels": parts[0]["labels"],
     }
@@ -135,8 +136,11 @@ def summarise_eval(cfg: ExperimentConfig, ev: dict[str, Any], prefix: str = "val
         name = cfg.peers[k].name
         out[f"{name}/{prefix}_acc"] = float(c) / n
         out[f"{name}/{prefix}_loss"] = float(ev["loss"][k]) / n
+        out[f"{name}/{prefix}_ece"] = expected_calibration_error(ev["calibration"][k])
     if ev.get("probs_sum") is not None:
-        out[f"ensemble/{prefix}_acc"] = float((ev["probs_sum"].argmax(1) == ev["labels"]).double().mean())
+        probs = ev["probs_sum"] / sum(1 for p in cfg.peers if not p.frozen)
+        out[f"ensemble/{prefix}_acc"] = float((probs.argmax(1) == ev["labels"]).double().mean())
+        out[f"ensemble/{prefix}_ece"] = expected_calibration_error(calibration_sums(probs, ev["labels"]))
     return out
 
 

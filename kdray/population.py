@@ -248,6 +248,28 @@ def build_shared(cfg: ExperimentConfig, method: Method, device: torch.device) ->
     return SharedRuntime(module, opt, schedule(opt) if ocfg.schedule == "follow" else None, schedule)
 
 
+ECE_BINS = 15  # as the calibration literature (Guo et al. 2017) and the PS-KD paper report it
+
+
+def calibration_sums(probs: Tensor, labels: Tensor) -> Tensor:
+    """Per confidence bin (15 equal-width bins of max-probability): the sample count, the summed confidence and
+    the number correct, as a (3, 15) float64 tensor; sums, so that batches and processes add up."""
+    conf, pred = probs.max(1)
+    bins = (conf * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+    out = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=probs.device)
+    out[0].index_add_(0, bins, torch.ones_like(conf, dtype=torch.float64))
+    out[1].index_add_(0, bins, conf.double())
+    out[2].index_add_(0, bins, (pred == labels).double())
+    return out.cpu()
+
+
+def expected_calibration_error(sums: Tensor) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| from :func:`calibration_sums`."""
+    count, conf, correct = sums
+    total = float(count.sum())
+    return float((conf - correct).abs().sum()) / total if total else float("nan")
+
+
 # ------------------------------------------------------------------------------------------------ the population
 class _StaleCopy:
     """A frozen copy of a source peer for the stale exchange (:class:`kdray.exchange.Replica`)."""
@@ -367,6 +389,7 @@ class Population:
             p.net.eval()
         correct = {p.index: torch.zeros((), dtype=torch.float64) for p in self.peers}
         loss = {p.index: torch.zeros((), dtype=torch.float64) for p in self.peers}
+        calibration = {p.index: torch.zeros(3, ECE_BINS, dtype=torch.float64) for p in self.peers}
         prob_chunks: list[Tensor] = []
         labels: list[Tensor] = []
         n = 0
@@ -377,6 +400,7 @@ class Population:
                 logits = p.net(batch.x)["logits"].float()
                 correct[p.index] += (logits.argmax(1) == batch.y).sum().double().cpu()
                 loss[p.index] += F.cross_entropy(logits, batch.y, reduction="sum").double().cpu()
+                calibration[p.index] += calibration_sums(logits.softmax(1), batch.y)
                 if not p.frozen:
                     pr = logits.softmax(1)
                     probs_sum = pr if probs_sum is None else probs_sum + pr
@@ -390,6 +414,7 @@ class Population:
             "n": n,
             "correct": correct,
             "loss": loss,
+            "calibration": calibration,
             "probs_sum": torch.cat(prob_chunks) if prob_chunks else None,
             "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
         }

@@ -146,3 +146,18 @@ def test_a_generator_fed_population_resumes_exactly(tiny_raw, tmp_path, toys):
     for name in full["peers"]:
         for key, value in full["peers"][name]["net"].items():
             assert torch.equal(resumed["peers"][name]["net"][key], value), key
+
+
+def test_expected_calibration_error_by_hand():
+    """Two bins used: confidences 0.95 (correct) and 0.95 (wrong) in bin 14, 0.55 (correct) in bin 8:
+    ECE = 2/3 |0.5 - 0.95| + 1/3 |1 - 0.55| = 0.45."""
+    from kdray.population import calibration_sums, expected_calibration_error
+
+    probs = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.55, 0.45]])
+    labels = torch.tensor([0, 0, 0])
+    sums = calibration_sums(probs, labels)
+    assert sums[0, 14] == 2 and sums[0, 8] == 1
+    assert expected_calibration_error(sums) == pytest.approx(2 / 3 * 0.45 + 1 / 3 * 0.45)
+    # sums add up over batches: the ECE of two halves' sums is that of the whole
+    halves = calibration_sums(probs[:2], labels[:2]) + calibration_sums(probs[2:], labels[2:])
+    assert expected_calibration_error(halves) == pytest.approx(expected_calibration_error(sums))
