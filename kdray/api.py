@@ -137,8 +137,10 @@ def run_population(
 ) -> RunResult:
     """Train one population into ``out`` (resuming from ``payload`` when given)."""
     from kdray.data import build_data
+    from kdray.engines.display import quiet_libraries
     from kdray.methods import method_class
 
+    quiet_libraries(cfg.train.verbose)
     out_dir = prepare_out_dir(cfg.name, out, resuming=payload is not None)
     with_train = method_class(cfg.method.name).data_source == "dataset"
     data = build_data(cfg.data, cfg.seed, with_train=with_train)  # a clear DataError here, before any write
@@ -199,7 +201,9 @@ def final_test(
     report = evaluate(chosen, split="test")
     logged = {f"{p['name']}/test_{k}": p[k] for p in report["peers"] for k in ("acc", "loss", "ece")}
     if report["ensemble_acc"] is not None:
-        logged.update({"ensemble/test_acc": report["ensemble_acc"], "ensemble/test_ece": report["ensemble_ece"]})
+        logged.update(
+            {"ensemble/test_acc": report["ensemble_acc"], "ensemble/test_ece": report["ensemble_ece"]}
+        )
     tracker.log_metrics(logged, step=report["epoch"])
     return {
         "checkpoint": chosen.name,

@@ -29,7 +29,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.config is None and args.resume is None:
         raise KdrayError("kdray train: give a CONFIG file (or --resume RUN_DIR to continue a run)")
-    result = train(args.config, overrides=args.set, out=args.out, resume=args.resume)
+    overrides = [*args.set, *(["train.verbose=true"] if args.verbose else [])]
+    result = train(args.config, overrides=overrides, out=args.out, resume=args.resume)
     s = result.summary
     if "staged" in s:
         for stage in s["staged"]["stages"]:
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in this folder from checkpoints/last.pt"
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="also show Ray's and MLflow's own INFO logs (train.verbose)"
     )
     p.set_defaults(func=_cmd_train)
 

@@ -195,6 +195,10 @@ class TrainConfig(Section):
         50, ge=1, description="log the running step metrics to MLflow every N steps (curves inside epochs)"
     )
     progress: bool = True
+    verbose: bool = Field(
+        False,
+        description="show Ray's and MLflow's own INFO logs (kdray's progress and epoch lines are always shown)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- engine

@@ -5,6 +5,8 @@ and per-step curves (MLflow metrics ``step/<key>`` at the global step, and ``<ou
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,17 @@ from kdray.metrics import MetricSums
 from kdray.tracking import Tracker
 
 STEPS_FILE = "steps.jsonl"
+# Libraries whose INFO lines say nothing a user can act on (MLflow creating or migrating its tables, alembic).
+CHATTY_LOGGERS = ("mlflow", "alembic")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the libraries' INFO chatter off the terminal unless ``train.verbose``; their warnings and errors stay.
+    (MLflow sets its logger's level when it is imported, from ``MLFLOW_LOGGING_LEVEL``: both are set.)"""
+    level = "INFO" if verbose else "WARNING"
+    os.environ["MLFLOW_LOGGING_LEVEL"] = level
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def progress_text(cfg: ExperimentConfig, means: dict[str, float], extra: str = "") -> str:

@@ -32,7 +32,7 @@ class RayEngine(Engine):
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
         from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
         from kdray.engines.ray_board import create_board
@@ -85,6 +85,8 @@ class RayEngine(Engine):
                     storage_path=storage,
                     failure_config=FailureConfig(max_failures=eng.fault_tolerance.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    # Ray Train's own progress lines (every report and checkpoint) only with train.verbose
+                    logging_config=LoggingConfig(log_level="INFO" if cfg.train.verbose else "WARNING"),
                 ),
             )
             try:
@@ -157,7 +159,10 @@ class DriverView:
         finally:
             self.bar.close()
         if "error" in box:
-            raise user_error(box["error"]) from None
+            error = user_error(box["error"])
+            if isinstance(error, KdrayError):
+                raise error from None
+            raise WorkerFailed(describe_failure(error, self.cfg)) from None
         if self.finished is None:
             raise KdrayError("the Ray workers finished without reporting a result; see the worker logs above")
         return self.outcome()
@@ -246,6 +251,24 @@ def worker_config(cfg: ExperimentConfig) -> dict[str, Any]:
             peer["checkpoint"] = str(Path(peer["checkpoint"]).resolve())
     raw["train"]["progress"] = False
     return raw
+
+
+class WorkerFailed(KdrayError):
+    """A worker raised an unexpected error (a bug, not bad input): its traceback, rank and peer, in full."""
+
+    exit_code = 1
+
+
+def describe_failure(error: BaseException, cfg: ExperimentConfig) -> str:
+    """Every failed worker's error with its rank and peer name (Ray's own text holds the worker's traceback)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return f"the Ray run failed: {type(error).__name__}: {error}"
+    parts = []
+    for rank, exc in sorted(failures.items()):
+        peer = cfg.peers[rank].name if 0 <= rank < len(cfg.peers) else "?"
+        parts.append(f"worker rank {rank} (peer {peer}) failed: {type(exc).__name__}: {exc}")
+    return "\n".join(parts)
 
 
 def user_error(exc: BaseException) -> BaseException:

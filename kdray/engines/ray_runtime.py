@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,18 @@ TRAIN_ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no preemptible nodes here: one actor fewer to start
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # notice finished or failed workers sooner (default 2 s)
 }
+
+
+class _TokenNoticeFilter(logging.Filter):
+    """Drops Ray's notice that token authentication is on for a new local cluster. kdray keeps it on (Ray 2.60's
+    default: the token is ~/.ray/auth_token); the notice only tells how to turn it off, which a user of kdray's
+    private loopback Ray has no reason to do. Every other message of that logger passes (docs/architecture.md)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def _free_loopback_port() -> int:
@@ -129,6 +142,9 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         finally:
             ray.shutdown()
         return
+    notice = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _TokenNoticeFilter) for f in notice.filters):
+        notice.addFilter(_TokenNoticeFilter())
     temp_dir = Path(os.environ.get("RAY_TMPDIR") or local_temp_dir())
     temp_dir.mkdir(parents=True, exist_ok=True)
     cpus = max(os.cpu_count() or 1, math.ceil(num_peers * engine.placement.cpus_per_peer))

@@ -9,6 +9,7 @@ included. Rank 0 also writes the whole population to ``<out>/checkpoints/last.pt
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -30,6 +31,18 @@ from kdray.population import Population
 
 LIVE_EVERY_S = 0.5  # a Live event per rank at most this often
 STOP_CHECK_EVERY = 20  # steps between stop checks (each is a small collective)
+
+
+def quiet_train_reports() -> None:
+    """Ray Train logs one INFO line per report and per checkpoint from every worker. Its ``LoggingConfig`` level
+    (set to WARNING by the driver) filters the ``ray.train`` loggers, but Ray 2.60's report line comes from a logger
+    named after its file (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/context.py``), which
+    no filter reaches: that logger is set to WARNING here. Warnings and errors still pass."""
+    from ray.train.v2._internal.execution import context
+
+    logger = getattr(context, "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.WARNING)
 
 
 class ProcessGroup:
@@ -164,6 +177,8 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = validate(config["config"])
+    if not cfg.train.verbose:
+        quiet_train_reports()
     if cfg.engine.placement.gpus_per_peer > 0:
         import ray.train.torch
 

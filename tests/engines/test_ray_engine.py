@@ -130,7 +130,7 @@ SLOW = {"afd-ring3-hetero-actor", "acn-actor", "dml-stale-every-step"}
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW else []) for c in CASES]
 )
-def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, monkeypatch):
+def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, monkeypatch, capfd):
     method, engine = CASES[case]
     for name, cls in TOY_METHODS.items():
         monkeypatch.setitem(METHODS, name, cls)
@@ -197,6 +197,11 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, mo
     if "killed" in case:
         assert run_info["attempts"] == 2  # the group was restarted once and resumed from its last checkpoint
         assert len({p["pid"] for p in run_info["placement"]}) == 3
+    # quiet by default: none of Ray Train's per-report and per-checkpoint lines reached the terminal
+    time.sleep(1.0)  # Ray streams worker output to the driver with a short delay
+    shown = capfd.readouterr()
+    for chatter in ("TrainingReport(", "Checkpoint successfully created", "Token authentication is enabled"):
+        assert chatter not in shown.out + shown.err, chatter
 
 
 def test_infeasible_placement_fails_fast_and_names_the_cluster(tiny_raw, tmp_path, ray_local):
@@ -267,3 +272,18 @@ def test_a_worker_kdray_error_reaches_the_user_as_itself():
     assert user_error(ControllerError(wrapped)) is diverged
     plain = WorkerGroupError("worker 0 failed", {0: ValueError("a bug")})
     assert user_error(plain) is plain
+
+
+def test_an_unexpected_worker_error_names_its_rank_and_peer_in_full(tiny_raw):
+    from ray.train import WorkerGroupError
+
+    from kdray.config import load_config
+    from kdray.engines.ray_engine import describe_failure
+
+    cfg = load_config(tiny_raw)
+    trace = (
+        'Traceback (most recent call last):\n  File "step.py", line 1\nZeroDivisionError: division by zero'
+    )
+    text = describe_failure(WorkerGroupError("failed", {1: RuntimeError(trace)}), cfg)
+    assert text.startswith("worker rank 1 (peer peer1) failed: RuntimeError: Traceback")
+    assert "ZeroDivisionError: division by zero" in text  # the worker's traceback, whole
