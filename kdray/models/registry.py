@@ -1,6 +1,7 @@
 """A registry of backbones and one factory: ``create_model("resnet32", num_classes=100)`` (the timm pattern).
 
-Registered: CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), wide ResNets ``wrn_{depth}_{width}`` (any
+Registered: CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), four-stage ResNets for 32x32 inputs
+(resnet18, resnet34, preact_resnet18: the data-free and self-distillation papers' networks), wide ResNets ``wrn_{depth}_{width}`` (any
 depth 6n + 4; the common ones are listed), ``mobilenetv2`` and ``vgg8/11/13/16/19`` for 32x32 images, and any torchvision
 classification model as ``tv:<name>``. Each registered name knows its default feature tap: the FX node of the last conv
 stage before global pooling.
@@ -19,6 +20,7 @@ from torch import nn
 from kdray.errors import ConfigError
 from kdray.models.cifar_resnet import cifar_resnet
 from kdray.models.mobilenetv2 import MobileNetV2
+from kdray.models.resnet4stage import preact_resnet18, resnet18, resnet34
 from kdray.models.vgg import VGG_CONFIGS, vgg
 from kdray.models.wide_resnet import WideResNet
 
@@ -43,6 +45,8 @@ for _depth in (8, 14, 20, 32, 44, 56, 110):
     _REGISTRY[f"resnet{_depth}"] = ArchSpec(functools.partial(cifar_resnet, _depth), "layer3")
 for _depth in (8, 32):
     _REGISTRY[f"resnet{_depth}x4"] = ArchSpec(functools.partial(cifar_resnet, _depth, wide4=True), "layer3")
+for _name, _build in (("resnet18", resnet18), ("resnet34", resnet34), ("preact_resnet18", preact_resnet18)):
+    _REGISTRY[_name] = ArchSpec(_build, "layer4")
 _REGISTRY["mobilenetv2"] = ArchSpec(MobileNetV2, "features")
 for _name in VGG_CONFIGS:
     _REGISTRY[_name] = ArchSpec(functools.partial(vgg, _name), "block4")

@@ -74,6 +74,18 @@ def test_mobilenetv2_has_torchvisions_parameter_count() -> None:
     assert count_params(create_model("mobilenetv2", 10)) == 2_236_682
 
 
+def test_four_stage_resnets_have_the_papers_parameter_counts() -> None:
+    # CIFAR-100 (100 classes): the 11.2M ResNet-18 / 21.3M ResNet-34 of DFAD, CMI, CS-KD and PS-KD's tables. By hand:
+    # stem 3*64*9 + BN 128; stage 1: 2 x (2 x 64*64*9 + 2 x 128); stage 2 (128): first block 64*128*9 + 128*128*9 +
+    # 1x1 projection 64*128 + 3 BN x 256, second 2 x 128*128*9 + 2 x 256; stages 3 and 4 alike; fc 512*100 + 100.
+    stage = [147_968, 230_144 + 295_424, 919_040 + 1_180_672, 3_673_088 + 4_720_640]
+    assert count_params(create_model("resnet18", 100)) == 1_728 + 128 + sum(stage) + 51_300 == 11_220_132
+    assert count_params(create_model("resnet34", 100)) == 21_328_292
+    assert (
+        count_params(create_model("preact_resnet18", 100)) == 11_218_340
+    )  # no BN after the stem, 1x1 shortcuts w/o BN
+
+
 def test_vgg8_parameter_count() -> None:
     # convs (with bias) + BN: 3->64, 64->128, 128->256, 256->512, 512->512; classifier 512*10 + 10
     convs = [(3, 64), (64, 128), (128, 256), (256, 512), (512, 512)]
