@@ -294,28 +294,49 @@ def _log_artifacts(tracker: Tracker, out_dir: Path) -> None:
         tracker.log_artifact(out_dir / "checkpoints" / "last.pt", "checkpoints")
 
 
-def evaluate(
-    checkpoint: str | Path, overrides: list[str] | None = None, split: str = "val"
-) -> dict[str, Any]:
-    """Evaluate a saved population on one split ("val": the validation split carved from the training set;
-    "test"): per-peer accuracy and loss, and the trainable peers' ensemble accuracy."""
-    from kdray.loop import summarise_eval
+def _population_from_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None):
+    """The population a checkpoint holds, rebuilt in this process with its weights (config, population, payload)."""
     from kdray.population import Population
 
-    if split not in ("val", "test"):
-        raise KdrayError(f"--split '{split}': accepted: val, test")
     payload = load_checkpoint(checkpoint)
     raw = apply_overrides(
         payload["config"], ["tracking.enabled=false", "train.progress=false", *(overrides or [])]
     )
     raw["engine"] = {"name": "local"}  # evaluation runs here, whatever engine trained it
     cfg = validate(raw)
-    if split == "val" and cfg.data.select_on == "test":
-        split = "test"  # that run had no validation split: its per-epoch "val" numbers were the test split's
     for peer in cfg.peers:  # the weights come from this checkpoint, not from the files the run started from
         peer.checkpoint = None
     pop = Population(cfg)
     pop.load_state_dict(payload)
+    return cfg, pop, payload
+
+
+def _split_for(cfg: ExperimentConfig, split: str) -> str:
+    if split not in ("val", "test"):
+        raise KdrayError(f"--split '{split}': accepted: val, test")
+    # a run without a validation split: its per-epoch "val" numbers were the test split's
+    return "test" if split == "val" and cfg.data.select_on == "test" else split
+
+
+def predict(checkpoint: str | Path, split: str = "test") -> tuple[Any, Any]:
+    """The mean softmax of a saved population's trainable peers on one split, and the labels (float32, int64)."""
+    cfg, pop, _ = _population_from_checkpoint(checkpoint)
+    ev = pop.evaluate(_split_for(cfg, split))
+    trainable = sum(1 for p in cfg.peers if not p.frozen)
+    return (ev["probs_sum"] / trainable).float(), ev["labels"]
+
+
+def evaluate(
+    checkpoint: str | Path, overrides: list[str] | None = None, split: str = "val"
+) -> dict[str, Any]:
+    """Evaluate a saved population on one split ("val": the validation split carved from the training set;
+    "test"): per-peer accuracy, loss and calibration error, and the trainable peers' ensemble's."""
+    from kdray.loop import summarise_eval
+
+    if split not in ("val", "test"):
+        raise KdrayError(f"--split '{split}': accepted: val, test")
+    cfg, pop, payload = _population_from_checkpoint(checkpoint, overrides)
+    split = _split_for(cfg, split)
     metrics = summarise_eval(cfg, pop.evaluate(split), "eval")
     return {
         "checkpoint": str(resolve_checkpoint_path(checkpoint)),

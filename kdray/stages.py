@@ -21,6 +21,8 @@ A peer's ``from_stage`` names an earlier stage; it loads that stage's final weig
 ``checkpoint_peer`` picks the peer when the stage had several). Frozen, it is a teacher; trainable, it starts from
 those weights (a same-architecture copy). Every stage is validated before anything is written.
 
+``generations:`` (born-again networks, :mod:`kdray.generations`) is a staged config written for you.
+
 Layout: ``<out>/stages.yaml`` (the staged config as run), ``<out>/stages.json`` (the MLflow parent run and each
 stage's status), ``<out>/stages/<name>/`` (each stage's run folder, as a plain run's), ``<out>/summary.json``.
 In MLflow: one parent run, one nested run per stage. ``kdray train --resume <out>`` skips the finished stages and
@@ -47,7 +49,7 @@ STAGES_STATE = "stages.json"
 def is_staged(source: Any) -> bool:
     """A raw config with ``stages:``, or a run folder of a staged run."""
     if isinstance(source, dict):
-        return "stages" in source
+        return "stages" in source or "generations" in source
     folder = Path(source)
     return folder.is_dir() and (folder / STAGED_CONFIG).is_file()
 
@@ -64,6 +66,10 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def stage_configs(raw: dict[str, Any]) -> list[tuple[str, ExperimentConfig]]:
     """Every stage's validated config, in order (``from_stage`` still unresolved)."""
+    if "generations" in raw:
+        from kdray.generations import expand_generations
+
+        raw = expand_generations(raw)
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("stages", stages, "a non-empty list of stages, each a mapping with a 'name'")
@@ -184,6 +190,17 @@ def run_stages(
             ],
             "mlflow_run_id": run_id,
         }
+        if "generations" in raw:  # born-again generations: each one alone, and the ensembles of 1..k
+            from kdray.generations import generation_report
+
+            summary["generations"] = generation_report(out_dir, [name for name, _ in stages])
+            for k, (alone, ensemble) in enumerate(
+                zip(summary["generations"]["test_acc"], summary["generations"]["ensemble_test_acc"]), start=1
+            ):
+                tracker.log_metrics(
+                    {"generation/test_acc": alone, "generation/ensemble_test_acc": ensemble}, step=k
+                )
+            tracker.log_artifact(out_dir / "generations.png")
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         tracker.log_artifact(out_dir / "summary.json")
         tracker.log_artifact(out_dir / STAGED_CONFIG)

@@ -1,0 +1,157 @@
+"""Born-again networks: multi-generation self-distillation (Furlanello, Lipton, Tschannen, Itti, Anandkumar, "Born
+Again Neural Networks", ICML 2018), built on stages.
+
+A config with ``generations:`` trains N generations of the same population in one run::
+
+    peers: [{name: net, arch: resnet8}]          # generation 1: this population, with the config's own method
+    method: {name: independent}
+    generations:
+      count: 4                                  # generations 1..4
+      labels: true                              # false: the students learn from the teacher's soft targets only
+      method: {name: kd, temperature: 1.0, weights: {ce: 1.0, kd: 1.0}}    # generations 2..N (this is the default)
+
+Generation 1 is the config itself (its method: ``independent``, or a DML population of K peers). Generation k + 1
+trains fresh peers of the same architectures with the ``generations.method`` (Hinton KD by default) from *every*
+peer of generation k, frozen, in eval mode, loaded from its final weights (``last.pt``); with K peers each student
+learns from the mean of the K teachers' KL terms, and no mutual term is added inside generations 2..N. The paper's
+BAN students learn from the teacher's soft targets only (``labels: false``: the CE weight is 0); with
+``labels: true`` they also see the labels.
+
+Each finished generation stores the mean softmax of its peers on the validation and test splits
+(``stages/gen<k>/predictions.pt``, from its selected checkpoint ``best.pt``); the report holds every generation's
+accuracy and the born-again ensemble of generations 1..k (the mean of the stored softmaxes), and ``generations.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.errors import ConfigError
+
+DEFAULT_METHOD = {"name": "kd", "temperature": 1.0, "weights": {"ce": 1.0, "kd": 1.0}}
+PREDICTIONS = "predictions.pt"
+
+
+def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
+    """The staged config that ``generations:`` stands for (stages ``gen1`` .. ``gen<N>``)."""
+    gens = raw.get("generations")
+    if not isinstance(gens, dict):
+        raise ConfigError("generations", gens, "a mapping such as {count: 4, labels: true}")
+    unknown = sorted(set(gens) - {"count", "labels", "method"})
+    if unknown:
+        raise ConfigError(
+            f"generations.{unknown[0]}", gens[unknown[0]], "accepted keys: count, labels, method"
+        )
+    count = gens.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+        raise ConfigError("generations.count", count, "an integer >= 2 (generation 1 and at least one more)")
+    if "stages" in raw:
+        raise ConfigError("generations", "with stages", "give either generations: or stages:, not both")
+    peers = raw.get("peers")
+    if not isinstance(peers, list) or not peers or any(p.get("frozen") for p in peers if isinstance(p, dict)):
+        raise ConfigError(
+            "peers", peers, "generations need a population of trainable peers (no frozen teacher)"
+        )
+    method = copy.deepcopy(gens.get("method") or DEFAULT_METHOD)
+    if gens.get("labels", True) is False:
+        method.setdefault("weights", {})["ce"] = 0.0
+    names = [p.get("name") or f"peer{i}" for i, p in enumerate(peers)]
+    base = {k: v for k, v in raw.items() if k != "generations"}
+    base.pop("peers")
+    first_method = base.pop("method")
+    stages = [
+        {"name": "gen1", "method": first_method, "peers": [{**p, "name": n} for p, n in zip(peers, names)]}
+    ]
+    for k in range(2, count + 1):
+        teachers = [
+            {
+                **p,
+                "name": f"gen{k - 1}_{n}",
+                "frozen": True,
+                "from_stage": f"gen{k - 1}",
+                "checkpoint_peer": n,
+            }
+            for p, n in zip(peers, names)
+        ]
+        stages.append({"name": f"gen{k}", "method": copy.deepcopy(method),
+                       "peers": teachers + [{**p, "name": n} for p, n in zip(peers, names)]})  # fmt: skip
+    return {**base, "stages": stages}
+
+
+def store_predictions(stage_dir: Path) -> dict[str, torch.Tensor]:
+    """The generation's mean softmax on both splits and the labels, from its selected checkpoint (``best.pt``, else
+    ``last.pt``), written once (atomically) and read back from then on."""
+    import io
+
+    from kdray.checkpoint import write_atomic
+    from kdray.errors import CheckpointError
+
+    path = stage_dir / PREDICTIONS
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - damaged: recompute it from the checkpoint
+            path.unlink()
+    from kdray.api import predict
+
+    checkpoints = stage_dir / "checkpoints"
+    chosen = checkpoints / "best.pt" if (checkpoints / "best.pt").is_file() else checkpoints / "last.pt"
+    if not chosen.is_file():
+        raise CheckpointError(f"generation folder {stage_dir} has no checkpoint to predict with")
+    stored: dict[str, torch.Tensor] = {}
+    for split in ("val", "test"):
+        stored[f"{split}_probs"], stored[f"{split}_labels"] = predict(chosen, split)
+    buf = io.BytesIO()
+    torch.save(stored, buf)
+    write_atomic(path, buf.getvalue())
+    return stored
+
+
+def ensemble_accuracies(probs: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Each generation's accuracy, and the accuracy of the ensemble of generations 1..k (the mean of their
+    softmaxes) for every k."""
+    alone = [float((p.argmax(1) == labels).double().mean()) for p in probs]
+    ensemble = []
+    total = torch.zeros_like(probs[0])
+    for k, p in enumerate(probs, start=1):
+        total = total + p
+        ensemble.append(float(((total / k).argmax(1) == labels).double().mean()))
+    return alone, ensemble
+
+
+def generation_report(out_dir: Path, names: list[str]) -> dict[str, Any]:
+    """Per generation: its accuracy on val and test and the born-again ensemble's up to it; ``generations.png``."""
+    stored = [store_predictions(out_dir / "stages" / name) for name in names]
+    report: dict[str, Any] = {"generations": names}
+    for split in ("val", "test"):
+        alone, ensemble = ensemble_accuracies(
+            [s[f"{split}_probs"] for s in stored], stored[0][f"{split}_labels"]
+        )
+        report[f"{split}_acc"], report[f"ensemble_{split}_acc"] = alone, ensemble
+    plot_generations(report, out_dir / "generations.png")
+    return report
+
+
+def plot_generations(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(range(1, len(report["generations"]) + 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("val", "--"), ("test", "-")):
+        ax.plot(ks, report[f"{split}_acc"], style, marker="o", label=f"generation alone ({split})")
+        ax.plot(ks, report[f"ensemble_{split}_acc"], style, marker="s", label=f"ensemble of 1..k ({split})")
+    ax.set(xlabel="generation", ylabel="accuracy", title="born-again generations")
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

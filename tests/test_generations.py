@@ -1,0 +1,92 @@
+"""Born-again generations: each generation's teacher is the previous one's final weights, frozen; a stop inside
+generation 3 resumes there; the ensemble of generations is the mean of their stored softmaxes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import kdray
+from kdray.checkpoint import load_checkpoint
+from kdray.errors import ConfigError
+from kdray.generations import ensemble_accuracies, expand_generations
+
+
+def _born_again(tiny_raw, count: int = 3, **gens) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    raw["peers"] = [{"name": "net", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    raw["method"] = {"name": "independent"}
+    raw["train"].update(epochs=2, steps_per_epoch=3, checkpoint_every_steps=1)
+    raw["generations"] = {"count": count, **gens}
+    return raw
+
+
+def test_ensemble_of_generations_by_hand():
+    labels = torch.tensor([0, 1, 1])
+    g1 = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])  # right, wrong, right: 2/3
+    g2 = torch.tensor([[0.3, 0.7], [0.1, 0.9], [0.45, 0.55]])  # wrong, right, right: 2/3
+    alone, ensemble = ensemble_accuracies([g1, g2], labels)
+    assert alone == pytest.approx([2 / 3, 2 / 3])
+    # mean: [0.6, 0.4] right, [0.35, 0.65] right, [0.325, 0.675] right
+    assert ensemble == pytest.approx([2 / 3, 1.0])
+
+
+def test_each_generation_learns_from_the_previous_ones_final_weights(tiny_raw, tmp_path):
+    result = kdray.train(_born_again(tiny_raw), out=tmp_path / "ban")
+    stages = tmp_path / "ban" / "stages"
+    for k in (2, 3):
+        before = load_checkpoint(stages / f"gen{k - 1}" / "checkpoints" / "last.pt")["peers"]["net"]["net"]
+        after = load_checkpoint(stages / f"gen{k}" / "checkpoints" / "last.pt")["peers"][f"gen{k - 1}_net"][
+            "net"
+        ]
+        assert before.keys() == after.keys()
+        # the previous generation's final weights, untouched by training generation k (BN statistics included)
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    summary = json.loads((tmp_path / "ban" / "summary.json").read_text())
+    report = summary["generations"]
+    assert report["generations"] == ["gen1", "gen2", "gen3"] and len(report["ensemble_test_acc"]) == 3
+    assert (tmp_path / "ban" / "generations.png").is_file()
+    # the stored predictions reproduce each generation's test accuracy (evaluated once from best.pt)
+    for k in (1, 2, 3):
+        run = json.loads((stages / f"gen{k}" / "summary.json").read_text())
+        assert report["test_acc"][k - 1] == pytest.approx(run["ensemble_test_acc"])
+    assert result.summary["method"] == "kd"
+
+
+def test_soft_targets_only_is_a_switch(tiny_raw):
+    staged = expand_generations(_born_again(tiny_raw, labels=False))
+    assert staged["stages"][1]["method"]["weights"]["ce"] == 0.0
+    assert [p["name"] for p in staged["stages"][2]["peers"]] == ["gen2_net", "net"]
+    with pytest.raises(ConfigError, match="generations.count"):
+        expand_generations(_born_again(tiny_raw, count=1))
+
+
+def test_a_stop_in_generation_three_resumes_there(tiny_raw, tmp_path):
+    import kdray.engines.local as local
+    from kdray.loop import Stopped
+
+    raw = _born_again(tiny_raw)
+    original = local.LocalSink.step_done
+
+    def stop_in_gen3(self, epoch, step_in_epoch, step, metrics):
+        original(self, epoch, step_in_epoch, step, metrics)
+        if self.cfg.name == "tiny-gen3" and step == 4:
+            self.engine.stop = lambda: True
+
+    local.LocalSink.step_done = stop_in_gen3
+    try:
+        with pytest.raises(Stopped):
+            kdray.train(raw, out=tmp_path / "ban")
+    finally:
+        local.LocalSink.step_done = original
+    stages = tmp_path / "ban" / "stages"
+    stamps = {k: (stages / f"gen{k}" / "checkpoints" / "last.pt").stat().st_mtime_ns for k in (1, 2)}
+    resumed = kdray.train(None, resume=tmp_path / "ban")
+    assert {k: (stages / f"gen{k}" / "checkpoints" / "last.pt").stat().st_mtime_ns for k in (1, 2)} == stamps
+    full = kdray.train(raw, out=tmp_path / "full")
+    got = load_checkpoint(resumed.checkpoint)["peers"]["net"]["net"]
+    want = load_checkpoint(full.checkpoint)["peers"]["net"]["net"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
