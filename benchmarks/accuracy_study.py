@@ -1,162 +1,377 @@
-"""Accuracy study on Fashion-MNIST: independent vs DML vs AFD (pair, small+large, ring of 3) vs ACN.
+"""Accuracy studies on Fashion-MNIST, in regimes where distillation has room to help. Produces every number of
+docs/results.md.
 
-Each (setting, method, seed) is one `kdray.train` run with tracking off; runs go to a process pool (several
-populations share one GPU well, since these networks are small). Reported: the *final-epoch* test accuracy of each
-peer (no early stopping, no selection on the test split), mean +- std over seeds. Prints a markdown table and writes
-JSON with every run's numbers.
+Studies (``--study``):
 
-    python benchmarks/accuracy_study.py --epochs 8 --seeds 0 1 2 --workers 10 --device cuda --out benchmarks/results
+- ``adversarial`` (issue 11): independent vs DML vs AFD vs ACN in five regimes: a small training subset trained long,
+  20% and 40% symmetric label noise, an unequal pair (ResNet-8 + WRN-16-2) and a ring of three;
+- ``discnorm``: AFD's discriminator normalisation (spectral, none, DCGAN with joint batches, kdray 0.1's BatchNorm),
+  which chose the default;
+- ``selfkd`` (issue 12): baseline vs label smoothing vs PS-KD vs CS-KD vs TF-KD (self, reg) vs AI-KD and its
+  ablations, one ResNet-8, in the small-subset and noisy-label regimes; the teachers of TF-KD self and AI-KD are
+  the baseline runs of the same seed (a stage 1 shared instead of retrained);
+- ``generations`` (issue 16): born-again generations 1..4 and their ensembles;
+- ``datafree`` (issue 13): DFAD vs MAD from a kdray-trained teacher (rows appear once the methods exist).
+
+Every run selects on a validation split carved from the training set (``data.val_split``) and evaluates the test
+split once, at the end, on its selected checkpoint (``best.pt``); both are recorded. Each finished run appends one
+JSON line to ``<out>/<study>.jsonl`` (a run already there is skipped: the study can be stopped and continued);
+``--report`` prints markdown tables (mean +- sample std over seeds) and draws accuracy-over-epochs plots.
+
+    python benchmarks/accuracy_study.py --study adversarial --seeds 0 1 2 --workers 2
+    python benchmarks/accuracy_study.py --study adversarial --report > /tmp/adversarial.md
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+OPTIMIZER = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+
+# Regimes: (training subset incl. the carved validation split, validation count, epochs, label noise)
+REGIMES = {
+    "small": {"train_size": 2200, "val_split": 200, "epochs": 40, "noise": None},
+    "noise20": {"train_size": 11000, "val_split": 1000, "epochs": 12, "noise": 0.2},
+    "noise40": {"train_size": 11000, "val_split": 1000, "epochs": 12, "noise": 0.4},
+    "unequal": {"train_size": 11000, "val_split": 1000, "epochs": 10, "noise": None},
+    "ring3": {"train_size": 11000, "val_split": 1000, "epochs": 10, "noise": None},
+}
 PAIR = [{"name": "a", "arch": "resnet8"}, {"name": "b", "arch": "resnet8"}]
-SMALL_LARGE = [{"name": "small", "arch": "resnet8"}, {"name": "large", "arch": "wrn_16_2"}]
+UNEQUAL = [{"name": "small", "arch": "resnet8"}, {"name": "large", "arch": "wrn_16_2"}]
 RING3 = [
     {"name": "p1", "arch": "resnet8"},
     {"name": "p2", "arch": "resnet14"},
     {"name": "p3", "arch": "resnet8", "arch_kwargs": {"width": 8}},
 ]
-
-# (setting, method config, peers). Methods take their default weights and temperatures (see docs/methods.md);
-# nothing here was tuned on the test split.
-STUDY = [
-    ("pair", {"name": "independent"}, PAIR),
-    ("pair", {"name": "dml"}, PAIR),
-    ("pair", {"name": "afd"}, PAIR),
-    ("pair", {"name": "acn"}, PAIR),
-    ("small+large", {"name": "independent"}, SMALL_LARGE),
-    ("small+large", {"name": "dml"}, SMALL_LARGE),
-    ("small+large", {"name": "afd"}, SMALL_LARGE),
-    ("ring3", {"name": "independent"}, RING3),
-    ("ring3", {"name": "dml"}, RING3),
-    ("ring3", {"name": "afd"}, RING3),
-]
+ONE = [{"name": "net", "arch": "resnet8"}]
 
 
-def make_config(method: dict, peers: list, seed: int, args: argparse.Namespace) -> dict:
-    return {
-        "name": f"study-{method['name']}",
+@dataclass(frozen=True)
+class Row:
+    """One line of a table: a method (with its settings) on a population, in a regime."""
+
+    study: str
+    regime: str
+    label: str
+    method: dict[str, Any]
+    peers: list[dict[str, Any]] = field(default_factory=list)
+    teacher_from: str | None = (
+        None  # the label of the row (same regime and seed) whose best.pt is the teacher
+    )
+    generations: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.regime}/{self.label}"
+
+
+def _rows() -> list[Row]:
+    rows = []
+    for regime in ("small", "noise20", "noise40", "unequal", "ring3"):
+        peers = {"unequal": UNEQUAL, "ring3": RING3}.get(regime, PAIR)
+        for name in ("independent", "dml", "afd", "acn"):
+            if regime in ("unequal", "ring3") and name == "acn":
+                continue  # ACN's study is on pairs (the generator's pairwise objective)
+            rows.append(Row("adversarial", regime, name, {"name": name}, peers))
+    for norm, batch in (
+        ("spectral", "separate"),
+        ("none", "separate"),
+        ("dcgan", "joint"),
+        ("batch", "separate"),
+    ):
+        rows.append(Row("discnorm", "small", f"afd-{norm}-{batch}", {"name": "afd", "disc_norm": norm,
+                                                                      "disc_batch": batch}, PAIR))  # fmt: skip
+    for regime in ("small", "noise40"):
+        teacher = [{"name": "teacher", "arch": "resnet8", "frozen": True}]
+        rows += [
+            Row("selfkd", regime, "baseline", {"name": "independent"}, ONE),
+            Row(
+                "selfkd", regime, "label smoothing 0.1", {"name": "independent", "label_smoothing": 0.1}, ONE
+            ),
+            Row("selfkd", regime, "PS-KD", {"name": "pskd"}, ONE),
+            Row("selfkd", regime, "CS-KD", {"name": "cskd"}, ONE),
+            Row("selfkd", regime, "TF-KD self", {"name": "tfkd", "mode": "self"}, teacher + ONE, "baseline"),
+            Row(
+                "selfkd",
+                regime,
+                "TF-KD reg",
+                {
+                    "name": "tfkd",
+                    "mode": "reg",
+                    "temperature": 20.0,
+                    "multiplier": 10.0,
+                    "weights": {"ce": 0.9, "reg": 0.1},
+                },
+                ONE,
+            ),  # fmt: skip
+            Row("selfkd", regime, "AI-KD", {"name": "aikd"}, teacher + ONE, "baseline"),
+            Row(
+                "selfkd",
+                regime,
+                "AI-KD w/o progressive",
+                {"name": "aikd", "progressive": False},
+                teacher + ONE,
+                "baseline",
+            ),  # fmt: skip
+            Row(
+                "selfkd",
+                regime,
+                "AI-KD w/o deterministic",
+                {"name": "aikd", "deterministic": False},
+                teacher + ONE,
+                "baseline",
+            ),  # fmt: skip
+            Row(
+                "selfkd",
+                regime,
+                "AI-KD w/o adversarial",
+                {"name": "aikd", "adversarial": False},
+                teacher + ONE,
+                "baseline",
+            ),  # fmt: skip
+        ]
+    rows.append(Row("generations", "noise40", "born-again x4", {"name": "independent"}, ONE, generations=4))
+    rows.append(Row("generations", "small", "born-again x4", {"name": "independent"}, ONE, generations=4))
+    return rows
+
+
+ROWS = _rows()
+
+
+def config(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    regime = REGIMES[row.regime]
+    data = {
+        "dataset": "fashion_mnist",
+        "root": args.data,
+        "batch_size": 128,
+        "train_size": regime["train_size"],
+        "val_split": regime["val_split"],
+    }
+    if regime["noise"]:
+        data["label_noise"] = {"kind": "symmetric", "rate": regime["noise"]}
+    raw = {
+        "name": f"{row.study}-{row.regime}-{row.label}".replace(" ", "_").replace("/", "_"),
         "seed": seed,
-        "data": {
-            "dataset": "fashion_mnist",
-            "root": args.data,
-            "batch_size": 128,
-            "train_size": args.train_size,
-        },
-        "peers": peers,
-        "method": method,
+        "data": data,
+        "peers": copy.deepcopy(row.peers),
+        "method": copy.deepcopy(row.method),
         "train": {
-            "epochs": args.epochs,
-            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-            "schedule": {"name": "cosine"},
+            "epochs": args.epochs or regime["epochs"],
+            "optimizer": dict(OPTIMIZER),
+            "schedule": {"name": "cosine", "warmup_epochs": 1},
             "device": args.device,
             "progress": False,
-            "threads": 1,
+            "threads": args.threads,
         },
         "tracking": {"enabled": False},
     }
+    if row.generations:
+        raw["generations"] = {"count": row.generations}
+    return raw
 
 
-def run_one(setting: str, method: dict, peers: list, seed: int, args: argparse.Namespace) -> dict:
+def run_folder(row: Row, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.out) / "runs" / row.study / f"{row.regime}-{row.label}-s{seed}".replace(" ", "_")
+
+
+def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     import kdray
 
-    cfg = make_config(method, peers, seed, args)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) / "runs" / f"{setting}-{method['name']}-s{seed}-{stamp}".replace("+", "_")
+    raw = config(row, seed, args)
+    if row.teacher_from:
+        teacher_row = next(
+            r for r in ROWS if r.study == row.study and r.regime == row.regime and r.label == row.teacher_from
+        )
+        teacher_ckpt = run_folder(teacher_row, seed, args) / "checkpoints" / "best.pt"
+        if not teacher_ckpt.is_file():
+            raise RuntimeError(f"teacher run {teacher_row.key} seed {seed} has not finished")
+        raw["peers"][0]["checkpoint"] = str(teacher_ckpt)
+    out = run_folder(row, seed, args)
+    resume = out if (out / "checkpoints" / "last.pt").is_file() or (out / "stages.yaml").is_file() else None
     t0 = time.time()
-    result = kdray.train(cfg, out=out)
+    result = kdray.train(raw if resume is None else None, out=None if resume else out, resume=resume)
     s = result.summary
-    return {
-        "setting": setting,
-        "method": method["name"],
-        "seed": seed,
-        "peers": {p["name"]: p["val_acc"] for p in s["peers"]},
-        "archs": {p["name"]: p["arch"] for p in s["peers"]},
-        "ensemble": s["ensemble_acc"],
+    record = {
+        "study": row.study, "regime": row.regime, "label": row.label, "seed": seed,
+        "peers": {p["name"]: {k: p.get(k) for k in ("arch", "best_val_acc", "test_acc", "test_ece")}
+                  for p in s["peers"] if not p["frozen"]},
+        "ensemble_test_acc": s.get("ensemble_test_acc"),
+        "best_epoch": s["best"]["epoch"],
+        "val_curve": {p["name"]: [h.get(f"{p['name']}/val_acc") for h in s["history"]] for p in s["peers"]
+                      if not p["frozen"]},
         "wall_s": round(time.time() - t0, 1),
-    }
+        "config": raw,
+    }  # fmt: skip
+    if "staged" in s and s["staged"].get("generations"):
+        record["generations"] = s["staged"]["generations"]
+    return record
 
 
+def done_keys(path: Path) -> set[tuple[str, int]]:
+    keys = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            keys.add((f"{r['regime']}/{r['label']}", r["seed"]))
+    return keys
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.study}.jsonl"
+    rows = [r for r in ROWS if r.study == args.study and (not args.regimes or r.regime in args.regimes)]
+    done = done_keys(path)
+    todo = [(r, s) for r in rows for s in args.seeds if (r.key, s) not in done]
+    # teachers first: a row that needs another row's checkpoint waits for it
+    first = [(r, s) for r, s in todo if not r.teacher_from]
+    later = [(r, s) for r, s in todo if r.teacher_from]
+    t0 = time.time()
+    for batch in (first, later):
+        with ProcessPoolExecutor(args.workers) as pool:
+            futures = {pool.submit(run_one, r, s, args): (r.key, s) for r, s in batch}
+            for fut in as_completed(futures):
+                key = futures[fut]
+                try:
+                    record = fut.result()
+                except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
+                    print(f"FAILED {key}: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                record["command"] = " ".join(["python", *sys.argv])
+                with path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                accs = ", ".join(f"{n} {p['test_acc']:.4f}" for n, p in record["peers"].items())
+                print(
+                    f"[{time.time() - t0:6.0f}s] {key} seed {key[1]}: test {accs} ({record['wall_s']} s)",
+                    flush=True,
+                )
+
+
+# ------------------------------------------------------------------------------------------------------ report
 def fmt(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     mean = statistics.mean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def table(rows: list[dict]) -> str:
+def load(path: Path) -> list[dict[str, Any]]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+
+
+def report(args: argparse.Namespace) -> str:
+    records = load(Path(args.out) / f"{args.study}.jsonl")
     lines = []
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        group = [r for r in rows if r["setting"] == setting]
+    for regime in dict.fromkeys(r["regime"] for r in records):
+        group = [r for r in records if r["regime"] == regime]
+        labels = [row.label for row in ROWS if row.study == args.study and row.regime == regime]
+        labels = [lab for lab in labels if any(r["label"] == lab for r in group)]
         names = list(group[0]["peers"])
-        archs = group[0]["archs"]
-        head = " | ".join(f"{n} ({archs[n]})" for n in names)
-        lines += [
-            f"\n**{setting}**\n",
-            f"| method | {head} | peer mean | ensemble | seeds |",
-            "|---" * (len(names) + 4) + "|",
-        ]
-        for method in dict.fromkeys(r["method"] for r in group):
-            runs = [r for r in group if r["method"] == method]
-            cells = [fmt([r["peers"][n] for r in runs]) for n in names]
-            mean_peer = fmt([statistics.mean(r["peers"].values()) for r in runs])
-            ens = fmt([r["ensemble"] for r in runs])
-            lines.append(f"| {method} | {' | '.join(cells)} | {mean_peer} | {ens} | {len(runs)} |")
+        head = (
+            " | ".join(f"{n} ({group[0]['peers'][n]['arch']})" for n in names)
+            if len(names) > 1
+            else "test acc"
+        )
+        lines += [f"\n**{regime}** ({describe(regime, group[0]['config'])})\n",
+                  f"| row | {head} | peer mean | ensemble | ECE (peer mean) | best val acc | seeds |",
+                  "|---" * (len(names) + 6) + "|"]  # fmt: skip
+        for label in labels:
+            runs = [r for r in group if r["label"] == label]
+            peers = [n for n in names if n in runs[0]["peers"]]
+            cells = [fmt([r["peers"][n]["test_acc"] for r in runs]) for n in peers]
+            mean_peer = fmt([statistics.mean(p["test_acc"] for p in r["peers"].values()) for r in runs])
+            ens = fmt([r["ensemble_test_acc"] for r in runs]) if len(peers) > 1 else "-"
+            ece = fmt([statistics.mean(p["test_ece"] for p in r["peers"].values()) for r in runs])
+            val = fmt([statistics.mean(p["best_val_acc"] for p in r["peers"].values()) for r in runs])
+            lines.append(
+                f"| {label} | {' | '.join(cells)} | {mean_peer} | {ens} | {ece} | {val} | {len(runs)} |"
+            )
+        gens = [r for r in group if r.get("generations")]
+        if gens:
+            k = len(gens[0]["generations"]["test_acc"])
+            lines += ["", "| generation | alone (test) | ensemble of 1..k (test) |", "|---|---|---|"]
+            for i in range(k):
+                alone = fmt([r["generations"]["test_acc"][i] for r in gens])
+                ens = fmt([r["generations"]["ensemble_test_acc"][i] for r in gens])
+                lines.append(f"| {i + 1} | {alone} | {ens} |")
+    plot(records, Path(args.out) / f"{args.study}.png")
     return "\n".join(lines)
+
+
+def describe(regime: str, raw: dict[str, Any]) -> str:
+    r = REGIMES[regime]
+    noise = f", {int(100 * r['noise'])}% symmetric label noise" if r["noise"] else ""
+    epochs = raw["train"]["epochs"]
+    return f"{r['train_size'] - r['val_split']} training images, {r['val_split']} validation, {epochs} epochs{noise}"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = list(dict.fromkeys(r["regime"] for r in records))
+    if not regimes:
+        return
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 3.6), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        group = [r for r in records if r["regime"] == regime]
+        for label in dict.fromkeys(r["label"] for r in group):
+            runs = [r for r in group if r["label"] == label]
+            epochs = min(len(c) for r in runs for c in r["val_curve"].values())
+            mean = [
+                statistics.mean(statistics.mean(c[e] for c in r["val_curve"].values()) for r in runs)
+                for e in range(epochs)
+            ]
+            ax.plot(range(1, epochs + 1), mean, label=label)
+        ax.set(title=regime, xlabel="epoch", ylabel="validation accuracy (peer mean, seed mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--study", required=True, choices=sorted({r.study for r in ROWS}))
+    parser.add_argument("--regimes", nargs="*", help="only these regimes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="override every regime's epochs (smoke runs)"
+    )
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 1))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data", default="data")
-    parser.add_argument("--only", nargs="*", help="settings to run (pair, small+large, ring3)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--data", default=str(REPO / "data"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "studies"))
+    parser.add_argument(
+        "--report", action="store_true", help="print the tables of the finished runs and plot"
+    )
     args = parser.parse_args()
-    jobs = [(s, m, p, seed) for s, m, p in STUDY if not args.only or s in args.only for seed in args.seeds]
-    rows: list[dict] = []
-    t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "train_size": args.train_size,
-        "device": args.device,
-        "command": " ".join(["python", *sys.argv]),
-    }
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_one, s, m, p, seed, args): (s, m["name"], seed) for s, m, p, seed in jobs}
-        for fut in as_completed(futures):
-            try:
-                row = fut.result()
-            except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
-                print(f"FAILED {futures[fut]}: {exc}", flush=True)
-                continue
-            rows.append(row)
-            print(
-                f"[{time.time() - t0:6.0f}s] {row['setting']:<12} {row['method']:<12} seed {row['seed']}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in row["peers"].items())
-                + f" ({row['wall_s']} s)",
-                flush=True,
-            )
-            (out / "accuracy_study.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
-    order = {(s, m["name"]): i for i, (s, m, _) in enumerate(STUDY)}
-    rows.sort(key=lambda r: (order[(r["setting"], r["method"])], r["seed"]))
-    meta["wall_s"] = round(time.time() - t0, 1)
-    (out / "accuracy_study.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
-    print(table(rows))
+    if args.report:
+        print(report(args))
+    else:
+        run(args)
     return 0
 
 

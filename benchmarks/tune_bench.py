@@ -81,9 +81,8 @@ def study_row(name: str, study: dict, wall: float) -> dict:
 
 
 def run_method(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    from kdray.loop import score
-
     import kdray
+    from kdray.loop import score
     from kdray.search.study import StudySettings, run_study
 
     config = REPO / CONFIGS[method]
