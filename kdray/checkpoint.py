@@ -12,15 +12,26 @@ A checkpoint is a dict::
 
 Every file a resume depends on is written by :func:`write_atomic`: to a temporary file in the same folder,
 flushed and fsync'ed, then renamed over the old one (and the folder fsync'ed), so a process killed at any instant
-or a full disk leaves the previous version intact.
+or a full disk leaves the previous version intact. A temporary file left by a killed process is removed by the next
+write of the same file on the same host.
+
+A checkpoint is sealed: ``torch.save``'s zip archive carries, as its zip comment, the SHA-256 of every byte before
+the digest (``kdray-sha256:<hex>``; any zip reader, ``torch.load`` included, still opens it). :func:`load_checkpoint`
+checks the seal before it unpickles anything, so a truncated file, a flipped bit or a file kdray did not write is
+refused with one line, never loaded as something else. Files written before the seal existed (a zip without a
+comment) are still read, with the structural checks alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import io
 import os
+import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +48,55 @@ class WriteError(KdrayError):
     """A file could not be written (disk full, permissions); the previous version is intact."""
 
 
+def _why(exc: OSError) -> str:
+    return "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_").replace(os.sep, "_") or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<host>-<pid>.``: whose temporary file it is, so a later write can tell a dead writer's leftover."""
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Temporary files of ``path`` left by killed processes of this host (never a live writer's, nor another
+    host's: a shared folder may have writers elsewhere)."""
+    start = f".{path.name}.{_host()}-"
+    try:
+        names = [
+            e.name for e in os.scandir(path.parent) if e.name.startswith(start) and e.name.endswith(".tmp")
+        ]
+    except OSError:
+        return
+    for name in names:
+        pid = name.removeprefix(start).split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: not ours to remove
+        except ProcessLookupError:
+            pass  # dead: its temporary file is garbage
+        except OSError:
+            continue  # alive under another user, or unknown
+        with contextlib.suppress(OSError):
+            (path.parent / name).unlink()
+
+
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync of the folder)."""
+    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync of the folder). Any failure
+    (a full disk, permissions) is one :class:`WriteError` naming the file; the previous version stays intact."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise WriteError(
+            f"cannot write {path}: {_why(exc)}; the previous version of the file is intact"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -55,11 +107,11 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             raise WriteError(
-                f"cannot write {path}: {why}; the previous version of the file is intact"
+                f"cannot write {path}: {_why(exc)}; the previous version of the file is intact"
             ) from None
         raise
+    _remove_leftovers(path)
     return path
 
 
@@ -76,30 +128,91 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+SEAL = b"kdray-sha256:"
+SEAL_LEN = len(SEAL) + 64
+_EOCD = b"PK\x05\x06"  # a zip's end-of-central-directory record: 22 bytes, then the comment
+
+
+def seal(archive: bytes) -> bytes:
+    """``torch.save``'s zip archive with the SHA-256 of its bytes as its zip comment. An archive that already has a
+    comment (a future torch) is returned as it is."""
+    if len(archive) < 22 or archive[-22:-18] != _EOCD or archive[-2:] != b"\0\0":
+        return archive
+    head = archive[:-2] + SEAL_LEN.to_bytes(2, "little")
+    return head + SEAL + hashlib.sha256(head).hexdigest().encode()
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Serialise and write atomically: a crash or a full disk never leaves a truncated checkpoint behind."""
+    """Serialise, seal and write atomically: a crash or a full disk never leaves a truncated checkpoint behind."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
-    return write_atomic(path, buf.getvalue())
+    return write_atomic(path, seal(buf.getvalue()))
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """Accept a checkpoint file, a run folder (-> checkpoints/last.pt) or its checkpoints/ folder."""
     p = Path(path)
     for candidate in (p, p / "last.pt", p / "checkpoints" / "last.pt"):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except (OSError, ValueError):  # a name too long, a folder we may not enter
+            continue
     raise CheckpointError(
         f"checkpoint '{path}': no such file (looked for it, {p}/last.pt and {p}/checkpoints/last.pt)"
     )
 
 
+def _check_seal(fh, file: Path) -> None:
+    """Refuse, before anything is unpickled, a file whose seal does not match its bytes (truncated, bit-flipped,
+    not written by kdray). An unsealed zip archive (kdray before the seal) passes to the structural checks."""
+    size = os.fstat(fh.fileno()).st_size
+    if size < 22:
+        raise CheckpointError(
+            f"checkpoint '{file}' cannot be read ({size} bytes: empty or truncated); it is not a kdray checkpoint"
+        )
+    fh.seek(max(size - SEAL_LEN - 22, 0))
+    tail = fh.read()
+    if tail[-22:-18] == _EOCD and tail[-2:] == b"\0\0":
+        return  # an unsealed archive: written before the seal existed
+    if not (len(tail) == SEAL_LEN + 22 and tail[-SEAL_LEN - 22 : -SEAL_LEN - 18] == _EOCD
+            and tail[-SEAL_LEN - 2 : -SEAL_LEN] == SEAL_LEN.to_bytes(2, "little")
+            and tail[-SEAL_LEN:].startswith(SEAL)):  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint '{file}' cannot be read (no kdray seal at its end); it is corrupt, truncated, or not a "
+            "kdray checkpoint"
+        )
+    digest = hashlib.sha256()
+    fh.seek(0)
+    left = size - len(SEAL) - 64
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        digest.update(chunk)
+        left -= len(chunk)
+    if left != 0 or digest.hexdigest().encode() != tail[-64:]:
+        raise CheckpointError(
+            f"checkpoint '{file}' cannot be read (its bytes do not match its SHA-256 seal); it is corrupt or "
+            "was changed after kdray wrote it"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a kdray checkpoint. Whatever the file holds, anything that is not a readable kdray checkpoint is one
-    :class:`CheckpointError` (never a traceback, never advice to load it unsafely)."""
+    :class:`CheckpointError` (never a traceback, never advice to load it unsafely): the seal is checked first, then
+    the archive is read with ``weights_only=True`` (tensors and plain containers, never arbitrary objects), then
+    its structure."""
     file = resolve_checkpoint_path(path)
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
+        with open(file, "rb") as fh:
+            _check_seal(fh, file)
+            fh.seek(0)
+            with warnings.catch_warnings():  # torch's notes on odd pickles would print more lines
+                warnings.simplefilter("ignore")
+                payload = torch.load(fh, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to read means: not a readable checkpoint
         raise CheckpointError(
             f"checkpoint '{file}' cannot be read ({_reason(exc)}); it is corrupt, truncated, or not a kdray "
@@ -111,14 +224,53 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     if payload.get("version") != VERSION:
         raise CheckpointError(
-            f"checkpoint '{file}' has format version {payload.get('version')!r}; this kdray reads {VERSION}"
+            f"checkpoint '{file}' has format version {_short(payload.get('version'))}; this kdray reads {VERSION}"
         )
     missing = [k for k in ("config", "epoch", "peers", "rng") if k not in payload]
     if missing or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("peers"), dict):
         raise CheckpointError(
             f"checkpoint '{file}' is incomplete (missing or malformed: {missing or 'config/peers'})"
         )
+    problem = _structure_problem(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint '{file}' is malformed ({problem}); it is not a kdray checkpoint")
     return payload
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _structure_problem(payload: dict[str, Any]) -> str | None:
+    """What a kdray checkpoint must look like for the engines to restore it (an unsealed file is checked here)."""
+    epoch, step = payload.get("epoch"), payload.get("step", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"epoch {_short(epoch)}"
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step {_short(step)}"
+    rng = payload["rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+        return "rng is not a byte tensor"
+    for key, kind in (("progress", dict), ("history", list), ("best", dict)):
+        if payload.get(key) is not None and not isinstance(payload[key], kind):
+            return f"{key} is not a {kind.__name__}"
+    peers_cfg = payload["config"].get("peers")
+    if not isinstance(peers_cfg, list) or not all(isinstance(p, dict) for p in peers_cfg):
+        return "config.peers is not a list of peers"
+    method = payload["config"].get("method")
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        return "config.method.name missing"
+    names = [p.get("name") for p in peers_cfg]
+    if not payload["peers"] or not set(map(str, payload["peers"])) <= set(map(str, names)):
+        # a Ray rank's file holds its own peers only: a subset
+        return f"peers {_short(list(payload['peers']))} do not match the config's {_short(names)}"
+    for name, sd in payload["peers"].items():
+        if not isinstance(sd, dict) or not isinstance(sd.get("net"), dict):
+            return f"peer {_short(name)} holds no network"
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd["net"].items()):
+            return f"peer {_short(name)}: its network is not a mapping of names to tensors"
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -252,6 +252,13 @@ def train_epochs(
         if improved:
             progress.best = {"metric": current, "epoch": epoch + 1}
         path = checkpoint(improved)
+        if collective.rank == 0:
+            images = pop.preview(epoch)
+            if images is not None:  # a generator's samples: samples/epoch<k>.png and samples.png, the latest
+                from kdray.plots import save_image_grid
+
+                save_image_grid(images, ckpt_dir.parent / "samples" / f"epoch{epoch + 1:03d}.png")
+                save_image_grid(images, ckpt_dir.parent / "samples.png")
         sink.epoch_done(metrics, progress, path)
         if epoch + 1 < epochs and any(collective.all_gather(sink.stop_requested())):
             raise Stopped(

@@ -56,3 +56,31 @@ def plot_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_image_grid(images, path: Path, columns: int = 8) -> Path:
+    """Images (N x C x H x W, values in [0, 1]) as one grid PNG, written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from kdray.checkpoint import write_atomic
+
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.ones(c, rows * (h + 2), columns * (w + 2))
+    for i in range(n):
+        r, k = divmod(i, columns)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = images[i]
+    fig = plt.figure(figsize=(columns * 0.6, rows * 0.6))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    ax.imshow(grid[0] if c == 1 else grid.permute(1, 2, 0), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())

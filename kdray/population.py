@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from kdray.checkpoint import load_peer_weights
 from kdray.config import ExperimentConfig, OptimizerConfig
 from kdray.data import Batch, DataModule, build_data
+from kdray.data.augment import NORMALISATION
 from kdray.exchange import Exchange, ExchangePlan, LocalExchange
 from kdray.exchange.base import weights_of
 from kdray.methods import BufferSpec, Method, PopulationSpec, method_class
@@ -370,6 +371,21 @@ class Population:
         if self.shared is not None and self.shared.scheduler is not None:
             self.shared.scheduler.step()
         return metrics
+
+    def preview(self, epoch: int) -> Tensor | None:
+        """The method's images of this epoch (:meth:`Method.preview`) as displayable pixels in [0, 1], or None."""
+        rng = torch.Generator().manual_seed(seed_for(self.cfg.seed, "preview", epoch))
+        images = self.method.preview(self.shared.module if self.shared else None, rng)
+        if images is None:
+            return None
+        images = images.detach().float().cpu()
+        stats = NORMALISATION.get(self.data.spec.name)
+        if stats is not None:  # undo the dataset's normalisation
+            mean = torch.tensor(stats[0]).view(1, -1, 1, 1)
+            std = torch.tensor(stats[1]).view(1, -1, 1, 1)
+            return (images * std + mean).clamp(0, 1)
+        lo, hi = images.amin(), images.amax()
+        return (images - lo) / (hi - lo).clamp_min(1e-8)
 
     def learning_rates(self) -> dict[str, float]:
         """Each local trainable peer's current network learning rate."""

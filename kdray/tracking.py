@@ -3,13 +3,28 @@
 Default store: ``sqlite:///<output root>/mlflow.db`` with artifacts in ``<output root>/mlartifacts``, where the output
 root is the parent of the run folder (``runs/`` for ``--out runs/quick``), so every run of a project lands in one
 store: ``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``.
+
+Runs that share a SQLite store never interfere (``docs/faults.md``):
+
+- MLflow creates and migrates a new store's tables in the first process that opens it, without a lock of its own
+  (MLflow 3.17: ``SqlAlchemyStore.__init__``), so two processes started at once could both migrate and one die
+  ("Online migration expected to match one row"). The first client of a store and the creation of an experiment
+  therefore happen under an exclusive lock on ``<db>.lock`` (``fcntl.flock``), one process at a time.
+- Every call that touches the store is retried with a growing back-off while SQLite says it is busy ("database is
+  locked"): MLflow's sessions wait 20 s for a lock (``PRAGMA busy_timeout``), its engine's inspection only 5 s.
+  A store still busy after :data:`RETRY_FOR_S` is one :class:`~kdray.errors.TrackingError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kdray.config import TrackingConfig
 from kdray.errors import TrackingError
@@ -18,9 +33,59 @@ from kdray.errors import TrackingError
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+RETRY_FOR_S = 120.0  # how long a busy SQLite store is retried before the run gives up on it
+T = TypeVar("T")
+
 
 def default_uri(out_dir: Path) -> str:
     return f"sqlite:///{out_dir.resolve().parent / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store, or an in-memory database)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str | None) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` beside a SQLite store, held by one process at a time (nothing for other
+    stores; nothing either where the lock file cannot be made: MLflow's own error then says why)."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock
+        yield
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLite says another process holds the database: worth waiting for (any other error is raised at once)."""
+    text = str(exc).lower()
+    return any(s in text for s in ("database is locked", "database table is locked", "database is busy"))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class Tracker:
@@ -37,19 +102,44 @@ class Tracker:
     def enabled(self) -> bool:
         return self.cfg.enabled
 
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, again after a growing pause while a SQLite store is busy (other runs writing to it)."""
+        deadline = time.monotonic() + RETRY_FOR_S
+        pause = 0.05
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - classified: busy SQLite is retried, the rest is raised
+                if sqlite_path(self.uri) is None or not is_busy(exc):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise TrackingError(
+                        f"tracking store '{self.uri}' stayed busy for {RETRY_FOR_S:.0f} s while {what} "
+                        f"({first_line(exc)}); the checkpoint is intact: continue with --resume"
+                    ) from None
+                time.sleep(pause * (0.5 + random.random()))
+                pause = min(pause * 2, 2.0)
+
     def check(self) -> None:
-        """Make sure the store answers, before any training starts."""
+        """Make sure the store answers, before any training starts. The first client of a SQLite store creates its
+        tables: under the store's lock, so that runs started at once never migrate it twice."""
         if not self.enabled:
             return
         from mlflow.tracking import MlflowClient
 
+        def connect():
+            with store_lock(self.uri):
+                client = MlflowClient(tracking_uri=self.uri)
+                client.search_experiments(max_results=1)
+            return client
+
         try:
-            self._client = MlflowClient(tracking_uri=self.uri)
-            self._client.search_experiments(max_results=1)
+            self._client = self._retry("opening it", connect)
+        except TrackingError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure here means: cannot track
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise TrackingError(
-                f"tracking.uri '{self.uri}' cannot be reached ({first}); start the server, fix the URI, "
+                f"tracking.uri '{self.uri}' cannot be reached ({first_line(exc)}); start the server, fix the URI, "
                 "or set tracking.uri: null for the embedded store"
             ) from None
 
@@ -60,13 +150,26 @@ class Tracker:
         return self._client
 
     def _experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.cfg.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        artifacts = None
-        if self.uri.startswith("sqlite:///"):
-            artifacts = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        return self.client.create_experiment(self.cfg.experiment, artifact_location=artifacts)
+        def get_or_create() -> str:
+            with store_lock(self.uri):  # two runs creating the same experiment at once: one creates it
+                exp = self.client.get_experiment_by_name(self.cfg.experiment)
+                if exp is not None:
+                    return exp.experiment_id
+                artifacts = None
+                db = sqlite_path(self.uri)
+                if db is not None:
+                    artifacts = (db.parent / "mlartifacts").resolve().as_uri()
+                try:
+                    return self.client.create_experiment(self.cfg.experiment, artifact_location=artifacts)
+                except (
+                    Exception
+                ) as exc:  # a server store has no file lock: another client may have won the race
+                    exp = self.client.get_experiment_by_name(self.cfg.experiment)
+                    if exp is None:
+                        raise exc from None
+                    return exp.experiment_id
+
+        return self._retry("creating the experiment", get_or_create)
 
     def start(
         self, run_name: str, resume_run_id: str | None = None, parent_run_id: str | None = None
@@ -76,8 +179,10 @@ class Tracker:
             return None
         if resume_run_id:
             try:
-                self.client.get_run(resume_run_id)
-                self.client.update_run(resume_run_id, status="RUNNING")
+                self._retry("reopening the run", lambda: self.client.get_run(resume_run_id))
+                self._retry(
+                    "reopening the run", lambda: self.client.update_run(resume_run_id, status="RUNNING")
+                )
                 self.run_id = resume_run_id
                 return self.run_id
             except Exception:  # noqa: BLE001 - the old store is gone: start a fresh run, say so in its tags
@@ -85,7 +190,10 @@ class Tracker:
         tags = {"mlflow.runName": run_name}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
+        experiment = self._experiment_id()
+        run = self._retry(
+            "creating the run", lambda: self.client.create_run(experiment, run_name=run_name, tags=tags)
+        )
         self.run_id = run.info.run_id
         return self.run_id
 
@@ -95,32 +203,43 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        existing = self.client.get_run(self.run_id).data.params
+        existing = self._retry("reading the run", lambda: self.client.get_run(self.run_id).data.params)
         items = [p for p in items if p.key not in existing]  # a resumed run cannot re-log params
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            batch = items[i : i + 100]
+            self._retry("logging params", lambda b=batch: self.client.log_batch(self.run_id, params=b))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.run_id or not metrics:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+            batch = items[i : i + 500]
+            self._retry("logging metrics", lambda b=batch: self.client.log_batch(self.run_id, metrics=b))
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if self.run_id and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), subdir)
+            self._retry(
+                "logging an artifact", lambda: self.client.log_artifact(self.run_id, str(path), subdir)
+            )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
             for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
+                self._retry("setting a tag", lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+        """Close the run. Never raises: it runs in ``finally`` blocks, where an error of its own would hide the
+        run's outcome (a stop, a full disk); a store that refuses is said on one line of stderr."""
+        if not self.run_id:
+            return
+        try:
+            self._retry("closing the run", lambda: self.client.set_terminated(self.run_id, status=status))
+        except Exception as exc:  # noqa: BLE001
+            print(
+                f"kdray: warning: MLflow run {self.run_id} could not be marked {status} ({first_line(exc)})",
+                file=sys.stderr,
+            )

@@ -127,6 +127,14 @@ def test_a_generator_fed_population_trains_without_a_training_set(tiny_raw, tmp_
     for before, after, g in zip(ema, shared.module["ema"].parameters(), gen):
         assert torch.allclose(after, 0.9 * before + 0.1 * g, rtol=1e-6, atol=1e-7)  # the EMA update
     result = kdray.train(raw, out=tmp_path / "run")
+    # the generator's samples after every epoch, as a grid: samples/epoch<k>.png and samples.png (the latest)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "epoch001.png",
+        "epoch002.png",
+    ]
+    assert (tmp_path / "run" / "samples.png").read_bytes() == (
+        tmp_path / "run" / "samples" / "epoch002.png"
+    ).read_bytes()
     last = result.summary["history"][-1]
     assert "peer0/train_acc" not in last and "shared/loss_gen" in last and "peer0/loss_agree" in last
     assert result.summary["peers"][0]["test_acc"] is not None  # evaluated on real data
@@ -161,3 +169,12 @@ def test_expected_calibration_error_by_hand():
     # sums add up over batches: the ECE of two halves' sums is that of the whole
     halves = calibration_sums(probs[:2], labels[:2]) + calibration_sums(probs[2:], labels[2:])
     assert expected_calibration_error(halves) == pytest.approx(expected_calibration_error(sums))
+
+
+def test_a_collapsing_generator_is_named_in_a_warning():
+    from kdray.engines.display import epoch_warnings
+
+    healthy = {"epoch": 3, "teacher/collapse": 0.1, "teacher/gen_top_share": 0.4}
+    assert epoch_warnings(healthy) == []
+    (line,) = epoch_warnings({"epoch": 3, "teacher/collapse": 0.8, "teacher/gen_top_share": 0.97})
+    assert "epoch 3" in line and "80% of the steps" in line and "97%" in line and "gen_optimizer.lr" in line

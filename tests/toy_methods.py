@@ -115,6 +115,9 @@ class ToyGenerated(Method):
             return {"gen": -part}
         return {"agree": sum((logits - z).abs().mean() for z in others) / len(others)}
 
+    def preview(self, shared, rng):
+        return shared["gen"](torch.randn(10, self.cfg.nz, generator=rng).to(next(shared.parameters())))
+
     def after_shared_step(self, phase, shared):
         m = self.cfg.ema
         for e, g in zip(shared["ema"].parameters(), shared["gen"].parameters()):

@@ -87,17 +87,32 @@ def _local_file_mounts(raw: dict[str, Any], base: Path) -> list[str]:
     return missing
 
 
+def read_cluster_file(path: Path) -> Any:
+    """The YAML a cluster file holds. Whatever its bytes, a file that cannot be read as YAML is one line."""
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
+        raise KdrayError(f"cluster file '{path}': no such file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise KdrayError(f"cluster file '{path}': not a text file (not UTF-8)") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise KdrayError(f"cluster file '{path}': not valid YAML: {first}") from None
+    except OSError as exc:
+        raise KdrayError(f"cluster file '{path}': cannot be read ({exc.strerror or exc})") from None
+
+
 def check_cluster(
     file: str | Path, config: str | Path | None = None, overrides: list[str] | None = None
 ) -> ClusterReport:
     """Check a cluster-launcher file (and an experiment on it); raise :class:`ClusterCheckError` naming each problem."""
     path = Path(file)
-    if not path.is_file():
-        raise KdrayError(f"cluster file '{path}': no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise KdrayError(f"cluster file '{path}': not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_cluster_file(path)
     try:
         prepared = ray_prepare_and_validate(raw)
     except ClusterCheckError as exc:

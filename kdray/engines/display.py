@@ -59,6 +59,22 @@ def epoch_line(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
     return f"epoch {metrics['epoch']}/{cfg.train.epochs}: {body}"
 
 
+def epoch_warnings(metrics: dict[str, float]) -> list[str]:
+    """What a user should know about this epoch besides the accuracies: a collapsing generator."""
+    out = []
+    for key, value in sorted(metrics.items()):
+        if key.endswith("/collapse") and value > 0.5:
+            who = key.rsplit("/", 1)[0]
+            share = metrics.get(f"{who}/gen_top_share")
+            out.append(
+                f"warning: epoch {metrics['epoch']}: the generator collapsed on {100 * value:.0f}% of the steps (the "
+                "teacher puts "
+                + (f"{100 * share:.0f}% of its samples" if share is not None else "most samples")
+                + " in one class); try a lower method.gen_optimizer.lr, more method.student_steps, or another seed"
+            )
+    return out
+
+
 def write_step_row(tracker: Tracker, out_dir: Path, step: int, row: dict[str, float]) -> None:
     """One per-step row: MLflow metrics ``step/<key>`` at ``step`` and a line of ``steps.jsonl``."""
     tracker.log_metrics({f"step/{k}": v for k, v in row.items()}, step=step)

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from kdray.engines.base import Engine
-from kdray.engines.display import EpochBar, StepWindow, epoch_line, progress_text, write_step_row
+from kdray.engines.display import (
+    EpochBar,
+    StepWindow,
+    epoch_line,
+    epoch_warnings,
+    progress_text,
+    write_step_row,
+)
 from kdray.loop import InProcess, Progress, train_epochs
 from kdray.metrics import MetricSums
 from kdray.population import Population
@@ -50,6 +57,11 @@ class LocalSink:
             {k: v for k, v in metrics.items() if k != "epoch"}, step=progress.epoch
         )
         self.bar.line(epoch_line(self.cfg, metrics))
+        for warning in epoch_warnings(metrics):
+            self.bar.line(warning)
+        samples = self.engine.out_dir / "samples.png"
+        if samples.is_file():
+            self.engine.tracker.log_artifact(samples, "samples")
         for callback in self.engine.callbacks:
             callback(metrics, path)
 

@@ -98,7 +98,9 @@ class Phase:
     forward under ``no_grad`` (no loss, no update) whose outputs the next phase reads as ``ctx.previous`` (CS-KD's
     forward of the class-pair samples).
     ``scope``: "peer" trains each trainable peer's own parameters; "shared" trains the population's shared module,
-    with every peer (frozen ones too) contributing its part of the loss.
+    with every peer (frozen ones too) contributing its part of the loss. In a shared phase every peer's part
+    returns the same term names (a peer with no share in a term returns 0 for it): each process reports its share
+    of one report per term, and the shares add up to one only if every part reports every term.
     ``forward``: False reuses the previous phase's outputs and received signals, detached (e.g. a discriminator
     update on the features the generator step just produced).
     ``every`` / ``repeat``: run on steps where ``step % every == 0``, ``repeat`` times in a row.
@@ -279,6 +281,11 @@ class Method:
 
     def after_shared_step(self, phase: Phase, shared: nn.Module) -> None:
         """Called once per process after a shared phase's optimizer step, under ``no_grad`` (an EMA generator)."""
+
+    def preview(self, shared: nn.Module | None, rng: torch.Generator) -> Tensor | None:
+        """Images worth looking at after each epoch (a generator's samples, N x C x H x W in the network's input
+        space), or None. The engine saves them as a grid in the run folder (``samples/``) and in MLflow."""
+        return None
 
 
 def describe(method: type[Method]) -> dict[str, Any]:

@@ -199,6 +199,9 @@ class DFAD(Method):
     def student_inputs(self, shared: nn.Module, rng: torch.Generator) -> Tensor:
         return self.sample(shared, "gen", rng)
 
+    def preview(self, shared: nn.Module | None, rng: torch.Generator) -> Tensor | None:
+        return self.sample(shared, "gen", rng, 64)
+
     def phase_inputs(self, phase: Phase, batch, shared, rng) -> Tensor:
         if phase.name == "gen":
             z, y = self.draw(rng, shared)

@@ -145,7 +145,7 @@ class SearchSpace:
                 try:
                     apply_values(raw_config, {key: value})
                 except ConfigError as exc:
-                    raise SpaceError(self.source, key, f"the config refuses {value!r}: {exc}") from None
+                    raise SpaceError(self.source, key, f"the config refuses {_short(value)}: {exc}") from None
         return base
 
     def config_values(self, cfg: ExperimentConfig) -> dict[str, Any] | None:
@@ -165,31 +165,40 @@ def apply_values(raw_config: dict[str, Any], values: dict[str, Any]) -> Experime
     return load_config(raw)
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a readable length (a space file may hold anything)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a {type(value).__name__} nested too deeply>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _number(source: str, key: str, entry: dict[str, Any], name: str) -> float:
     value = entry.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpaceError(source, key, f"'{name}' must be a finite number, got {value!r}")
+        raise SpaceError(source, key, f"'{name}' must be a finite number, got {_short(value)}")
     return value
 
 
 def parse_param(source: str, key: str, entry: Any) -> Param:
     if not isinstance(entry, dict):
         raise SpaceError(
-            source, key, f"expected a mapping like {{dist: uniform, low: 0, high: 1}}, got {entry!r}"
+            source, key, f"expected a mapping like {{dist: uniform, low: 0, high: 1}}, got {_short(entry)}"
         )
-    unknown = sorted(set(entry) - PARAM_FIELDS)
+    unknown = sorted((k for k in entry if k not in PARAM_FIELDS), key=str)
     if unknown:
         raise SpaceError(source, key, f"unknown field '{unknown[0]}'; accepted: {sorted(PARAM_FIELDS)}")
     dist = entry.get("dist")
     if dist not in DISTRIBUTIONS:
-        raise SpaceError(source, key, f"dist {dist!r} is not one of {list(DISTRIBUTIONS)}")
+        raise SpaceError(source, key, f"dist {_short(dist)} is not one of {list(DISTRIBUTIONS)}")
     text = str(entry.get("source", ""))
     if dist == "choice":
         values = entry.get("values")
         if not isinstance(values, list) or not values:
-            raise SpaceError(source, key, f"choice needs a non-empty list 'values', got {values!r}")
-        if len({repr(v) for v in values}) != len(values):
-            raise SpaceError(source, key, f"choice values repeat: {values}")
+            raise SpaceError(source, key, f"choice needs a non-empty list 'values', got {_short(values)}")
+        if len({_short(v) for v in values}) != len(values):
+            raise SpaceError(source, key, f"choice values repeat: {_short(values)}")
         return Param(key, dist, values=tuple(values), source=text)
     if "values" in entry:
         raise SpaceError(source, key, f"'values' belongs to dist: choice, not {dist}")
@@ -219,9 +228,9 @@ def default_perturb(params: dict[str, Param]) -> list[str]:
 def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     if not isinstance(raw, dict):
         raise SpaceError(source, "<file>", "expected a YAML mapping with a 'params' section")
-    unknown = sorted(set(raw) - {"method", "params", "perturb"})
+    unknown = sorted((k for k in raw if k not in ("method", "params", "perturb")), key=str)
     if unknown:
-        raise SpaceError(source, unknown[0], "unknown section; accepted: method, params, perturb")
+        raise SpaceError(source, str(unknown[0]), "unknown section; accepted: method, params, perturb")
     entries = raw.get("params")
     if not isinstance(entries, dict) or not entries:
         raise SpaceError(source, "params", "needs at least one key, e.g. method.weights.kl: {dist: ...}")
@@ -230,26 +239,44 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
     if perturb is None:
         perturb = default_perturb(params)
     if not isinstance(perturb, list):
-        raise SpaceError(source, "perturb", f"expected a list of keys from 'params', got {perturb!r}")
+        raise SpaceError(source, "perturb", f"expected a list of keys from 'params', got {_short(perturb)}")
     for key in perturb:
-        if key not in params:
+        if not isinstance(key, str) or key not in params:
             raise SpaceError(
-                source, str(key), f"'perturb' names a key that is not in 'params' ({list(params)})"
+                source,
+                key if isinstance(key, str) else _short(key),
+                f"'perturb' names a key that is not in 'params' ({list(params)})",
             )
     method = raw.get("method")
-    return SearchSpace(params, [str(k) for k in perturb], str(method) if method else None, source)
+    if method is not None and not isinstance(method, str):
+        raise SpaceError(source, "method", f"a method name, e.g. method: dml; got {_short(method)}")
+    return SearchSpace(params, [str(k) for k in perturb], method or None, source)
 
 
 def load_space(path: str | Path | dict[str, Any]) -> SearchSpace:
     """Read and check the form of a space file (ranges, distributions); :meth:`SearchSpace.check_against` checks
-    the keys against a config."""
+    the keys against a config. Any file that is not a well-formed space, whatever its bytes, is one
+    :class:`SpaceError`."""
     if isinstance(path, dict):
         return parse_space(path)
     p = Path(path)
-    if not p.is_file():
+    try:
+        is_file = p.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
         raise SpaceError(str(p), "<file>", "no such file (the spaces shipped with kdray are in tune_spaces/)")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SpaceError(str(p), "<file>", f"not valid YAML: {str(exc).splitlines()[0]}") from None
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpaceError(str(p), "<file>", "not a text file (not UTF-8)") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise SpaceError(str(p), "<file>", f"not valid YAML: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise SpaceError(str(p), "<file>", f"cannot be read ({exc.strerror or exc})") from None
     return parse_space(raw, str(p))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
