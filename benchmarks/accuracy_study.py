@@ -46,7 +46,12 @@ REGIMES = {
     "noise40": {"train_size": 11000, "val_split": 1000, "epochs": 12, "noise": 0.4},
     "unequal": {"train_size": 11000, "val_split": 1000, "epochs": 10, "noise": None},
     "ring3": {"train_size": 11000, "val_split": 1000, "epochs": 10, "noise": None},
+    # data-free: the teacher trains on 10k images; the students see none (12 epochs of 25 generator steps)
+    "datafree": {"train_size": 11000, "val_split": 1000, "epochs": 12, "noise": None, "steps_per_epoch": 25},
 }
+TEACHER14 = {"name": "teacher", "arch": "resnet14", "arch_kwargs": {"width": 16}}
+STUDENT8 = {"name": "student", "arch": "resnet8"}
+GEN = {"nz": 256, "ngf": 32, "student_steps": 5, "discrepancy": "l1"}
 PAIR = [{"name": "a", "arch": "resnet8"}, {"name": "b", "arch": "resnet8"}]
 UNEQUAL = [{"name": "small", "arch": "resnet8"}, {"name": "large", "arch": "wrn_16_2"}]
 RING3 = [
@@ -141,6 +146,20 @@ def _rows() -> list[Row]:
                 "baseline",
             ),  # fmt: skip
         ]
+    frozen14 = {**TEACHER14, "frozen": True}
+    rows += [
+        Row("datafree", "datafree", "teacher", {"name": "independent"}, [TEACHER14]),
+        Row("datafree", "datafree", "KD with real data", {"name": "kd"}, [frozen14, STUDENT8], "teacher"),
+        Row("datafree", "datafree", "DFAD", {"name": "dfad", **GEN}, [frozen14, STUDENT8], "teacher"),
+        Row(
+            "datafree",
+            "datafree",
+            "MAD",
+            {"name": "mad", "ema_batch": "half", **GEN},
+            [frozen14, STUDENT8],
+            "teacher",
+        ),  # fmt: skip
+    ]
     rows.append(Row("generations", "noise40", "born-again x4", {"name": "independent"}, ONE, generations=4))
     rows.append(Row("generations", "small", "born-again x4", {"name": "independent"}, ONE, generations=4))
     return rows
@@ -178,6 +197,13 @@ def config(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     }
     if row.generations:
         raw["generations"] = {"count": row.generations}
+    if row.method["name"] in ("dfad", "mad"):  # no training data: an epoch is a number of generated batches
+        raw["train"]["steps_per_epoch"] = regime["steps_per_epoch"]
+        raw["train"]["schedule"] = {"name": "cosine"}
+    elif "steps_per_epoch" in regime and row.label != "teacher":
+        raw["train"]["epochs"] = args.epochs or 5  # KD with real data: a normal schedule on the training set
+    if row.label == "teacher":
+        raw["train"]["epochs"] = args.epochs or 5
     return raw
 
 
@@ -197,6 +223,7 @@ def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         if not teacher_ckpt.is_file():
             raise RuntimeError(f"teacher run {teacher_row.key} seed {seed} has not finished")
         raw["peers"][0]["checkpoint"] = str(teacher_ckpt)
+        raw["peers"][0].setdefault("checkpoint_peer", teacher_row.peers[0]["name"])
     out = run_folder(row, seed, args)
     resume = out if (out / "checkpoints" / "last.pt").is_file() or (out / "stages.yaml").is_file() else None
     t0 = time.time()
