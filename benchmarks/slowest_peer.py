@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
