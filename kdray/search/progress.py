@@ -1,24 +1,32 @@
-"""Driver-side progress of a study: one line per finished trial, and ``progress.json`` kept current, so a killed
-driver leaves an up-to-date record of what had finished."""
+"""Driver-side progress of a study: a live bar of the epochs trained by all trials (with the best objective so
+far and the trials running), one line per finished trial, and ``progress.json`` kept current, so a killed driver
+leaves an up-to-date record of what had finished."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
+from tqdm import tqdm
 
 from kdray.search.trial import PROGRESS_FILE, _read_json, _write_json
 
 
 class StudyProgress(Callback):
-    def __init__(self, study_dir: str, epochs: int, verbose: bool = True):
+    def __init__(self, study_dir: str, epochs: int, verbose: bool = True, total_epochs: int | None = None):
         self.path = Path(study_dir) / PROGRESS_FILE
         self.epochs, self.verbose = epochs, verbose
         self.trials: dict[str, dict[str, Any]] = _read_json(self.path, {})
         self.started: dict[str, float] = {}
+        done = sum(int(t.get("epoch") or 0) for t in self.trials.values())
+        self.bar = tqdm(
+            total=total_epochs, initial=done, desc="study", unit="epoch", disable=not verbose, dynamic_ncols=True,
+            file=sys.stderr,
+        )  # fmt: skip
 
     def _save(self) -> None:
         _write_json(self.path, self.trials)
@@ -26,35 +34,51 @@ class StudyProgress(Callback):
     def _entry(self, trial) -> dict[str, Any]:
         return self.trials.setdefault(trial.trial_id, {"status": "pending", "epoch": 0, "objective": None})
 
+    def _refresh(self) -> None:
+        objectives = [t["objective"] for t in self.trials.values() if isinstance(t.get("objective"), float)]
+        running = sum(1 for t in self.trials.values() if t["status"] == "running")
+        best = f"best {max(objectives):.4f}" if objectives else "best -"
+        self.bar.set_postfix_str(f"{best}, {running} running, {len(self.trials)} started")
+
+    def _line(self, text: str) -> None:
+        if self.verbose:
+            tqdm.write(text, file=sys.stdout)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         entry = self._entry(trial)
         entry["status"] = "running"
         entry.setdefault("started", time.time())
         self._save()
+        self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         entry = self._entry(trial)
+        if not result.get("replay") and (result.get("epoch") or 0) > (entry.get("epoch") or 0):
+            self.bar.update(1)
         entry.update(status="running", epoch=result.get("epoch"), objective=result.get("objective"))
         self._save()
+        self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         entry = self._entry(trial)
         entry["status"] = "finished" if (entry.get("epoch") or 0) >= self.epochs else "stopped"
         self._save()
-        if self.verbose:
-            obj = entry.get("objective")
-            print(
-                f"trial {trial.trial_id} {entry['status']} at epoch {entry.get('epoch')}: objective "
-                + (f"{obj:.4f}" if isinstance(obj, float) else "-"),
-                flush=True,
-            )
+        self._refresh()
+        obj = entry.get("objective")
+        self._line(
+            f"trial {trial.trial_id} {entry['status']} at epoch {entry.get('epoch')}: objective "
+            + (f"{obj:.4f}" if isinstance(obj, float) else "-")
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         entry = self._entry(trial)
         entry["status"] = "error"
         self._save()
-        if self.verbose:
-            print(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}", flush=True)
+        self._refresh()
+        self._line(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}")
+
+    def on_experiment_end(self, trials, **info):
+        self.bar.close()
 
 
 class EpochBudget(Stopper):

@@ -300,7 +300,8 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
     )  # fmt: skip
     run_config = tune.RunConfig(
         name=TUNE_DIR, storage_path=str(study_dir),
-        callbacks=[StudyProgress(str(study_dir), epochs, verbose)],
+        callbacks=[StudyProgress(str(study_dir), epochs, verbose,
+                                 settings.epoch_budget or settings.samples * epochs)],  # fmt: skip
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,
         stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None,

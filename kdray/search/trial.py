@@ -216,7 +216,6 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune function trainable."""
     from ray import tune
 
-    from kdray.api import train
     from kdray.errors import DivergedError
 
     entered = time.time()
@@ -248,31 +247,40 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         {"entered": entered, "values": values, "pid": os.getpid()},
     ]
     _update_status(out, trial_id=trial_id, status="running", values=values, incarnations=incarnations)
+    # the trial's own epoch lines go to its folder (trials/<id>/output.log); the study's bar is the terminal's view
+    log = (out / "output.log").open("a")
     try:
-        if checkpoint is None:
-            result = train(cfg, out=out, callbacks=[reporter], parent_run_id=plan.parent_run_id)
-        else:
-            with checkpoint.as_directory() as folder:
-                source, event = _resume_point(Path(folder), trial_id, out, values)
-                incarnations[-1]["resumed"] = event
-                _update_status(out, incarnations=incarnations)
-                result = train(
-                    cfg, out=out, resume=source, callbacks=[reporter], parent_run_id=plan.parent_run_id
-                )
-                if reporter.final is None and result.summary["history"]:
-                    # Nothing was left to train: this trial had finished when it was paused (PBT) or the driver
-                    # was killed, or it copied a donor that had. Report where it stands, flagged as no new epoch.
-                    if event["kind"] == "exploit":
-                        shutil.copy2(source, out / "checkpoints" / "last.pt")
-                    reporter.final = ({**result.summary["history"][-1], "replay": 1.0}, source)
+        with contextlib.redirect_stdout(log):
+            result = _train_trial(checkpoint, cfg, out, reporter, plan, trial_id, values, incarnations)
     except DivergedError as exc:
         _update_status(out, status="diverged", error=str(exc))
         raise
+    finally:
+        log.close()
     timing = _timing(entered, reporter, result.summary)
     if "first_step_after_entry_s" in previous:  # keep the first incarnation's start-up time
         timing.pop("first_step_after_entry_s", None)
     _update_status(out, status="finished", **timing)
     reporter.report_final()
+
+
+def _train_trial(checkpoint, cfg, out: Path, reporter, plan: TrialPlan, trial_id: str, values, incarnations):
+    from kdray.api import train
+
+    if checkpoint is None:
+        return train(cfg, out=out, callbacks=[reporter], parent_run_id=plan.parent_run_id)
+    with checkpoint.as_directory() as folder:
+        source, event = _resume_point(Path(folder), trial_id, out, values)
+        incarnations[-1]["resumed"] = event
+        _update_status(out, incarnations=incarnations)
+        result = train(cfg, out=out, resume=source, callbacks=[reporter], parent_run_id=plan.parent_run_id)
+        if reporter.final is None and result.summary["history"]:
+            # Nothing was left to train: this trial had finished when it was paused (PBT) or the driver was
+            # killed, or it copied a donor that had. Report where it stands, flagged as no new epoch.
+            if event["kind"] == "exploit":
+                shutil.copy2(source, out / "checkpoints" / "last.pt")
+            reporter.final = ({**result.summary["history"][-1], "replay": 1.0}, source)
+    return result
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
