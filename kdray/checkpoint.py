@@ -95,7 +95,7 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     except OSError as exc:
         raise WriteError(
-            f"cannot write {path}: {_why(exc)}; the previous version of the file is intact"
+            f"cannot write {path}: {_why(exc)}; the previous version of the file, if any, is intact"
         ) from None
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -108,7 +108,7 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise WriteError(
-                f"cannot write {path}: {_why(exc)}; the previous version of the file is intact"
+                f"cannot write {path}: {_why(exc)}; the previous version of the file, if any, is intact"
             ) from None
         raise
     _remove_leftovers(path)

@@ -88,6 +88,32 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def retry_busy(uri: str | None, what: str, fn: Callable[[], T], run_open: bool = False) -> T:
+    """``fn()``, again after a growing pause while the SQLite store ``uri`` is busy (other runs writing to it); any
+    other error, and any error of another kind of store, is raised at once. Still busy after :data:`RETRY_FOR_S`:
+    one :class:`TrackingError`. Safe for writes: SQLite rolls back the transaction it refused."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    pause = 0.05
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified: busy SQLite is retried, the rest is raised
+            if sqlite_path(uri) is None or not is_busy(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                after = (
+                    "the run's checkpoints are intact: continue it with kdray train --resume"
+                    if run_open
+                    else "try again once the other runs on this store are done"
+                )
+                raise TrackingError(
+                    f"tracking store '{uri}' stayed busy for {RETRY_FOR_S:.0f} s while {what} "
+                    f"({first_line(exc)}); {after}"
+                ) from None
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 2.0)
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` (explicit run ids, no global active-run state, safe in workers)."""
 
@@ -103,22 +129,7 @@ class Tracker:
         return self.cfg.enabled
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()``, again after a growing pause while a SQLite store is busy (other runs writing to it)."""
-        deadline = time.monotonic() + RETRY_FOR_S
-        pause = 0.05
-        while True:
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - classified: busy SQLite is retried, the rest is raised
-                if sqlite_path(self.uri) is None or not is_busy(exc):
-                    raise
-                if time.monotonic() + pause > deadline:
-                    raise TrackingError(
-                        f"tracking store '{self.uri}' stayed busy for {RETRY_FOR_S:.0f} s while {what} "
-                        f"({first_line(exc)}); the checkpoint is intact: continue with --resume"
-                    ) from None
-                time.sleep(pause * (0.5 + random.random()))
-                pause = min(pause * 2, 2.0)
+        return retry_busy(self.uri, what, fn, run_open=self.run_id is not None)
 
     def check(self) -> None:
         """Make sure the store answers, before any training starts. The first client of a SQLite store creates its

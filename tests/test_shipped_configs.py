@@ -17,7 +17,9 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 def test_shipped_config_validates(path):
     raw = read_raw(path)
     text = path.read_text()
-    assert text.lstrip().startswith("#"), f"{path.name}: say in a header what it runs and where its values come from"
+    assert text.lstrip().startswith("#"), (
+        f"{path.name}: say in a header what it runs and where its values come from"
+    )
     if is_staged(raw):
         stages = stage_configs(raw)
         assert len(stages) >= 2

@@ -195,7 +195,13 @@ SHIPPED = sorted((REPO / "tune_spaces").glob("*.yaml"))
 def _config_for(method: str, tiny_raw: dict) -> dict:
     raw = copy.deepcopy(tiny_raw)
     raw["method"] = {"name": method}
-    if method in ("kd", "tfkd", "aikd", "dfad", "mad"):  # a frozen teacher (its file is not read by validation)
+    if method in (
+        "kd",
+        "tfkd",
+        "aikd",
+        "dfad",
+        "mad",
+    ):  # a frozen teacher (its file is not read by validation)
         raw["peers"][0].update(frozen=True, checkpoint="teacher.pt")
     if method in ("independent", "pskd", "cskd"):
         raw["peers"] = raw["peers"][:1]
