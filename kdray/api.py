@@ -40,8 +40,10 @@ def prepare_out_dir(name: str, out: str | Path | None, resuming: bool) -> Path:
     if out is None:
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KdrayError(f"--out '{out}' is a file, not a folder; choose a folder for the run")
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == out else f"is inside '{path}', which is a file"
+            raise KdrayError(f"--out '{out}' {where}, not a folder; choose a folder for the run")
     if not resuming and (out / "checkpoints" / "last.pt").exists():
         raise KdrayError(
             f"--out '{out}' already holds a run (checkpoints/last.pt); resume it with --resume {out}, "

@@ -23,6 +23,7 @@ from kdray.checkpoint import load_peer_weights
 from kdray.config import ExperimentConfig, OptimizerConfig
 from kdray.data import Batch, DataModule, build_data
 from kdray.data.augment import NORMALISATION
+from kdray.errors import CheckpointError
 from kdray.exchange import Exchange, ExchangePlan, LocalExchange
 from kdray.exchange.base import weights_of
 from kdray.methods import BufferSpec, Method, PopulationSpec, method_class
@@ -445,10 +446,15 @@ class Population:
         }
 
     def load_state_dict(self, sd: dict[str, Any], rank: int = 0) -> None:
-        """Restore this process's part of a population checkpoint (taken after ``sd["step"]`` global steps)."""
-        step = int(sd.get("step", 0))
-        for p in self.peers:
-            p.load_state_dict(sd["peers"][p.name], step)
-        if self.shared is not None and sd.get("shared") is not None:
-            self.shared.load_state_dict(sd["shared"], step)
+        """Restore this process's part of a population checkpoint (taken after ``sd["step"]`` global steps). A
+        checkpoint of another population (other shapes, missing parts) is one :class:`CheckpointError`."""
+        try:
+            step = int(sd.get("step", 0))
+            for p in self.peers:
+                p.load_state_dict(sd["peers"][p.name], step)
+            if self.shared is not None and sd.get("shared") is not None:
+                self.shared.load_state_dict(sd["shared"], step)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"the checkpoint does not fit this population ({first})") from None
         self.exchange.load_state_dict((sd.get("exchange") or {}).get(rank, {}))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import TrackingConfig
-from kdray.tracking import Tracker
+from kdray.tracking import Tracker, retry_busy
 
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 
@@ -28,21 +28,25 @@ def find_trial_run(uri: str | None, parent_run_id: str | None, out_dir: Path) ->
     """The MLflow run ``kdray.train`` opened for the run folder ``out_dir`` (nested under ``parent_run_id``)."""
     if not uri or not parent_run_id:
         return None
-    client = _client(uri)
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs(
-        [experiment],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`kdray.out` = '{out_dir}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+
+    def find() -> str | None:
+        client = _client(uri)
+        experiment = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs(
+            [experiment],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`kdray.out` = '{out_dir}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    return retry_busy(uri, "finding a trial's run", find)
 
 
 def delete_trial_run(uri: str | None, parent_run_id: str | None, out_dir: Path) -> None:
     run_id = find_trial_run(uri, parent_run_id, out_dir)
     if run_id:
-        _client(uri).delete_run(run_id)
+        retry_busy(uri, "deleting a half-begun trial run", lambda: _client(uri).delete_run(run_id))
 
 
 def log_trial_epoch(uri: str, run_id: str, objective: float, hp: dict[str, float], epoch: int) -> None:
@@ -51,7 +55,7 @@ def log_trial_epoch(uri: str, run_id: str, objective: float, hp: dict[str, float
     now = int(time.time() * 1000)
     items = [Metric("objective", float(objective), now, epoch)]
     items += [Metric(k, float(v), now, epoch) for k, v in hp.items()]
-    _client(uri).log_batch(run_id, metrics=items)
+    retry_busy(uri, "logging a trial's epoch", lambda: _client(uri).log_batch(run_id, metrics=items))
 
 
 class StudyTracking:
@@ -105,10 +109,9 @@ class StudyTracking:
         from mlflow.entities import Param
 
         client = self.tracker.client
-        for t in trials:
-            run_id = t.get("mlflow_run_id")
-            if not run_id:
-                continue
+        uri = self.tracker.uri
+
+        def settle(t: dict[str, Any], run_id: str) -> None:
             client.set_tag(run_id, "kdray.trial_id", t["trial_id"])
             client.set_tag(run_id, "kdray.tune_status", t["status"])
             existing = client.get_run(run_id).data.params
@@ -118,6 +121,11 @@ class StudyTracking:
             if params:
                 client.log_batch(run_id, params=params)
             client.set_terminated(run_id, status=MLFLOW_STATUS.get(t["status"], "KILLED"))
+
+        for t in trials:
+            run_id = t.get("mlflow_run_id")
+            if run_id:
+                retry_busy(uri, f"settling trial {t['trial_id']}'s run", lambda t=t, r=run_id: settle(t, r))
 
     def child_runs(self) -> list[Any]:
         if not self.run_id:

@@ -22,11 +22,22 @@ class StudyProgress(Callback):
         self.epochs, self.verbose = epochs, verbose
         self.trials: dict[str, dict[str, Any]] = _read_json(self.path, {})
         self.started: dict[str, float] = {}
-        done = sum(int(t.get("epoch") or 0) for t in self.trials.values())
-        self.bar = tqdm(
-            total=total_epochs, initial=done, desc="study", unit="epoch", disable=not verbose, dynamic_ncols=True,
-            file=sys.stderr,
-        )  # fmt: skip
+        self.total_epochs = total_epochs
+        self._bar: tqdm | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment's state: the bar (it holds the terminal) stays here
+        return {k: v for k, v in self.__dict__.items() if k != "_bar"} | {"_bar": None}
+
+    @property
+    def bar(self) -> tqdm:
+        if self._bar is None:
+            done = sum(int(t.get("epoch") or 0) for t in self.trials.values())
+            self._bar = tqdm(
+                total=self.total_epochs, initial=done, desc="study", unit="epoch", disable=not self.verbose,
+                dynamic_ncols=True, file=sys.stderr,
+            )  # fmt: skip
+        return self._bar
 
     def _save(self) -> None:
         _write_json(self.path, self.trials)
@@ -78,7 +89,8 @@ class StudyProgress(Callback):
         self._line(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}")
 
     def on_experiment_end(self, trials, **info):
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 class EpochBudget(Stopper):

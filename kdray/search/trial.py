@@ -172,7 +172,6 @@ class TuneReporter:
 def _resume_point(ckpt_dir: Path, trial_id: str, out: Path, values: dict[str, Any]) -> tuple[Path, dict]:
     """The kdray checkpoint to resume from, and what it is. A donor's checkpoint (PBT) is copied into this trial's
     folder with this trial's MLflow run id, so the recipient logs into its own run."""
-    import torch
 
     from kdray.checkpoint import load_checkpoint, save_checkpoint
 
@@ -184,7 +183,7 @@ def _resume_point(ckpt_dir: Path, trial_id: str, out: Path, values: dict[str, An
     own_run = None
     own_last = out / "checkpoints" / "last.pt"
     if own_last.is_file():
-        own_run = torch.load(own_last, map_location="cpu", weights_only=True).get("mlflow_run_id")
+        own_run = load_checkpoint(own_last).get("mlflow_run_id")
     payload["mlflow_run_id"] = own_run
     target = out / "checkpoints" / f"exploit-{meta['trial_id']}-epoch{payload['epoch']}.pt"
     save_checkpoint(target, payload)

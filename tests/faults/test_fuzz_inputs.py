@@ -498,10 +498,6 @@ def test_out_is_an_existing_file(capsys, tmp_path):
     assert out.read_bytes() == b"precious"
 
 
-@pytest.mark.xfail(
-    reason="kdray/api.py prepare_out_dir checks only the folder itself, not a parent that is a file: "
-    "mkdir raises NotADirectoryError (see docs/faults.md)",
-)
 def test_out_inside_an_existing_file(capsys, tmp_path):
     out = tmp_path / "a_file"
     out.write_bytes(b"precious")

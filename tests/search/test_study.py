@@ -120,7 +120,8 @@ def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local,
     """Two trials, one with a useless learning rate: it copies the better trial's checkpoint (weights, step, history)
     and continues with a perturbed KL weight, which is in effect from the next step."""
     tiny_raw["train"]["epochs"] = 4
-    tiny_raw["data"]["synthetic"]["train_len"] = 160  # 128 trained on: 8 steps per epoch
+    # 512 trained on: 32 steps per epoch, long enough for the two trials to overlap (PBT compares running trials)
+    tiny_raw["data"]["synthetic"]["train_len"] = 544
     space, settings = _pbt_pair()
     out = tmp_path / "pbt"
     study = run_study(tiny_raw, space, out=out, settings=settings).study
@@ -134,7 +135,7 @@ def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local,
     # the copy is the donor's state at the exploit point: same step counter, same weights, its history
     donor_payload = load_checkpoint(event["donor_checkpoint"])
     copied = load_checkpoint(event["copied_to"])
-    assert copied["epoch"] == donor_payload["epoch"] == e and copied["step"] == donor_payload["step"] == e * 8
+    assert copied["epoch"] == donor_payload["epoch"] == e and copied["step"] == donor_payload["step"] == e * 32
     for peer, state in donor_payload["peers"].items():
         for name, tensor in state["net"].items():
             assert torch.equal(copied["peers"][peer]["net"][name], tensor), (peer, name)
