@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY  # tests/conftest.py: the tiny synthetic population
+from tests.conftest import (
+    TINY,
+)  # tests/conftest.py: the tiny synthetic population (by package: conftest names clash)
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = Path(__file__).resolve().parent / "hooks"
