@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from tests.conftest import (
     TINY,
 )  # tests/conftest.py: the tiny synthetic population (by package: conftest names clash)
