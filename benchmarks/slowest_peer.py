@@ -8,7 +8,9 @@ measures how close it gets. For each population:
 - **ray**: the population on the RayEngine (collective exchange, one peer per worker, the same threads per peer),
   ``train/step_ms`` of its second epoch, with ``engine.exchange.split_wait`` so the exchange time splits into
   waiting for the slowest peer and moving bytes;
-- **ratio** = ray / slowest alone (target <= 1.05).
+- **ratio** = ray / slowest alone (target <= 1.05);
+- for the unequal pair, when there are threads to move (>= 3 CPUs), the same with ``engine.placement.balance:
+  threads``: the large peer gets more threads, the small one waits less.
 
     python benchmarks/slowest_peer.py --steps 40 --out benchmarks/results/slowest_peer.json
 
@@ -96,15 +98,19 @@ def alone_ms(peer: dict, steps: int, threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
 
 
-def ray_row(method: str, peers: list, steps: int, threads: int, cpus_per_peer: float) -> dict:
+def ray_row(
+    method: str, peers: list, steps: int, threads: int, cpus_per_peer: float, balance: bool = False
+) -> dict:
     import kdray
 
     raw = base(method, peers, steps, threads)
     raw["engine"] = {
         "name": "ray",
-        "placement": {"cpus_per_peer": cpus_per_peer},
+        "placement": {"cpus_per_peer": cpus_per_peer, "balance": "threads" if balance else "none"},
         "exchange": {"name": "collective", "split_wait": True},
     }
+    if balance:
+        raw["train"]["threads"] = None
     with tempfile.TemporaryDirectory() as tmp:
         result = kdray.train(raw, out=Path(tmp) / "run")
     epoch2 = result.summary["history"][-1]
@@ -136,6 +142,10 @@ def main() -> int:
                "ratio": ray["ray_ms"] / slowest,
                "wait_share": (ray["wait_ms"] or 0) / ray["ray_ms"]}  # fmt: skip
         rows.append(row)
+        if name.startswith("unequal") and threads * len(peers) >= 3:  # balance needs a thread to move
+            bal = ray_row(method, peers, args.steps, threads, cpus, balance=True)
+            rows.append({**row, "population": f"{name}, balanced threads", **bal,
+                         "ratio": bal["ray_ms"] / slowest, "wait_share": (bal["wait_ms"] or 0) / bal["ray_ms"]})  # fmt: skip
         print(
             f"{name:<28} alone {', '.join(f'{k} {v:.0f}' for k, v in alone.items())} ms | ray {ray['ray_ms']:.0f} ms "
             f"(exchange {ray['exchange_ms']:.0f}, waiting {ray['wait_ms'] or 0:.0f}) | ratio {row['ratio']:.3f}",

@@ -220,6 +220,11 @@ class PlacementConfig(Section):
     cpus_per_peer: float = Field(1.0, gt=0)
     gpus_per_peer: float = Field(0.0, ge=0)
     timeout_s: float = Field(60.0, gt=0, description="give up (with a clear error) if not placed by then")
+    balance: Literal["none", "threads"] = Field(
+        "none",
+        description="threads: share the workers' CPUs out as torch threads in proportion to each peer's forward "
+        "FLOPs (a large peer gets more, so a small one waits less); train.threads then must be null",
+    )
 
 
 class CollectiveExchangeConfig(Section):
@@ -397,6 +402,16 @@ class ExperimentConfig(Section):
         if not isinstance(raw, dict) or "name" not in raw:
             raise ValueError("needs a mapping with a 'name' key")
         return method_class(raw["name"]).Config.model_validate(raw)
+
+    @model_validator(mode="after")
+    def _threads_or_balance(self) -> ExperimentConfig:
+        if self.engine.placement.balance == "threads" and self.train.threads is not None:
+            raise ConfigError(
+                "train.threads", self.train.threads,
+                "engine.placement.balance: threads sets each worker's threads from its peer's cost; set "
+                "train.threads: null, or balance: none",
+            )  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _population_fits_method(self, info: ValidationInfo) -> ExperimentConfig:

@@ -28,7 +28,7 @@ from kdray.exchange import Exchange, ExchangePlan, LocalExchange
 from kdray.exchange.base import weights_of
 from kdray.methods import BufferSpec, Method, PopulationSpec, method_class
 from kdray.methods.base import PeerSpec, Signals
-from kdray.models import build_network, count_params, tap_shapes
+from kdray.models import build_network, count_flops, count_params, tap_shapes
 from kdray.schedules import build_scheduler
 from kdray.seeds import seed_for, seeded
 
@@ -125,8 +125,11 @@ def population_spec(cfg: ExperimentConfig, data: DataModule, steps_per_epoch: in
                 p.arch, spec.num_classes, spec.in_channels, taps=taps or None, **p.arch_kwargs
             )
         peers.append(
-            PeerSpec(k, p.name, p.arch, p.frozen, count_params(net.model), tap_shapes(net, input_shape))
-        )
+            PeerSpec(
+                k, p.name, p.arch, p.frozen, count_params(net.model), tap_shapes(net, input_shape),
+                count_flops(net.model, input_shape),
+            )
+        )  # fmt: skip
     return PopulationSpec(
         peers=tuple(peers),
         num_classes=spec.num_classes,
@@ -137,6 +140,20 @@ def population_spec(cfg: ExperimentConfig, data: DataModule, steps_per_epoch: in
         train_len=spec.train_len,
         batch_size=cfg.data.batch_size,
     )
+
+
+def balanced_threads(cfg: ExperimentConfig, spec: PopulationSpec) -> list[int]:
+    """``engine.placement.balance: threads``: the CPUs of all workers (peers x ``cpus_per_peer``) shared out as torch
+    threads in proportion to each peer's forward FLOPs (a frozen teacher only forwards: a third of a training
+    step's cost), at least one each. Ray Train reserves the same bundle for every worker; only the threads differ."""
+    total = max(len(spec.peers), round(len(spec.peers) * cfg.engine.placement.cpus_per_peer))
+    costs = [max(p.flops, 1) / (3 if p.frozen else 1) for p in spec.peers]
+    shares = [total * c / sum(costs) for c in costs]
+    threads = [max(1, int(s)) for s in shares]
+    while sum(threads) < total:  # hand out what rounding down left, to the largest remainders
+        k = max(range(len(shares)), key=lambda i: shares[i] - threads[i])
+        threads[k] += 1
+    return threads
 
 
 def _buffer(spec: BufferSpec, n: int, labels: Tensor | None, num_classes: int, device) -> Tensor:
@@ -321,6 +338,8 @@ class Population:
             steps = min(self.data.steps_per_epoch(), steps or self.data.steps_per_epoch())
         self.steps_per_epoch = steps
         self.spec = population_spec(cfg, self.data, steps)
+        if cfg.engine.name == "ray" and cfg.engine.placement.balance == "threads" and local_ids is not None:
+            torch.set_num_threads(balanced_threads(cfg, self.spec)[local_ids[0]])
         self.method = method_cls(cfg.method, self.spec)
         self.pairs = method_cls.batch_pairs == "class_pairs"
         ids = list(range(cfg.num_peers)) if local_ids is None else list(local_ids)

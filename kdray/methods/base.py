@@ -57,6 +57,7 @@ class PeerSpec:
     frozen: bool
     num_params: int
     tap_shapes: dict[str, tuple[int, ...]]  # per-sample shapes, "logits" included
+    flops: int = 0  # forward FLOPs per sample: what a step of this peer costs, relatively
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,13 @@
 """
 
 from kdray.models.registry import check_arch, create_model, default_tap, list_models
-from kdray.models.taps import TappedNetwork, build_network, count_params, tap_shapes
+from kdray.models.taps import TappedNetwork, build_network, count_flops, count_params, tap_shapes
 
 __all__ = [
     "TappedNetwork",
     "build_network",
     "check_arch",
+    "count_flops",
     "count_params",
     "create_model",
     "default_tap",

@@ -159,6 +159,23 @@ def tap_shapes(net: TappedNetwork, input_shape: tuple[int, int, int]) -> dict[st
     return {name: tuple(t.shape[1:]) for name, t in out.items()}
 
 
+def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Forward FLOPs of one sample of ``input_shape`` (torch's own counter: matmuls and convolutions), in eval mode
+    under ``no_grad``; the training mode is restored afterwards. What a peer's step costs, relatively."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(iter(model.parameters()), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (each shared tensor counted once), trainable or not."""
     return sum(p.numel() for p in model.parameters())
