@@ -124,9 +124,8 @@ class StepRunner:
         forward_peers = self.peers if shared_scope else self._forward_peers
         shared_module = self.shared.module if self.shared else None
         previous = {k: _detach(v) for k, v in last[1].items()} if last is not None else {}
-        if (
-            phase.optimizer is None
-        ):  # an observing forward: no loss, no update; the next phase reads its outputs
+        if phase.optimizer is None:
+            # an observing forward: no loss, no update; the next phase reads its outputs as ctx.previous
             with self._autocast(), torch.no_grad():
                 inputs = method.phase_inputs(phase, batch, shared_module, rng)
                 outs = self._forward(phase, tag, step, inputs, forward_peers)
