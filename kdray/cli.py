@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "tune": "kdray.search.cli:add_parser",
     "cluster": "kdray.cluster:add_parser",
     "submit": "kdray.cluster:add_submit_parser",
+    "ray": "kdray.engines.ray_service:add_parser",
 }
 
 
@@ -155,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdray.engines.ray_service import attach_environment
+
+    os.environ.update(
+        attach_environment()
+    )  # a running `kdray ray start`: attach to it (before Ray is imported)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,10 @@ def cluster_address(engine: EngineConfig, environ: dict[str, str] | None = None)
 @contextlib.contextmanager
 def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     """Make Ray available for one run; yields how ("existing", "attached", "local")."""
+    if "ray" not in sys.modules and not engine.session.address:
+        from kdray.engines.ray_service import attach_environment
+
+        os.environ.update(attach_environment())  # `kdray ray start` is running: attach to it
     import ray
 
     for key, value in TRAIN_ENV_DEFAULTS.items():
@@ -124,8 +129,14 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
                 # several loopback nodes on one machine (127.0.0.2, .3, ...): join as the head's address, not
                 # the machine's, or Ray finds no raylet of this node
                 kwargs["_node_ip_address"] = host
+        # 127.0.0.1 (a `kdray ray start`): Ray would rewrite it to the machine's address, as for a local start
+        loopback = host == "127.0.0.1"
         try:
-            ray.init(address=address, logging_level="warning", **kwargs)
+            with (
+                _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}) if loopback else contextlib.nullcontext(),
+                _loopback_node_ip() if loopback else contextlib.nullcontext(),
+            ):
+                ray.init(address=address, logging_level="warning", **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the same problem for the user
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             fix = (

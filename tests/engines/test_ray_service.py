@@ -1,0 +1,59 @@
+"""``kdray ray start``: one local Ray kept running on loopback between runs; a run attaches to it; ``kdray ray stop``
+stops exactly what it started."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdray.engines import ray_service
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path, monkeypatch):
+    monkeypatch.setenv(
+        "KDRAY_RAY_DIR", str(Path("/tmp") / f"kdsvc-{os.getpid()}")
+    )  # short: Ray's socket paths
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    state = ray_service.start(cpus=2, object_store_mb=100)
+    try:
+        assert ray_service.running()["address"] == state["address"].replace("localhost", "127.0.0.1")
+        with pytest.raises(Exception, match="already running"):
+            ray_service.start()
+        listening = []
+        pids = ray_service.service_pids(state["pid"], Path(state["root"]))
+        for line in subprocess.run(
+            ["ss", "-Htlnp"], capture_output=True, text=True, check=True
+        ).stdout.splitlines():
+            if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids:
+                listening.append(line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:"))
+        assert listening and all(ipaddress.ip_address(a).is_loopback for a in listening), listening
+
+        raw = copy.deepcopy(tiny_raw)
+        raw["engine"] = {"name": "ray", "placement": {"cpus_per_peer": 0.5}}
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        run = subprocess.run(
+            [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
+        assert info["session"] == "attached"  # no Ray of its own: the kept one
+        assert all(w["node_ip"] == "127.0.0.1" for w in info["placement"])
+    finally:
+        ray_service.stop()
+    assert ray_service.running() is None
+    assert not ray_service.service_pids(state["pid"], Path(state["root"]))  # every process it started is gone
