@@ -135,7 +135,9 @@ def test_pbt_exploit_continues_from_the_donor_with_the_mutated_weight(ray_local,
     # the copy is the donor's state at the exploit point: same step counter, same weights, its history
     donor_payload = load_checkpoint(event["donor_checkpoint"])
     copied = load_checkpoint(event["copied_to"])
-    assert copied["epoch"] == donor_payload["epoch"] == e and copied["step"] == donor_payload["step"] == e * 32
+    assert (
+        copied["epoch"] == donor_payload["epoch"] == e and copied["step"] == donor_payload["step"] == e * 32
+    )
     for peer, state in donor_payload["peers"].items():
         for name, tensor in state["net"].items():
             assert torch.equal(copied["peers"][peer]["net"][name], tensor), (peer, name)
