@@ -13,6 +13,7 @@ import kdray
 from kdray.checkpoint import load_checkpoint
 from kdray.errors import ConfigError
 from kdray.generations import ensemble_accuracies, expand_generations
+from tests.helpers import train_until_stopped
 
 
 def _born_again(tiny_raw, count: int = 3, **gens) -> dict:
@@ -65,23 +66,8 @@ def test_soft_targets_only_is_a_switch(tiny_raw):
 
 
 def test_a_stop_in_generation_three_resumes_there(tiny_raw, tmp_path):
-    import kdray.engines.local as local
-    from kdray.loop import Stopped
-
     raw = _born_again(tiny_raw)
-    original = local.LocalSink.step_done
-
-    def stop_in_gen3(self, epoch, step_in_epoch, step, metrics):
-        original(self, epoch, step_in_epoch, step, metrics)
-        if self.cfg.name == "tiny-gen3" and step == 4:
-            self.engine.stop = lambda: True
-
-    local.LocalSink.step_done = stop_in_gen3
-    try:
-        with pytest.raises(Stopped):
-            kdray.train(raw, out=tmp_path / "ban")
-    finally:
-        local.LocalSink.step_done = original
+    train_until_stopped(raw, tmp_path / "ban", steps_done=5, run="tiny-gen3")
     stages = tmp_path / "ban" / "stages"
     stamps = {k: (stages / f"gen{k}" / "checkpoints" / "last.pt").stat().st_mtime_ns for k in (1, 2)}
     resumed = kdray.train(None, resume=tmp_path / "ban")

@@ -82,9 +82,9 @@ def test_buffer_rows_are_written_at_the_batch_indices_and_restored_exactly(tiny_
     assert untouched.any() and torch.equal(memory[untouched].argmax(1), pop.data.train_labels()[untouched])
 
     # stop in epoch 2 after a mid-epoch checkpoint, resume: the memory and everything else as uninterrupted
-    from tests.engines.test_local import stop_after
+    from tests.helpers import train_until_stopped
 
-    stop_after(copy.deepcopy(tiny_raw), tmp_path / "part", global_step=6)
+    train_until_stopped(copy.deepcopy(tiny_raw), tmp_path / "part", steps_done=6)
     resumed = load_checkpoint(kdray.train(tiny_raw, resume=tmp_path / "part").checkpoint)
     reference = load_checkpoint(full.checkpoint)
     for name in ("peer0", "peer1"):
@@ -141,13 +141,13 @@ def test_a_generator_fed_population_trains_without_a_training_set(tiny_raw, tmp_
 
 
 def test_a_generator_fed_population_resumes_exactly(tiny_raw, tmp_path, toys):
-    from tests.engines.test_local import stop_after
+    from tests.helpers import train_until_stopped
 
     raw = _generated(tiny_raw)
     full = load_checkpoint(kdray.train(raw, out=tmp_path / "full").checkpoint)
     part = copy.deepcopy(raw)
     part["train"]["checkpoint_every_steps"] = 1
-    stop_after(part, tmp_path / "part", global_step=4)
+    train_until_stopped(part, tmp_path / "part", steps_done=4)
     resumed = load_checkpoint(kdray.train(raw, resume=tmp_path / "part").checkpoint)
     for key, value in full["shared"]["module"].items():
         assert torch.equal(resumed["shared"]["module"][key], value), key

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 import kdray
 from kdray.checkpoint import load_checkpoint
 from kdray.errors import ConfigError
+from tests.helpers import train_until_stopped
 
 
 def _staged(tiny_raw) -> dict:
@@ -57,23 +58,8 @@ def test_two_stages_in_one_run_nested_in_mlflow(tiny_raw, tmp_path):
 
 
 def test_a_stop_in_stage_two_resumes_there_without_retraining_stage_one(tiny_raw, tmp_path):
-    import kdray.engines.local as local
-    from kdray.loop import Stopped
-
     raw = _staged(tiny_raw)
-    original = local.LocalSink.step_done
-
-    def stop_in_student(self, epoch, step_in_epoch, step, metrics):
-        original(self, epoch, step_in_epoch, step, metrics)
-        if self.cfg.name == "tiny-student" and step == 3:
-            self.engine.stop = lambda: True
-
-    local.LocalSink.step_done = stop_in_student
-    try:
-        with pytest.raises(Stopped):
-            kdray.train(raw, out=tmp_path / "run")
-    finally:
-        local.LocalSink.step_done = original
+    train_until_stopped(raw, tmp_path / "run", steps_done=4, run="tiny-student")
     teacher_ckpt = tmp_path / "run" / "stages" / "teacher" / "checkpoints" / "last.pt"
     stamp = teacher_ckpt.stat().st_mtime_ns
     assert load_checkpoint(tmp_path / "run" / "stages" / "student")["progress"]["step_in_epoch"] == 1

@@ -15,6 +15,7 @@ from kdray.config import load_config
 from kdray.methods import METHODS
 from kdray.methods.dml import DML
 from kdray.population import Population
+from tests.helpers import train_until_stopped
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 from benchmarks.reference_dml import train_reference  # noqa: E402
@@ -94,7 +95,7 @@ def test_resume_equals_uninterrupted(tiny_raw, tmp_path, method, cut):
     else:
         # stop inside epoch 2, after its 2nd step (the checkpoint written every 2 steps is the last one)
         part["train"]["checkpoint_every_steps"] = 2
-        stop_after(part, tmp_path / "part", global_step=6)
+        train_until_stopped(part, tmp_path / "part", steps_done=6)
         assert load_checkpoint(tmp_path / "part")["progress"]["step_in_epoch"] == 2
     full = kdray.train(tiny_raw, out=tmp_path / "full")
     resumed = kdray.train(tiny_raw, resume=tmp_path / "part")
@@ -118,27 +119,6 @@ def test_resume_equals_uninterrupted(tiny_raw, tmp_path, method, cut):
         assert {k: v for k, v in got.items() if k != "train/step_ms"} == {
             k: v for k, v in want.items() if k != "train/step_ms"
         }
-
-
-def stop_after(raw: dict, out, global_step: int) -> None:
-    """Train ``raw`` into ``out`` and ask it to stop once ``global_step`` steps are done (as SIGTERM would)."""
-    import kdray.engines.local as local
-
-    original = local.LocalSink.step_done
-
-    def step_done(self, epoch, step_in_epoch, step, metrics):
-        original(self, epoch, step_in_epoch, step, metrics)
-        if step + 1 >= global_step:
-            self.engine.stop = lambda: True
-
-    from kdray.loop import Stopped
-
-    local.LocalSink.step_done = step_done
-    try:
-        with pytest.raises(Stopped, match="safe point"):
-            kdray.train(raw, out=out)
-    finally:
-        local.LocalSink.step_done = original
 
 
 class RecordingDML(DML):

@@ -118,7 +118,10 @@ CASES = {
     "afd-ring3-hetero-collective": ("afd", {"exchange": "collective"}),
     "acn-collective": ("acn", {"exchange": "collective"}),
     # per-sample buffers follow their peer onto its worker, and a restarted worker gets its memory back
-    "pskd-collective-killed-worker": ("pskd", {"exchange": "collective", "fault_tolerance": {"max_failures": 1}}),
+    "pskd-collective-killed-worker": (
+        "pskd",
+        {"exchange": "collective", "fault_tolerance": {"max_failures": 1}},
+    ),
     "toy_memory-collective": ("toy_memory", {"exchange": "collective"}),
     # a generator-fed population with an EMA generator; CS-KD's observing phase (the pairs' forward)
     "toy_generated-collective": ("toy_generated", {"exchange": "collective"}),
@@ -127,7 +130,13 @@ CASES = {
     "dml-stale-every-step": ("dml", {"exchange": {"name": "stale", "every": 1}}),
     "cskd-collective": ("cskd", {"exchange": "collective"}),
 }
-SLOW = {"afd-ring3-hetero-actor", "acn-actor", "dml-stale-every-step", "toy_memory-collective", "cskd-collective"}
+SLOW = {
+    "afd-ring3-hetero-actor",
+    "acn-actor",
+    "dml-stale-every-step",
+    "toy_memory-collective",
+    "cskd-collective",
+}
 
 
 @pytest.mark.parametrize(

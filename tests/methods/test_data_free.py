@@ -340,13 +340,13 @@ def test_mad_ema_update_is_exact_and_outside_every_optimizer(tiny_raw, teacher_c
 def test_mad_resumes_exactly_mid_epoch(tiny_raw, teacher_ckpt, tmp_path):
     """Stopped after 4 of 6 steps and resumed: the generator, its EMA copy, the embeddings and every network equal an
     uninterrupted run's, bit for bit."""
-    from tests.engines.test_local import stop_after
+    from tests.helpers import train_until_stopped
 
     raw = _raw(tiny_raw, teacher_ckpt, "mad", conditional=True)
     full = load_checkpoint(kdray.train(raw, out=tmp_path / "full").checkpoint)
     part = copy.deepcopy(raw)
     part["train"]["checkpoint_every_steps"] = 1
-    stop_after(part, tmp_path / "part", global_step=4)
+    train_until_stopped(part, tmp_path / "part", steps_done=4)
     resumed = load_checkpoint(kdray.train(raw, resume=tmp_path / "part").checkpoint)
     assert any(k.startswith("ema.") for k in full["shared"]["module"])
     for key, value in full["shared"]["module"].items():

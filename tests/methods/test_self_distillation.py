@@ -17,6 +17,7 @@ from kdray.methods.base import PeerContext
 from kdray.methods.pskd import progressive_alpha
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from tests.helpers import train_until_stopped
 
 
 def kl(p_logits, q_logits, t=1.0):
@@ -260,9 +261,6 @@ def test_aikd_refuses_another_architecture(tiny_raw, tmp_path):
 def test_aikd_two_stages_resume_inside_stage_two(tiny_raw, tmp_path):
     """Stage 1 pre-trains the network; stage 2 (AI-KD) stops mid-epoch and resumes there: the memory, the
     discriminator and the student continue exactly as in an uninterrupted run."""
-    import kdray.engines.local as local
-    from kdray.loop import Stopped
-
     small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
     raw = copy.deepcopy(tiny_raw)
     raw.pop("peers")
@@ -273,19 +271,7 @@ def test_aikd_two_stages_resume_inside_stage_two(tiny_raw, tmp_path):
         {"name": "aikd", "method": {"name": "aikd"},
          "peers": [{"name": "pre", "frozen": True, "from_stage": "pretrain", **small}, {"name": "s", **small}]},
     ]  # fmt: skip
-    original = local.LocalSink.step_done
-
-    def stop_in_stage_two(self, epoch, step_in_epoch, step, metrics):
-        original(self, epoch, step_in_epoch, step, metrics)
-        if self.cfg.name == "tiny-aikd" and step == 3:
-            self.engine.stop = lambda: True
-
-    local.LocalSink.step_done = stop_in_stage_two
-    try:
-        with pytest.raises(Stopped):
-            kdray.train(raw, out=tmp_path / "run")
-    finally:
-        local.LocalSink.step_done = original
+    train_until_stopped(raw, tmp_path / "run", steps_done=4, run="tiny-aikd")
     resumed = load_checkpoint(kdray.train(None, resume=tmp_path / "run").checkpoint)
     full = load_checkpoint(kdray.train(raw, out=tmp_path / "full").checkpoint)
     for part in ("net", "state", "buffers"):
