@@ -140,8 +140,8 @@ def stop(grace_s: float = 5.0) -> dict[str, Any] | None:
     return state
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of this user's live processes."""
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of this user's live processes (zombies excluded)."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -162,29 +162,40 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def service_pids(pid: int, root: Path) -> set[int]:
-    """The ``ray start`` process, its descendants, and every process carrying the service's private temp dir."""
-    table = _process_table()
+def process_tree(roots: list[int], marker: Path) -> set[int]:
+    """The processes ``roots``, their descendants, and every process whose command line carries ``marker`` (a
+    private temp dir): what a Ray started by us consists of, and nothing else. Never this process."""
+    table = process_table()
     children: dict[int, list[int]] = {}
     for p, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(p)
-    found, todo = set(), [pid]
+    found, todo = set(), list(roots)
     while todo:
         p = todo.pop()
         if p in table and p not in found:
             found.add(p)
             todo += children.get(p, [])
-    found |= {p for p, (_, cmd) in table.items() if str(root) in cmd}
+    found |= {p for p, (_, cmd) in table.items() if str(marker) in cmd}
     found.discard(os.getpid())
     return found
+
+
+def signal_all(pids: set[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids``, ignoring those already gone."""
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
+def service_pids(pid: int, root: Path) -> set[int]:
+    """The ``ray start`` process, its descendants, and every process carrying the service's private temp dir."""
+    return process_tree([pid], root)
 
 
 def _stop_tree(pid: int, root: Path, grace_s: float = 5.0) -> None:
     pids = service_pids(pid, root)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
+        signal_all(pids, sig)
         deadline = time.monotonic() + grace_s
         while sig == signal.SIGTERM and time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kdray.engines.ray_service import process_table, process_tree, signal_all
+
 BIN = Path(sys.executable).parent
 
 
@@ -106,7 +108,7 @@ class LoopbackCluster:
             except RuntimeError:
                 if attempt == attempts - 1:
                     raise
-                _signal(self._pids_under(self.root / label), signal.SIGKILL)
+                signal_all(self._pids_under(self.root / label), signal.SIGKILL)
                 self.procs.remove(proc)  # gone: only the live attempt's `ray start` is watched from here on
 
     def start(self, timeout_s: float = 90.0) -> LoopbackCluster:
@@ -152,23 +154,11 @@ class LoopbackCluster:
         return log.exists() and "Ray runtime started." in log.read_text(errors="replace")
 
     def _pids_under(self, folder: Path) -> set[int]:
-        return {pid for pid, (_, cmd) in _process_table().items() if str(folder) in cmd}
+        return {pid for pid, (_, cmd) in process_table().items() if str(folder) in cmd}
 
     def pids(self) -> set[int]:
         """Every process this cluster started: the `ray start` trees, and anything carrying its private temp dir."""
-        table = _process_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        found, todo = set(), [p.pid for p in self.procs]
-        while todo:
-            pid = todo.pop()
-            if pid in table and pid not in found:
-                found.add(pid)
-                todo += children.get(pid, [])
-        found |= {pid for pid, (_, cmd) in table.items() if str(self.root) in cmd}
-        found.discard(os.getpid())
-        return found
+        return process_tree([p.pid for p in self.procs], self.root)
 
     def listening(self) -> list[tuple[str, int, int]]:
         """``(ip, port, pid)`` of every TCP socket the cluster's processes listen on (from ``ss -tlnpH``)."""
@@ -195,11 +185,11 @@ class LoopbackCluster:
     def stop(self, grace_s: float = 5.0, keep_files: bool = False) -> None:
         """SIGTERM every process of this cluster, SIGKILL what is left after ``grace_s``; then remove the temp dir."""
         pids = self.pids()
-        _signal(pids, signal.SIGTERM)
+        signal_all(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self._reap() and (pids & self.pids()):
             time.sleep(0.2)
-        _signal(pids | self.pids(), signal.SIGKILL)
+        signal_all(pids | self.pids(), signal.SIGKILL)
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
@@ -210,42 +200,6 @@ class LoopbackCluster:
         for proc in self.procs:
             proc.poll()
         return True
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process of this user (zombies excluded)."""
-    table = {}
-    me = os.getuid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != me:
-                continue
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] == "Z":
-                continue
-            cmd = (
-                Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            )
-            table[int(entry.name)] = (int(fields[1]), cmd)
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _signal(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
 
 
 if __name__ == "__main__":
