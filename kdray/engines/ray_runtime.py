@@ -133,7 +133,9 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         loopback = host == "127.0.0.1"
         try:
             with (
-                _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}) if loopback else contextlib.nullcontext(),
+                _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+                if loopback
+                else contextlib.nullcontext(),
                 _loopback_node_ip() if loopback else contextlib.nullcontext(),
             ):
                 ray.init(address=address, logging_level="warning", **kwargs)
