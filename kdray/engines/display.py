@@ -9,13 +9,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from kdray.config import ExperimentConfig
 from kdray.metrics import MetricSums
 from kdray.tracking import Tracker
+
+if TYPE_CHECKING:
+    from kdray.engines.base import Engine
 
 STEPS_FILE = "steps.jsonl"
 # Libraries whose INFO lines say nothing a user can act on (MLflow creating or migrating its tables, alembic).
@@ -73,6 +76,23 @@ def epoch_warnings(metrics: dict[str, float]) -> list[str]:
                 + " in one class); try a lower method.gen_optimizer.lr, more method.student_steps, or another seed"
             )
     return out
+
+
+def report_epoch(
+    engine: Engine, bar: EpochBar, epoch: int, metrics: dict[str, float], checkpoint: Path | None
+) -> None:
+    """Everything that follows an epoch, on the driver of either engine: its metrics in MLflow (at step
+    ``epoch``), its line and warnings under the bar, the generator's latest samples as an artifact, and the
+    epoch callbacks (Tune reports)."""
+    engine.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+    bar.line(epoch_line(engine.cfg, metrics))
+    for warning in epoch_warnings(metrics):
+        bar.line(warning)
+    samples = engine.out_dir / "samples.png"
+    if samples.is_file():
+        engine.tracker.log_artifact(samples, "samples")
+    for callback in engine.callbacks:
+        callback(metrics, checkpoint)
 
 
 def write_step_row(tracker: Tracker, out_dir: Path, step: int, row: dict[str, float]) -> None:

@@ -13,9 +13,8 @@ from kdray.engines.base import Engine
 from kdray.engines.display import (
     EpochBar,
     StepWindow,
-    epoch_line,
-    epoch_warnings,
     progress_text,
+    report_epoch,
     write_step_row,
 )
 from kdray.loop import InProcess, Progress, train_epochs
@@ -53,17 +52,7 @@ class LocalSink:
 
     def epoch_done(self, metrics: dict[str, float], progress: Progress, path: Path | None) -> None:
         self.bar.close()
-        self.engine.tracker.log_metrics(
-            {k: v for k, v in metrics.items() if k != "epoch"}, step=progress.epoch
-        )
-        self.bar.line(epoch_line(self.cfg, metrics))
-        for warning in epoch_warnings(metrics):
-            self.bar.line(warning)
-        samples = self.engine.out_dir / "samples.png"
-        if samples.is_file():
-            self.engine.tracker.log_artifact(samples, "samples")
-        for callback in self.engine.callbacks:
-            callback(metrics, path)
+        report_epoch(self.engine, self.bar, progress.epoch, metrics, path)
 
     def stop_requested(self) -> bool:
         return self.engine.stop()

@@ -19,7 +19,7 @@ from typing import Any
 from kdray.checkpoint import write_atomic
 from kdray.config import ExperimentConfig
 from kdray.engines.base import Engine
-from kdray.engines.display import EpochBar, epoch_line, epoch_warnings, progress_text, write_step_row
+from kdray.engines.display import EpochBar, progress_text, report_epoch, write_step_row
 from kdray.engines.ray_board import EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import process_started_at, startup_breakdown
 from kdray.errors import KdrayError
@@ -189,17 +189,7 @@ class DriverView:
                 self.logged_epoch = epoch
                 if self.bar_epoch < epoch:
                     self.bar.close()
-                self.engine.tracker.log_metrics(
-                    {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch
-                )
-                self.bar.line(epoch_line(self.cfg, metrics))
-                for warning in epoch_warnings(metrics):
-                    self.bar.line(warning)
-                samples = self.engine.out_dir / "samples.png"
-                if samples.is_file():
-                    self.engine.tracker.log_artifact(samples, "samples")
-                for callback in self.engine.callbacks:
-                    callback(metrics, Path(checkpoint) if checkpoint else None)
+                report_epoch(self.engine, self.bar, epoch, metrics, Path(checkpoint) if checkpoint else None)
             case Finished():
                 self.finished = event
 

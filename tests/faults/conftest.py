@@ -4,6 +4,7 @@ as a real process (``python -m kdray``)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,17 @@ def assert_same_population(got: dict, want: dict) -> None:
         ]
 
     assert untimed(got["history"]) == untimed(want["history"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _faults_report(request):
+    """After each module, one JSON row per category of its ``CATEGORIES`` (tried / survived / lost) appended to
+    ``$KDRAY_FAULTS_REPORT`` when set, labelled with the module's ``REPORT_LABEL``."""
+    yield
+    target = os.environ.get("KDRAY_FAULTS_REPORT")
+    categories = getattr(request.module, "CATEGORIES", None)
+    if target and categories:
+        with open(target, "a") as fh:
+            for category, counts in sorted(categories.items()):
+                row = {"file": request.module.REPORT_LABEL, "category": category, **counts}
+                fh.write(json.dumps(row) + "\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import pickle
 import random
@@ -30,7 +29,8 @@ from kdray.cli import main
 
 from .conftest import REPO, kdray_proc, tiny, write_yaml
 
-TALLY: dict[str, Counter] = {}  # category -> tried / survived / lost (written to $KDRAY_FAULTS_REPORT)
+CATEGORIES: dict[str, Counter] = {}  # category -> tried / survived / lost (written to $KDRAY_FAULTS_REPORT)
+REPORT_LABEL = "fuzz"  # the "file" of this module's rows in $KDRAY_FAULTS_REPORT
 
 
 def verdict(
@@ -57,7 +57,7 @@ class Battery:
     def __init__(self, capsys, category: str):
         self.capsys, self.category = capsys, category
         self.failures: list[str] = []
-        self.tally = TALLY.setdefault(category, Counter())
+        self.tally = CATEGORIES.setdefault(category, Counter())
 
     def run(self, label: str, *argv, accept_ok: bool = False) -> None:
         """Run ``kdray ARGV``; it must refuse with one line (``accept_ok``: or succeed; a refusal may then list the
@@ -84,16 +84,6 @@ class Battery:
 
     def check(self) -> None:
         assert not self.failures, f"{len(self.failures)} case(s) lost:\n" + "\n".join(self.failures[:20])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    target = os.environ.get("KDRAY_FAULTS_REPORT")
-    if target:
-        with open(target, "a") as fh:
-            for category, counts in TALLY.items():
-                fh.write(json.dumps({"file": "fuzz", "category": category, **counts}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -540,7 +530,7 @@ def test_real_processes_behave_the_same(tmp_path, trained_run):
         problem = verdict(proc.returncode, err)
         if problem:
             lost.append(f"{label}: {problem}")
-    TALLY.setdefault("real processes (python -m kdray)", Counter()).update(
+    CATEGORIES.setdefault("real processes (python -m kdray)", Counter()).update(
         {"tried": len(runs), "survived": len(runs) - len(lost), "lost": len(lost)}
     )
     assert not lost, "\n".join(lost)
