@@ -75,6 +75,9 @@ class Row:
         None  # the label of the row (same regime and seed) whose best.pt is the teacher
     )
     generations: int | None = None
+    # (study, label) of a row whose finished run of the same regime and seed has this row's exact config (but its
+    # name): its record is copied, marked "reused_from", instead of training the same thing again
+    same_as: tuple[str, str] | None = None
 
     @property
     def key(self) -> str:
@@ -88,7 +91,11 @@ def _rows() -> list[Row]:
         for name in ("independent", "dml", "afd", "acn"):
             if regime in ("unequal", "ring3") and name == "acn":
                 continue  # ACN's study is on pairs (the generator's pairwise objective)
-            rows.append(Row("adversarial", regime, name, {"name": name}, peers))
+            method: dict[str, Any] = {"name": name}
+            if name == "afd":  # the discriminator the discnorm study chose, spelled out
+                method.update(disc_norm="dcgan", disc_batch="joint")
+            same = ("discnorm", "afd-dcgan-joint") if name == "afd" and regime == "small" else None
+            rows.append(Row("adversarial", regime, name, method, peers, same_as=same))
     for norm, batch in (
         ("spectral", "separate"),
         ("none", "separate"),
@@ -257,6 +264,26 @@ def done_keys(path: Path) -> set[tuple[str, int]]:
     return keys
 
 
+def reuse(row: Row, seed: int, args: argparse.Namespace, path: Path) -> bool:
+    """Copy the record of ``row.same_as`` for this seed into ``path`` if it ran exactly this config."""
+    if row.same_as is None:
+        return False
+    study, label = row.same_as
+    want = config(row, seed, args)
+    for record in load(Path(args.out) / f"{study}.jsonl"):
+        if (record["regime"], record["label"], record["seed"]) != (row.regime, label, seed):
+            continue
+        if {**record["config"], "name": want["name"]} != want:
+            return False
+        copied = {**record, "study": row.study, "label": row.label, "reused_from": f"{study}/{label}"}
+        copied["config"] = want
+        with path.open("a") as fh:
+            fh.write(json.dumps(copied) + "\n")
+        print(f"{row.key} seed {seed}: reused {study}/{label} (same config)", flush=True)
+        return True
+    return False
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +291,7 @@ def run(args: argparse.Namespace) -> None:
     rows = [r for r in ROWS if r.study == args.study and (not args.regimes or r.regime in args.regimes)]
     done = done_keys(path)
     todo = [(r, s) for r in rows for s in args.seeds if (r.key, s) not in done]
+    todo = [(r, s) for r, s in todo if not reuse(r, s, args, path)]
     # teachers first: a row that needs another row's checkpoint waits for it
     first = [(r, s) for r, s in todo if not r.teacher_from]
     later = [(r, s) for r, s in todo if r.teacher_from]

@@ -50,11 +50,12 @@ class AFDConfig(MethodConfig):
     disc_hidden: int = Field(64, ge=1)
     disc_layers: int = Field(2, ge=1)
     disc_norm: Literal["none", "dcgan", "spectral", "batch"] = Field(
-        "spectral",
-        description="discriminator normalisation (see FeatureDiscriminator); 'batch' is kdray 0.1's",
+        "dcgan",
+        description="discriminator normalisation (see FeatureDiscriminator); 'batch' is kdray 0.1's; the "
+        "default (dcgan, joint) was chosen on validation accuracy, docs/results.md",
     )
     disc_batch: Literal["separate", "joint"] = Field(
-        "separate",
+        "joint",
         description="the discriminator scores real and fake maps in separate calls, or in one batch (its batch "
         "statistics then span both)",
     )

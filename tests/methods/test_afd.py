@@ -74,9 +74,10 @@ def test_each_update_touches_only_its_own_parameters(tiny_raw):
     assert {k[0] for k in changed} == {0, 1}
 
 
-def test_ring_of_four_discriminator_k_sees_peer_k_minus_1(tiny_raw, monkeypatch):
+@pytest.mark.parametrize("disc_batch", ["separate", "joint"])
+def test_ring_of_four_discriminator_k_sees_peer_k_minus_1(tiny_raw, monkeypatch, disc_batch):
     peers = [{"arch": "resnet8", "arch_kwargs": {"width": 4}} for _ in range(4)]
-    proc = _proc(tiny_raw, peers)
+    proc = _proc(tiny_raw, peers, disc_batch=disc_batch)
     method = proc.method
     # Each peer publishes a feature map filled with its own index: what D_k receives proves who sent it.
     original = method.publish
@@ -88,21 +89,28 @@ def test_ring_of_four_discriminator_k_sees_peer_k_minus_1(tiny_raw, monkeypatch)
         return signals
 
     monkeypatch.setattr(method, "publish", tagged)
-    seen: dict[int, list[float]] = {}
+    seen: dict[int, list[tuple[float, ...]]] = {}
     for p in proc.peers:
         disc = p.state["disc"]
         fwd = disc.forward
 
         def spy(x, k=p.index, fwd=fwd):
-            seen.setdefault(k, []).append(float(x.detach().mean()))
+            # one call per map when separate; real and fake concatenated along the batch when joint
+            halves = x.detach().chunk(2) if disc_batch == "joint" else (x.detach(),)
+            seen.setdefault(k, []).append(tuple(float(h.mean()) for h in halves))
             return fwd(x)
 
         monkeypatch.setattr(disc, "forward", spy)
     batch = next(iter(proc.data.train_batches(0)))
     proc.runner.step(batch, 0, 0)
     for k in range(4):
-        # adversarial phase: own (fake) map; discriminator phase: the peer's (real) map, then own (fake) map
-        assert seen[k] == [float(k), float((k - 1) % 4), float(k)], (k, seen[k])
+        real, fake = float((k - 1) % 4), float(k)
+        if disc_batch == "separate":
+            # adversarial phase: own (fake) map; discriminator phase: the peer's (real) map, then own (fake) map
+            assert seen[k] == [(fake,), (real,), (fake,)], (k, seen[k])
+        else:
+            # both phases score [real; fake] in one batch
+            assert seen[k] == [(real, fake), (real, fake)], (k, seen[k])
     assert [proc.method.feature_ring.sources_of(k) for k in range(4)] == [(3,), (0,), (1,), (2,)]
 
 
