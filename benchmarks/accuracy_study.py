@@ -339,19 +339,16 @@ def report(args: argparse.Namespace) -> str:
         group = [r for r in records if r["regime"] == regime]
         labels = [row.label for row in ROWS if row.study == args.study and row.regime == regime]
         labels = [lab for lab in labels if any(r["label"] == lab for r in group)]
-        names = list(group[0]["peers"])
-        head = (
-            " | ".join(f"{n} ({group[0]['peers'][n]['arch']})" for n in names)
-            if len(names) > 1
-            else "test acc"
-        )
+        names = list(dict.fromkeys(n for r in group for n in r["peers"]))  # data-free: teacher, student rows
+        arch = {n: r["peers"][n]["arch"] for r in group for n in r["peers"]}
+        head = " | ".join(f"{n} ({arch[n]})" for n in names) if len(names) > 1 else "test acc"
         lines += [f"\n**{regime}** ({describe(regime, group[0]['config'])})\n",
                   f"| row | {head} | peer mean | ensemble | ECE (peer mean) | best val acc | seeds |",
                   "|---" * (len(names) + 6) + "|"]  # fmt: skip
         for label in labels:
             runs = [r for r in group if r["label"] == label]
             peers = [n for n in names if n in runs[0]["peers"]]
-            cells = [fmt([r["peers"][n]["test_acc"] for r in runs]) for n in peers]
+            cells = [fmt([r["peers"][n]["test_acc"] for r in runs]) if n in peers else "-" for n in names]
             mean_peer = fmt([statistics.mean(p["test_acc"] for p in r["peers"].values()) for r in runs])
             ens = fmt([r["ensemble_test_acc"] for r in runs]) if len(peers) > 1 else "-"
             ece = fmt([statistics.mean(p["test_ece"] for p in r["peers"].values()) for r in runs])
@@ -367,12 +364,75 @@ def report(args: argparse.Namespace) -> str:
                 alone = fmt([r["generations"]["test_acc"][i] for r in gens])
                 ens = fmt([r["generations"]["ensemble_test_acc"][i] for r in gens])
                 lines.append(f"| {i + 1} | {alone} | {ens} |")
+    if args.study == "datafree":
+        lines += datafree_lines(records)
+        plot_dips(records, Path(args.out) / "datafree_dips.png")
     plot(records, Path(args.out) / f"{args.study}.png")
     return "\n".join(lines)
 
 
+def largest_drop(curve: list[float]) -> float:
+    """The largest fall of validation accuracy from one evaluation to the next (0 if it never falls)."""
+    return max([0.0, *(a - b for a, b in zip(curve, curve[1:]))])
+
+
+def datafree_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Each data-free student as a share of its seed's teacher and of KD with real data; the dips."""
+    by = {(r["label"], r["seed"]): r for r in records}
+    out = [
+        "",
+        "| student | share of the teacher (test) | share of KD with real data (test) | largest val drop between "
+        "evaluations (points) | evaluations with a drop > 2 points | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("DFAD", "MAD"):
+        runs = [r for r in records if r["label"] == label]
+        teacher = [by.get(("teacher", r["seed"])) for r in runs]
+        kd = [by.get(("KD with real data", r["seed"])) for r in runs]
+        if not runs or None in teacher or None in kd:
+            continue
+        acc = [r["peers"]["student"]["test_acc"] for r in runs]
+        share_t = fmt([a / t["peers"]["teacher"]["test_acc"] for a, t in zip(acc, teacher)])
+        share_kd = fmt([a / k["peers"]["student"]["test_acc"] for a, k in zip(acc, kd)])
+        curves = [r["val_curve"]["student"] for r in runs]
+        drop = fmt([largest_drop(c) for c in curves])
+        big = statistics.mean(sum(a - b > 0.02 for a, b in zip(c, c[1:])) for c in curves)
+        out.append(f"| {label} | {share_t} | {share_kd} | {drop} | {big:.1f} | {len(runs)} |")
+    return out
+
+
+def plot_dips(records: list[dict[str, Any]], path: Path) -> None:
+    """Student validation accuracy over generator steps, DFAD and MAD, every seed: the dips MAD targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["label"] in ("DFAD", "MAD")]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for r in runs:
+        steps = r["config"]["train"]["steps_per_epoch"]
+        curve = r["val_curve"]["student"]
+        color = "tab:red" if r["label"] == "DFAD" else "tab:blue"
+        ax.plot([steps * (e + 1) for e in range(len(curve))], curve, color=color, alpha=0.75,
+                label=f"{r['label']} seed {r['seed']}", linestyle=("-", "--", ":")[r["seed"] % 3])  # fmt: skip
+    ax.set(xlabel="generator steps", ylabel="student validation accuracy",
+           title="Data-free students from a ResNet-14 teacher (Fashion-MNIST)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def describe(regime: str, raw: dict[str, Any]) -> str:
     r = REGIMES[regime]
+    if regime == "datafree":
+        return (f"teacher and KD: {r['train_size'] - r['val_split']} training images, {r['val_split']} validation, "
+                f"5 epochs; DFAD and MAD: no training images, {r['epochs']} epochs of {r['steps_per_epoch']} "
+                "generator steps, selected on the same validation images")  # fmt: skip
     noise = f", {int(100 * r['noise'])}% symmetric label noise" if r["noise"] else ""
     epochs = raw["train"]["epochs"]
     return f"{r['train_size'] - r['val_split']} training images, {r['val_split']} validation, {epochs} epochs{noise}"
