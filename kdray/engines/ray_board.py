@@ -53,6 +53,15 @@ class EpochDone:
 
 
 @dataclass(frozen=True)
+class Ended:
+    """The workers ended together on an error every rank reached at the same point (a stop request, a diverged
+    epoch: both are decided on all-gathered values). It is not a failure: Ray Train would restart the group for it
+    (and with ``max_failures: -1`` never stop), so the workers return and the driver raises it."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
 class Finished:
     history: list[dict[str, float]]
     best: dict[str, Any]

@@ -20,7 +20,7 @@ from kdray.checkpoint import write_atomic
 from kdray.config import ExperimentConfig
 from kdray.engines.base import Engine
 from kdray.engines.display import EpochBar, progress_text, report_epoch, write_step_row
-from kdray.engines.ray_board import EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
+from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import process_started_at, startup_breakdown
 from kdray.errors import KdrayError
 
@@ -130,6 +130,7 @@ class DriverView:
         self.first_step_at: float | None = None
         self.logged_epoch = 0
         self.finished: Finished | None = None
+        self.ended: Exception | None = None  # a stop or divergence every worker reached (Ended)
         self.stop_sent = False
 
     def follow(self, trainer, board) -> dict[str, Any]:
@@ -163,6 +164,8 @@ class DriverView:
             if isinstance(error, KdrayError):
                 raise error from None
             raise WorkerFailed(describe_failure(error, self.cfg)) from None
+        if self.ended is not None:
+            raise self.ended from None
         if self.finished is None:
             raise KdrayError("the Ray workers finished without reporting a result; see the worker logs above")
         return self.outcome()
@@ -187,9 +190,11 @@ class DriverView:
             case EpochDone(epoch=epoch, metrics=metrics, checkpoint=checkpoint) if epoch > self.logged_epoch:
                 # a group restarted after a failure repeats no epoch it reported (it resumes after it), but be safe
                 self.logged_epoch = epoch
-                if self.bar_epoch < epoch:
+                if self.bar_epoch < epoch:  # not when a rank's Live of the next epoch (0-based) came first
                     self.bar.close()
                 report_epoch(self.engine, self.bar, epoch, metrics, Path(checkpoint) if checkpoint else None)
+            case Ended(error=error):
+                self.ended = error
             case Finished():
                 self.finished = event
 

@@ -23,9 +23,10 @@ import torch
 from kdray.checkpoint import load_checkpoint, save_checkpoint
 from kdray.config import validate
 from kdray.engines.display import StepWindow
-from kdray.engines.ray_board import EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
+from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
-from kdray.loop import Progress, train_epochs
+from kdray.errors import DivergedError
+from kdray.loop import Progress, Stopped, train_epochs
 from kdray.metrics import MetricSums
 from kdray.population import Population
 
@@ -213,7 +214,12 @@ def train_worker(config: dict[str, Any]) -> None:
     placement = collective.all_gather(me)
     if rank == 0:
         board.post.remote(WorkersStarted(placement))
-    train_epochs(pop, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
+    try:
+        train_epochs(pop, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
+    except (Stopped, DivergedError) as exc:  # every rank raises it at the same step: end, do not be retried
+        if rank == 0:
+            ray.get(board.post.remote(Ended(exc)))
+        return
     if rank == 0:
         board.post.remote(
             Finished(

@@ -270,6 +270,36 @@ def test_local_ray_listens_on_loopback_only(ray_local):
         assert ipaddress.ip_address(host).is_loopback, address
 
 
+def test_a_stop_ends_a_fault_tolerant_ray_run_without_a_restart(tiny_raw, tmp_path, ray_local, monkeypatch):
+    """Ray Train restarts the worker group on any exception a worker raises. A stop request (Ctrl-C, SIGTERM) is
+    not a failure: with ``max_failures: -1`` a retried stop would train on in bursts and never end."""
+    from kdray.engines.ray_board import EpochDone
+    from kdray.engines.ray_engine import DriverView
+    from kdray.loop import Stopped
+
+    raw = _population(tiny_raw, "dml")
+    raw["train"]["epochs"] = 3
+    raw["engine"] = {
+        "name": "ray",
+        "placement": {"cpus_per_peer": 0.5},
+        "exchange": "collective",
+        "fault_tolerance": {"max_failures": -1},
+    }
+    original = DriverView.handle
+
+    def handle(self, event):  # the user asks to stop once the first epoch is reported
+        original(self, event)
+        if isinstance(event, EpochDone):
+            self.engine.stop = lambda: True
+
+    monkeypatch.setattr(DriverView, "handle", handle)
+    with pytest.raises(Stopped, match="safe point"):
+        kdray.train(raw, out=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "ray_run.json").read_text())["attempts"] == 1  # no restart
+    stopped = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert stopped["epoch"] < 3  # it stopped; it did not train on to the end
+
+
 def test_a_worker_kdray_error_reaches_the_user_as_itself():
     """A KdrayError raised in a worker (a diverged loss, a bad checkpoint) comes out of RayEngine as that error,
     one line, not as Ray's wrapper with a traceback per worker."""
