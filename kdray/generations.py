@@ -52,9 +52,20 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
     if "stages" in raw:
         raise ConfigError("generations", "with stages", "give either generations: or stages:, not both")
     peers = raw.get("peers")
-    if not isinstance(peers, list) or not peers or any(p.get("frozen") for p in peers if isinstance(p, dict)):
+    if not isinstance(peers, list) or not peers:
+        raise ConfigError("peers", peers, "a list of peers, each a mapping such as {arch: resnet8}")
+    for i, p in enumerate(peers):
+        if not isinstance(p, dict):
+            raise ConfigError(f"peers[{i}]", p, "a mapping such as {arch: resnet8}")
+        if p.get("frozen"):
+            raise ConfigError(
+                f"peers[{i}].frozen",
+                True,
+                "generations need a population of trainable peers (no frozen teacher)",
+            )
+    if not isinstance(raw.get("method"), dict):
         raise ConfigError(
-            "peers", peers, "generations need a population of trainable peers (no frozen teacher)"
+            "method", raw.get("method"), "generation 1's method, a mapping such as {name: independent}"
         )
     method = copy.deepcopy(gens.get("method") or DEFAULT_METHOD)
     if gens.get("labels", True) is False:

@@ -44,6 +44,8 @@ def _run(capsys, *argv):
             "engine.exchange.every",
         ),
         (["engine.stale_every=5"], "engine.exchange.every"),
+        (["generations={count: 2}", "peers=[resnet8, resnet8]"], "peers[0]"),
+        (["generations={count: 2}", "method=null"], "generation 1's method"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
