@@ -119,7 +119,12 @@ def train(
     if config is not None and not isinstance(config, ExperimentConfig):
         raw = apply_overrides(read_raw(config), overrides)
         if is_staged(raw):
-            return run_stages(raw, None, out, resume=resume, parent_run_id=parent_run_id)
+            if resume is not None:  # run_stages would continue from the folder's stages.yaml, not this file
+                raise KdrayError(
+                    f"--resume {resume} with a staged config file: a staged run continues from its own "
+                    "stages.yaml; give --resume RUN_DIR (with any --set overrides) and no config file"
+                )
+            return run_stages(raw, None, out, parent_run_id=parent_run_id)
         config, overrides = raw, None
     cfg, payload, ckpt_file = _resolve(config, overrides, resume)
     if not isinstance(cfg, ExperimentConfig):

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import kdray
 from kdray.checkpoint import load_checkpoint
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, KdrayError
 from tests.helpers import train_until_stopped
 
 
@@ -84,3 +84,7 @@ def test_bad_stage_references_are_refused_before_anything_is_written(tiny_raw, t
     plain["peers"][0]["from_stage"] = "teacher"
     with pytest.raises(ConfigError, match="a plain config has none"):
         kdray.train(plain, out=tmp_path / "plain")
+    # a staged file with --resume: the folder's own stages.yaml is what continues, so the pair is refused
+    with pytest.raises(KdrayError, match="continues from its own stages.yaml"):
+        kdray.train(_staged(tiny_raw), overrides=["train.epochs=3"], resume=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
