@@ -224,18 +224,24 @@ def final_test(
 
 def selection_note(cfg: ExperimentConfig, data) -> dict[str, Any]:
     if cfg.data.select_on == "test":
-        return {
+        note = {
             "split": "test",
             "samples": data.spec.test_len,
             "note": "selected on the test split, as data.select_on: test asked: the test numbers are not an "
             "unbiased estimate",
         }
-    return {
-        "split": "val",
-        "samples": data.spec.val_len,
-        "note": f"a validation split of {data.spec.val_len} samples carved from the training set (data.val_split "
-        f"= {cfg.data.val_split}); the test split is evaluated once, at the end",
-    }
+    else:
+        note = {
+            "split": "val",
+            "samples": data.spec.val_len,
+            "note": f"a validation split of {data.spec.val_len} samples carved from the training set "
+            f"(data.val_split = {cfg.data.val_split}); the test split is evaluated once, at the end",
+        }
+    if getattr(data, "test_is_train", False):
+        note["note"] += (
+            "; the ImageFolder has no train/ and val/ split: its test split is the training images"
+        )
+    return note
 
 
 def write_summary(

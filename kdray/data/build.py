@@ -168,4 +168,5 @@ def _build_image_folder(cfg: DataConfig, seed: int, with_train: bool) -> ImageFo
         num_workers=cfg.num_workers,
     )
     data.noise = noise
+    data.test_is_train = train_dir == test_dir
     return data

@@ -158,7 +158,9 @@ def _image_folder_splits(root: Path) -> tuple[Path, Path]:
             )
         return root / "train", root / "val"
     warnings.warn(
-        f"{root} has no train/ and val/ split: validating on the training images themselves", stacklevel=3
+        f"{root} has no train/ and val/ split: its test split is the training images themselves (the test "
+        "accuracy is a training accuracy); add train/ and val/ folders for a held-out test",
+        stacklevel=3,
     )
     return root, root
 

@@ -45,6 +45,8 @@ class DataModule:
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.noise: dict | None = None  # what data.label_noise corrupted (set by build_data)
+        # an ImageFolder with no train/ and val/ split: its test split is the training images (set by build_data)
+        self.test_is_train = False
 
     def steps_per_epoch(self) -> int:
         """Full batches per epoch: the last partial batch is dropped so every step has the same batch size."""

@@ -441,7 +441,7 @@ def test_image_folder_loads_with_indices_the_same_with_worker_processes(tmp_path
 def test_image_folder_without_a_split_tests_on_its_training_images(tmp_path):
     write_image_folder(tmp_path, {"a": 2, "b": 2})
     flat = tmp_path / "train"  # class folders directly under the root
-    with pytest.warns(UserWarning, match="no train/ and val/ split"):
+    with pytest.warns(UserWarning, match="test split is the training images themselves"):
         dm = build_data(
             DataConfig(
                 dataset="imagefolder",
@@ -454,6 +454,12 @@ def test_image_folder_without_a_split_tests_on_its_training_images(tmp_path):
             seed=0,
         )
     assert (dm.spec.train_len, dm.spec.test_len, dm.spec.image_size) == (4, 4, 64)
+    from types import SimpleNamespace
+
+    from kdray.api import selection_note
+
+    cfg = SimpleNamespace(data=SimpleNamespace(select_on="test", val_split=None))
+    assert selection_note(cfg, dm)["note"].endswith("its test split is the training images")  # summary.json
     val = torch.cat([b.x for b in dm.eval_batches("test")])
     train = {int(i): x for b in dm.train_batches(0) for i, x in zip(b.index, b.x)}
     assert all(torch.equal(train[i], val[i]) for i in train)
