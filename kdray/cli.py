@@ -156,14 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands whose runs use Ray in this process; not ``submit`` (its RAY_ADDRESS is the Jobs API's, not the
+# service's GCS) nor ``cluster`` / ``ray`` (they look at clusters, they do not join one).
+RUNS_ON_RAY = ("train", "tune")
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdray.engines.ray_service import attach_environment
 
-    os.environ.update(
-        attach_environment()
-    )  # a running `kdray ray start`: attach to it (before Ray is imported)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in RUNS_ON_RAY:  # a running `kdray ray start`: attach to it (before Ray is imported)
+        os.environ.update(attach_environment())
     try:
         return int(args.func(args) or 0)
     except KdrayError as exc:

@@ -5,6 +5,7 @@ The real Jobs API is exercised end to end in test_e2e_cluster.py; here a fake cl
 
 from __future__ import annotations
 
+import os
 import shlex
 import zipfile
 from pathlib import Path
@@ -185,3 +186,18 @@ def test_timeout_stops_following_not_the_job(workdir: Path, fake_jobs: FakeJobs,
     fake_jobs.final = "RUNNING"
     assert submit_job("h:8265", str(workdir / "configs/tiny.yaml"), working_dir=workdir, timeout_s=0.5) == 1
     assert "still RUNNING after 0.5 s; it goes on" in capsys.readouterr().out
+
+
+def test_a_kept_local_ray_is_not_taken_for_the_jobs_api(workdir: Path, monkeypatch, capsys) -> None:
+    """With `kdray ray start` running, `kdray submit` without --address must still ask for the Jobs API's address:
+    the kept Ray's RAY_ADDRESS is its GCS (host:port), which the Jobs client cannot use."""
+    import kdray.engines.ray_service as service
+
+    monkeypatch.setattr(service, "running", lambda: {"address": "127.0.0.1:6399", "token": "t", "pid": 1})
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(submit_mod, "_client", lambda address: pytest.fail(f"must not connect to {address}"))
+    monkeypatch.chdir(workdir)
+    assert main(["submit", "configs/tiny.yaml"]) == 2
+    assert "give --address" in capsys.readouterr().err
+    assert "RAY_ADDRESS" not in os.environ
