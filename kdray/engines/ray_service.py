@@ -109,12 +109,15 @@ def start(cpus: int | None = None, object_store_mb: int = 300, timeout_s: float 
             start_new_session=True,
         )
     deadline = time.monotonic() + timeout_s
-    while "Ray runtime started." not in log_path.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_tree(proc.pid, root)
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-            raise KdrayError(f"`ray start` did not come up on 127.0.0.1 (log {log_path}):\n{tail}")
-        time.sleep(0.3)
+    try:
+        while "Ray runtime started." not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                raise KdrayError(f"`ray start` did not come up on 127.0.0.1 (log {log_path}):\n{tail}")
+            time.sleep(0.3)
+    except BaseException:  # Ctrl-C too: its own session keeps `ray start` from the terminal's SIGINT
+        _stop_tree(proc.pid, root)
+        raise
     state = {
         "pid": proc.pid,
         "address": f"127.0.0.1:{port}",
@@ -188,8 +191,10 @@ def signal_all(pids: set[int], sig: int) -> None:
 
 
 def service_pids(pid: int, root: Path) -> set[int]:
-    """The ``ray start`` process, its descendants, and every process carrying the service's private temp dir."""
-    return process_tree([pid], root)
+    """The ``ray start`` process, its descendants, and every process carrying the service's private temp dir.
+    ``pid`` counts only while its command line carries that dir: a recorded pid since reused is not ours."""
+    owned = str(root) in process_table().get(pid, (0, ""))[1]
+    return process_tree([pid] if owned else [], root)
 
 
 def _stop_tree(pid: int, root: Path, grace_s: float = 5.0) -> None:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,19 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
         ray_service.stop()
     assert ray_service.running() is None
     assert not ray_service.service_pids(state["pid"], Path(state["root"]))  # every process it started is gone
+
+
+def test_stop_never_signals_a_recorded_pid_that_is_no_longer_the_service(tmp_path):
+    """The state file's pid may have been reused by an unrelated process (after a reboot, or a crash of the
+    service): only a process whose command line carries the service's private dir is the service's."""
+    root = tmp_path / "svc"
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(root / "ray")])
+    try:
+        time.sleep(0.5)  # both have exec'd: their command lines are readable
+        assert ray_service.service_pids(stranger.pid, root) == {ours.pid}  # the stranger is left alone
+        assert ray_service.service_pids(ours.pid, root) == {ours.pid}
+    finally:
+        for proc in (stranger, ours):
+            proc.kill()
+            proc.wait()
