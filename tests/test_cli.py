@@ -45,6 +45,9 @@ def _run(capsys, *argv):
         ),
         (["engine.stale_every=5"], "engine.exchange.every"),
         (["generations={count: 2}", "peers=[resnet8, resnet8]"], "peers[0]"),
+        (["method={name: independent, temperature: 4}"], "method.temperature"),
+        (["method={name: pskd, weights: {kl: 1.0}}", "peers=[{arch: resnet8}]"], "method.weights.kl"),
+        (["method={name: dfad, temperature: 2}"], "discrepancy: kl"),
         (["generations={count: 2}", "method=null"], "generation 1's method"),
     ],
 )

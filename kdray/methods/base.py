@@ -179,6 +179,12 @@ class Method:
 
     # ------------------------------------------------------------------ config-time checks
     @classmethod
+    def ignored_keys(cls, method: MethodConfig, num_peers: int) -> dict[str, str]:
+        """Common keys this method (with these settings) does not use, and why: setting one is refused rather
+        than silently ignored."""
+        return {}
+
+    @classmethod
     def check_population(cls, cfg: ExperimentConfig) -> None:
         """Refuse populations the method cannot train (called while the config is validated)."""
         k = len(cfg.peers)
@@ -190,6 +196,12 @@ class Method:
             raise ConfigError(
                 "peers", f"{k} peers", f"method '{cls.name}' takes at most {cls.max_peers} peer(s)"
             )
+        for key, why in cls.ignored_keys(cfg.method, len(cfg.peers)).items():
+            value = getattr(cfg.method, key)
+            # a value other than the default would change nothing: say so (the default itself is what every
+            # dumped config, a checkpoint's or a Ray worker's, carries)
+            if value != type(cfg.method).model_fields[key].get_default(call_default_factory=True):
+                raise ConfigError(f"method.{key}", value, why)
         unknown = sorted(set(cfg.method.weights) - set(cls.terms))
         if unknown:
             raise ConfigError(

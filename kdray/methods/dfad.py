@@ -104,6 +104,13 @@ class DFAD(Method):
     name = "dfad"
     Config = DFADConfig
     terms: ClassVar[tuple[str, ...]] = ("student", "gen")
+
+    @classmethod
+    def ignored_keys(cls, method, num_peers):
+        if method.discrepancy == "l1":
+            return {"temperature": "the l1 discrepancy uses no temperature; it applies with discrepancy: kl"}
+        return {}
+
     # No task loss without data: a stale exchange's burn-in (which trains the task terms only) trains nothing.
     task_terms = ()
     min_peers = 2

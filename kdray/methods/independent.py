@@ -29,6 +29,11 @@ class Independent(Method):
     name = "independent"
     Config = IndependentConfig
     terms = ("ce",)
+
+    @classmethod
+    def ignored_keys(cls, method, num_peers):
+        return {"temperature": "method 'independent' trains on the labels alone and has no temperature"}
+
     min_peers = 1
 
     def build_topology(self) -> Topology:

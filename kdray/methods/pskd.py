@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdray.config import MethodConfig
+from kdray.errors import ConfigError
 from kdray.losses import kl_divergence, soft_cross_entropy
 from kdray.methods.base import BufferSpec, Method, PeerContext, Phase
 from kdray.methods.registry import register
@@ -60,6 +61,21 @@ class PSKD(Method):
     terms = ("soft_ce", "kl")
     task_terms = ("soft_ce",)
     min_peers = 1
+
+    @classmethod
+    def ignored_keys(cls, method, num_peers):
+        return {
+            "temperature": "PS-KD's targets and its optional mutual term use no temperature (the authors')"
+        }
+
+    @classmethod
+    def check_population(cls, cfg) -> None:
+        super().check_population(cfg)
+        if cfg.method.weights.get("kl", 0) > 0 and len(cfg.peers) < 2:
+            raise ConfigError(
+                "method.weights.kl", cfg.method.weights["kl"],
+                "the mutual term (PS-KD inside DML) needs at least 2 peers; set it to 0 for one network",
+            )  # fmt: skip
 
     def build_topology(self) -> Topology:
         mutual = self.cfg.weights.get("kl", 0) > 0 and self.pop.num_peers > 1
