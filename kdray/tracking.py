@@ -199,6 +199,8 @@ class Tracker:
             except Exception:  # noqa: BLE001 - the old store is gone: start a fresh run, say so in its tags
                 pass
         tags = {"mlflow.runName": run_name}
+        if resume_run_id:  # the run to continue could not be reopened
+            tags["kdray.continues_run"] = resume_run_id
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         experiment = self._experiment_id()

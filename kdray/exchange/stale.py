@@ -1,17 +1,17 @@
 """The stale exchange: codistillation with stale weights (Anil, Pereyra, Passos, Ormandi, Dahl, Hinton, "Large scale
 distributed neural network training through online distillation", ICLR 2018, section 2).
 
-Every ``engine.stale_every`` steps each trainable peer ships its weights (network and private state) to the peers
+Every ``engine.exchange.every`` steps each trainable peer ships its weights (network and private state) to the peers
 that learn from it, point to point. Between shipments a peer computes its sources' signals itself: it runs its stale
 copy of each source on its own batch, so nothing moves on the other steps. The traffic per step falls from the
-signals (which grow with the batch and the feature maps) to the weights divided by ``stale_every``.
+signals (which grow with the batch and the feature maps) to the weights divided by ``every``.
 
-Burn-in (the paper trains each model alone before distillation starts): for the first ``engine.stale_burn_in`` steps
+Burn-in (the paper trains each model alone before distillation starts): for the first ``engine.exchange.burn_in`` steps
 ``distilling`` is False and the step weights every loss term except the method's task terms
 (``Method.task_terms``, default ``("ce",)``) by 0, so the peers train on the labels only while the copies warm up.
 The other terms are still computed and logged.
 
-With ``stale_every: 1`` the copies are refreshed before every step and the signals are exactly the fresh ones: the
+With ``every: 1`` the copies are refreshed before every step and the signals are exactly the fresh ones: the
 run equals the collective exchange's (a test holds this).
 """
 

@@ -129,10 +129,9 @@ class AFD(Method):
         from kdray.models.transfer import make_transfer
 
         shape = self.pop.peers[k].tap_shapes["feat"]
-        mode = self.cfg.transfer if self.cfg.transfer != "off" else "off"
         return nn.ModuleDict(
             {
-                "transfer": make_transfer(shape, self.common_shape, mode),
+                "transfer": make_transfer(shape, self.common_shape, self.cfg.transfer),
                 "disc": FeatureDiscriminator(
                     self.common_shape[0], self.cfg.disc_hidden, self.cfg.disc_layers, self.cfg.disc_norm
                 ),

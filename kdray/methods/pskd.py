@@ -8,7 +8,8 @@ Each network learns from its own predictions of the previous epoch. Per sample x
 
 P is a per-sample memory (N x C, a buffer the engine holds, dtype ``memory_dtype``) initialised to the one-hot labels
 and overwritten after each optimizer step with that step's softmax predictions (detached); at epoch t the rows read
-are those written in epoch t - 1. What follows the authors' code (lgcnsai/PS-KD-Pytorch, METHODS.md [code]): the
+are those written in epoch t - 1 (older for the samples an epoch leaves out: the loader drops the last partial batch;
+the authors' keeps it). What follows the authors' code (lgcnsai/PS-KD-Pytorch, METHODS.md [code]): the
 target, the linear growth of a_t to a_T = 0.8 at the last epoch, the one-hot initialisation, the soft cross-entropy
 without temperature, the memory written after the step with the (augmented-view) predictions. The optional mutual
 term is kdray's composition with DML (a population of K PS-KD peers), not the paper's.
