@@ -39,8 +39,12 @@ PREDICTIONS = "predictions.pt"
 def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
     """The staged config that ``generations:`` stands for (stages ``gen1`` .. ``gen<N>``)."""
     gens = raw.get("generations")
+    if isinstance(gens, int) and not isinstance(gens, bool):
+        gens = {"count": gens}  # ``generations: 4`` is ``generations: {count: 4}``
     if not isinstance(gens, dict):
-        raise ConfigError("generations", gens, "a mapping such as {count: 4, labels: true}")
+        raise ConfigError(
+            "generations", gens, "a count such as 4, or a mapping such as {count: 4, labels: true}"
+        )
     unknown = sorted(set(gens) - {"count", "labels", "method"})
     if unknown:
         raise ConfigError(

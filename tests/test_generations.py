@@ -63,6 +63,10 @@ def test_soft_targets_only_is_a_switch(tiny_raw):
     assert [p["name"] for p in staged["stages"][2]["peers"]] == ["gen2_net", "net"]
     with pytest.raises(ConfigError, match="generations.count"):
         expand_generations(_born_again(tiny_raw, count=1))
+    short = {**_born_again(tiny_raw), "generations": 3}  # a bare count stands for {count: 3}
+    assert expand_generations(short) == expand_generations({**short, "generations": {"count": 3}})
+    with pytest.raises(ConfigError, match="a count such as 4"):
+        expand_generations({**short, "generations": "three"})
 
 
 def test_a_stop_in_generation_three_resumes_there(tiny_raw, tmp_path):
