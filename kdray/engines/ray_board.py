@@ -34,6 +34,7 @@ class Live:
     steps: int  # steps per epoch
     means: dict[str, float]
     exchange_ms: float | None  # this rank's exchange time per step over the window
+    step_ms: float | None = None  # this rank's wall time per step over the window
 
 
 @dataclass(frozen=True)

@@ -207,8 +207,7 @@ class DriverView:
             self.bar_epoch = event.epoch
         current = [e for e in self.live.values() if e.epoch == self.bar_epoch]
         means = {k: v for e in current for k, v in e.means.items()}
-        exchange = [e.exchange_ms for e in current if e.exchange_ms is not None]
-        extra = f"exchange {sum(exchange) / len(exchange):.1f} ms/step" if exchange else ""
+        extra = exchange_text(current)
         self.bar.advance(min(e.steps_done for e in current), progress_text(self.cfg, means, extra))
 
     def outcome(self) -> dict[str, Any]:
@@ -240,6 +239,17 @@ class DriverView:
             "first_step_at": self.first_step_at,
             "first_placement": self.first_placement,
         }
+
+
+def exchange_text(current: list[Live]) -> str:
+    """The bar's exchange figure: the ranks' mean exchange time per step, and its share of their mean step."""
+    exchange = [e.exchange_ms for e in current if e.exchange_ms is not None]
+    if not exchange:
+        return ""
+    ms = sum(exchange) / len(exchange)
+    steps = [e.step_ms for e in current if e.step_ms]
+    share = f" ({100 * ms / (sum(steps) / len(steps)):.0f}% of the step)" if steps else ""
+    return f"exchange {ms:.1f} ms/step{share}"
 
 
 def worker_config(cfg: ExperimentConfig) -> dict[str, Any]:

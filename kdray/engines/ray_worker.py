@@ -78,12 +78,14 @@ class WorkerSink:
         self.window = StepWindow(log_every)
         self.live = MetricSums()
         self.last_live = time.monotonic()
+        self.window_steps = 0  # steps since the last Live event
         self.first_posted = False
         self.exchange_meter = getattr(pop.exchange, "meter", None)
         self._live_exchange = (0.0, 0)  # (seconds, steps) of the exchange meter at the last Live event
 
     def epoch_started(self, epoch: int, start_step: int, steps: int) -> None:
         self.board.post.remote(Live(self.rank, epoch, start_step, steps, {}, None))
+        self.last_live, self.window_steps = time.monotonic(), 0  # the evaluation is not a step
 
     def step_done(self, epoch: int, step_in_epoch: int, step: int, metrics: MetricSums) -> None:
         if not self.first_posted:
@@ -91,15 +93,25 @@ class WorkerSink:
             if self.rank == 0:
                 self.board.post.remote(FirstStep(time.time()))
         self.live.merge(metrics)
+        self.window_steps += 1
         row = self.window.add(step, metrics)
         if row is not None:
             self.board.post.remote(StepRow(self.rank, step + 1, row))
         now = time.monotonic()
         if now - self.last_live >= LIVE_EVERY_S or step_in_epoch + 1 == self.spe:
+            step_ms = 1000.0 * (now - self.last_live) / max(self.window_steps, 1)
             self.board.post.remote(
-                Live(self.rank, epoch, step_in_epoch + 1, self.spe, self.live.means(), self._exchange_ms())
+                Live(
+                    self.rank,
+                    epoch,
+                    step_in_epoch + 1,
+                    self.spe,
+                    self.live.means(),
+                    self._exchange_ms(),
+                    step_ms,
+                )
             )
-            self.live, self.last_live = MetricSums(), now
+            self.live, self.last_live, self.window_steps = MetricSums(), now, 0
 
     def _exchange_ms(self) -> float | None:
         meter = self.exchange_meter

@@ -300,6 +300,16 @@ def test_a_stop_ends_a_fault_tolerant_ray_run_without_a_restart(tiny_raw, tmp_pa
     assert stopped["epoch"] < 3  # it stopped; it did not train on to the end
 
 
+def test_the_live_bar_gives_the_exchange_time_and_its_share_of_the_step():
+    from kdray.engines.ray_board import Live
+    from kdray.engines.ray_engine import exchange_text
+
+    ranks = [Live(0, 0, 5, 10, {}, 10.0, 200.0), Live(1, 0, 5, 10, {}, 20.0, 100.0)]
+    assert exchange_text(ranks) == "exchange 15.0 ms/step (10% of the step)"  # 15 of a mean 150 ms step
+    assert exchange_text([Live(0, 0, 5, 10, {}, 12.0)]) == "exchange 12.0 ms/step"  # no step time yet
+    assert exchange_text([Live(0, 0, 0, 10, {}, None)]) == ""  # no exchange (a local-only method)
+
+
 def test_a_worker_kdray_error_reaches_the_user_as_itself():
     """A KdrayError raised in a worker (a diverged loss, a bad checkpoint) comes out of RayEngine as that error,
     one line, not as Ray's wrapper with a traceback per worker."""
