@@ -219,6 +219,44 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, mo
         assert chatter not in shown.out + shown.err, chatter
 
 
+TEACHER_CASES = {
+    # self-distillation from a frozen pre-trained copy on its own worker: progressive targets, KD, discriminator
+    "aikd": ({"name": "aikd"}, 1),
+    # data-free: a frozen teacher, two students and the shared generator (its gradient split across workers), EMA
+    "mad": ({"name": "mad", "nz": 8, "ngf": 4, "student_steps": 2}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(TEACHER_CASES))
+def test_frozen_teacher_methods_match_on_ray(case, tiny_raw, tmp_path, ray_local):
+    """A frozen teacher is a peer like any other on the RayEngine: its worker only forwards and publishes."""
+    small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
+    teacher = copy.deepcopy(tiny_raw)
+    teacher["peers"] = [{"name": "net", **small}]
+    teacher["method"] = {"name": "independent"}
+    teacher["train"].update({"epochs": 1, "steps_per_epoch": 3, "threads": 1})
+    checkpoint = str(kdray.train(teacher, out=tmp_path / "teacher").checkpoint)
+
+    method, students = TEACHER_CASES[case]
+    raw = copy.deepcopy(tiny_raw)
+    raw["peers"] = [
+        {"name": "teacher", **small, "frozen": True, "checkpoint": checkpoint, "checkpoint_peer": "net"}
+    ]
+    raw["peers"] += [{"name": f"s{i}", **small} for i in range(students)]
+    raw["method"] = method
+    raw["train"].update({"epochs": 2, "threads": 1, "dtype": "float64", "steps_per_epoch": 4})
+    local, ray = _run_pair(raw, tmp_path, exchange="collective")
+    assert _compare_states(load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)) <= TOL
+    for got, want in zip(
+        _peer_metrics(ray.summary["history"]), _peer_metrics(local.summary["history"]), strict=True
+    ):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-7, abs=1e-9), k
+    placement = json.loads((ray.out_dir / "ray_run.json").read_text())["placement"]
+    assert [p["peer"] for p in placement] == ["teacher"] + [f"s{i}" for i in range(students)]
+
+
 def test_infeasible_placement_fails_fast_and_names_the_cluster(tiny_raw, tmp_path, ray_local):
     from kdray.errors import PlacementError
 
