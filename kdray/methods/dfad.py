@@ -279,7 +279,8 @@ def running_stats_untracked(module: nn.Module):
 def sample_diagnostics(images: Tensor, teacher_logits: Tensor, collapse_share: float) -> dict[str, Tensor]:
     """What a user watches on a generator: ``gen_diversity`` (mean pairwise L2 distance of the images / sqrt(d)),
     ``gen_entropy`` (the teacher's mean prediction entropy, nats), ``gen_top_share`` (the share of the teacher's
-    most frequent class) and ``collapse`` (1.0 when that share exceeds ``collapse_share``, else 0.0)."""
+    most frequent class), ``collapse`` (1.0 when that share exceeds ``collapse_share``, else 0.0) and the teacher's
+    class histogram on the samples, ``gen_class<c>`` (the share of the batch it puts in class c; epoch means)."""
     flat = images.flatten(1).float()  # diagnostics in float32 (bfloat16 under autocast is too coarse)
     diversity = torch.pdist(flat).mean() / math.sqrt(flat.shape[1]) if len(flat) > 1 else flat.new_zeros(())
     logp = F.log_softmax(teacher_logits.float(), dim=1)
@@ -291,4 +292,5 @@ def sample_diagnostics(images: Tensor, teacher_logits: Tensor, collapse_share: f
         "gen_entropy": entropy,
         "gen_top_share": top,
         "collapse": (top > collapse_share).float(),
+        **{f"gen_class{c}": share for c, share in enumerate(counts.float() / len(teacher_logits))},
     }

@@ -158,6 +158,7 @@ def test_sample_diagnostics_by_hand():
     d = sample_diagnostics(x, one_class, collapse_share=0.9)
     assert float(d["gen_diversity"]) == pytest.approx(2.0 / math.sqrt(4))
     assert float(d["gen_top_share"]) == 1.0 and float(d["collapse"]) == 1.0
+    assert [float(d[f"gen_class{c}"]) for c in range(3)] == [1.0, 0.0, 0.0]  # the class histogram
     d = sample_diagnostics(
         torch.zeros(4, 1, 2, 2), torch.zeros(4, 3), collapse_share=0.9
     )  # uniform predictions
@@ -166,6 +167,7 @@ def test_sample_diagnostics_by_hand():
     spread = torch.eye(4) * 5  # four classes, one sample each
     d = sample_diagnostics(x, spread, collapse_share=0.9)
     assert float(d["gen_top_share"]) == 0.25 and float(d["collapse"]) == 0.0
+    assert [float(d[f"gen_class{c}"]) for c in range(4)] == [0.25] * 4
 
 
 # -------------------------------------------------------------------------------- what each update moves
