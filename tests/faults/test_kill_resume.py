@@ -20,10 +20,7 @@ import pytest
 from kdray.checkpoint import load_checkpoint
 from kdray.cli import main
 
-from .conftest import assert_same_population, env, kdray_proc
-
-TALLY: Counter = Counter()
-
+from .conftest import RESUMABLE, assert_same_population, env, kdray_proc, tiny, write_yaml
 
 CATEGORIES: dict[str, Counter] = {}
 REPORT_LABEL = "kill"  # the "file" of this module's rows in $KDRAY_FAULTS_REPORT
@@ -141,3 +138,43 @@ def test_sigterm_stops_at_a_safe_point_then_resumes_exactly(tmp_path, capsys, re
     finally:
         proc.kill()
         _count("SIGTERM, then --resume", ok)
+
+
+def test_sigkill_inside_generation_three_resumes_there_exactly(tmp_path, capsys):
+    """Born-again generations (stages): a kill inside generation 3 resumes there, without training generations 1
+    and 2 again, and ends where an uninterrupted run ends."""
+    import kdray
+
+    raw = tiny(**RESUMABLE)
+    raw["peers"] = [{"name": "net", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    raw["method"] = {"name": "independent"}
+    raw["generations"] = 3
+    raw["tracking"] = {"enabled": False}
+    kdray.train(raw, out=tmp_path / "reference")
+    out = tmp_path / "run"
+    proc = kdray_proc("train", write_yaml(tmp_path / "ban.yaml", raw), "--out", out)
+    gen3 = out / "stages" / "gen3" / "checkpoints" / "last.pt"
+    try:
+        _wait_for(gen3, proc)  # generation 3's first checkpoint (step 2 of 12)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+    ok = False
+    try:
+        assert proc.returncode == -signal.SIGKILL
+        done = {
+            g: (out / "stages" / g / "checkpoints" / "last.pt").stat().st_mtime_ns for g in ("gen1", "gen2")
+        }
+        assert load_checkpoint(gen3)["step"] < 12  # killed inside generation 3
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out)]) == 0, capsys.readouterr().err
+        assert {g: (out / "stages" / g / "checkpoints" / "last.pt").stat().st_mtime_ns for g in done} == done
+        assert_same_population(
+            load_checkpoint(gen3),
+            load_checkpoint(tmp_path / "reference" / "stages" / "gen3" / "checkpoints" / "last.pt"),
+        )
+        ok = True
+    finally:
+        _count("SIGKILL inside generation 3 of a born-again run", ok)
