@@ -257,6 +257,28 @@ def test_frozen_teacher_methods_match_on_ray(case, tiny_raw, tmp_path, ray_local
     assert [p["peer"] for p in placement] == ["teacher"] + [f"s{i}" for i in range(students)]
 
 
+def test_born_again_generations_run_on_ray_as_on_the_local_engine(tiny_raw, tmp_path, ray_local):
+    """Stages on the RayEngine: each generation is a Ray run of its own (generation 2: the frozen generation-1 net
+    and the student, one worker each), and the last generation ends where the LocalEngine's does."""
+    raw = copy.deepcopy(tiny_raw)
+    raw["peers"] = [{"name": "net", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    raw["method"] = {"name": "independent"}
+    raw["generations"] = 2
+    raw["train"].update({"epochs": 1, "threads": 1, "dtype": "float64", "steps_per_epoch": 3})
+    kdray.train(raw, out=tmp_path / "local")
+    on_ray = copy.deepcopy(raw)
+    on_ray["engine"] = {"name": "ray", "placement": {"cpus_per_peer": 0.5}, "exchange": "collective"}
+    kdray.train(on_ray, out=tmp_path / "ray")
+    last = ("stages", "gen2", "checkpoints", "last.pt")
+    got, want = (
+        load_checkpoint(tmp_path.joinpath("ray", *last)),
+        load_checkpoint(tmp_path.joinpath("local", *last)),
+    )
+    assert _compare_states(got, want) <= TOL
+    placement = json.loads((tmp_path / "ray" / "stages" / "gen2" / "ray_run.json").read_text())["placement"]
+    assert [p["peer"] for p in placement] == ["gen1_net", "net"]
+
+
 def test_infeasible_placement_fails_fast_and_names_the_cluster(tiny_raw, tmp_path, ray_local):
     from kdray.errors import PlacementError
 
