@@ -51,6 +51,17 @@ def _wait_for(path: Path, proc, timeout: float = 300) -> None:
         time.sleep(0.005)
 
 
+def _kill_at(proc, moment) -> None:
+    """Wait for ``moment()`` to return, then SIGKILL ``proc`` from outside, as ``kill -9`` would, and reap it."""
+    try:
+        moment()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def _resume_and_compare(capsys, out: Path, reference: dict) -> None:
     """``kdray train --resume OUT`` (in-process: the same code as the CLI, without a second start-up) and the
     result equals the uninterrupted run."""
@@ -92,7 +103,8 @@ def test_sigkill_then_resume_is_exact(tmp_path, capsys, resumable_config, refere
     if extra:
         extra = {**extra, "KDRAY_FAULT_MARKER": str(marker)}
     proc = kdray_proc("train", resumable_config, "--out", out, env=env(**extra))
-    try:
+
+    def moment() -> None:
         if "KDRAY_FAULT" in extra:
             _wait_for(marker, proc)
         elif "random" in when:
@@ -100,11 +112,8 @@ def test_sigkill_then_resume_is_exact(tmp_path, capsys, resumable_config, refere
             time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
         else:
             _wait_for_line(proc, "epoch 1/2")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        proc.communicate()
+
+    _kill_at(proc, moment)
     ok = False
     try:
         last = load_checkpoint(out / "checkpoints" / "last.pt")  # the previous checkpoint, intact
@@ -154,13 +163,7 @@ def test_sigkill_inside_generation_three_resumes_there_exactly(tmp_path, capsys)
     out = tmp_path / "run"
     proc = kdray_proc("train", write_yaml(tmp_path / "ban.yaml", raw), "--out", out)
     gen3 = out / "stages" / "gen3" / "checkpoints" / "last.pt"
-    try:
-        _wait_for(gen3, proc)  # generation 3's first checkpoint (step 2 of 12)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        proc.communicate()
+    _kill_at(proc, lambda: _wait_for(gen3, proc))  # generation 3's first checkpoint (step 2 of 12)
     ok = False
     try:
         assert proc.returncode == -signal.SIGKILL
