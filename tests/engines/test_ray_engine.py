@@ -125,6 +125,8 @@ CASES = {
     "toy_memory-collective": ("toy_memory", {"exchange": "collective"}),
     # a generator-fed population with an EMA generator; CS-KD's observing phase (the pairs' forward)
     "toy_generated-collective": ("toy_generated", {"exchange": "collective"}),
+    # ... and resumed onto Ray from a LocalEngine checkpoint (its generator and EMA copy restored on the workers)
+    "toy_generated-collective-resumed": ("toy_generated", {"exchange": "collective"}),
     "afd-ring3-hetero-actor": ("afd", {"exchange": "actor"}),
     "acn-actor": ("acn", {"exchange": "actor"}),
     "dml-stale-every-step": ("dml", {"exchange": {"name": "stale", "every": 1}}),
