@@ -60,6 +60,11 @@ RING3 = [
     {"name": "p3", "arch": "resnet8", "arch_kwargs": {"width": 8}},
 ]
 ONE = [{"name": "net", "arch": "resnet8"}]
+# Tuned rows: a method's weights searched by ``kdray tune`` on the validation split of a tuning seed (not one of the
+# study's seeds), the same compute budget for every method, then trained on the study's seeds like any other row.
+# ASHA (with TPE) because it spends the budget on more configurations than FIFO; its grace period is a quarter of
+# the schedule because after one epoch of a decaying learning rate the ranking is poor (docs/tune.md).
+TUNE = {"seed": 100, "samples": 12, "budget_runs": 4, "grace_fraction": 0.25}
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,9 @@ class Row:
     # (study, label) of a row whose finished run of the same regime and seed has this row's exact config (but its
     # name): its record is copied, marked "reused_from", instead of training the same thing again
     same_as: tuple[str, str] | None = None
+    tune_space: str | None = (
+        None  # tuned row: the space (``tune_spaces/<method>.yaml``) searched before training
+    )
 
     @property
     def key(self) -> str:
@@ -96,6 +104,23 @@ def _rows() -> list[Row]:
                 method.update(disc_norm="dcgan", disc_batch="joint")
             same = ("discnorm", "afd-dcgan-joint") if name == "afd" and regime == "small" else None
             rows.append(Row("adversarial", regime, name, method, peers, same_as=same))
+        for name in ("dml", "afd", "acn"):
+            if regime in ("unequal", "ring3") and name == "acn":
+                continue
+            method = {
+                "name": name,
+                **({"disc_norm": "dcgan", "disc_batch": "joint"} if name == "afd" else {}),
+            }
+            rows.append(
+                Row(
+                    "adversarial",
+                    regime,
+                    f"{name} tuned",
+                    method,
+                    peers,
+                    tune_space=f"tune_spaces/{name}.yaml",
+                )
+            )
     for norm, batch in (
         ("spectral", "separate"),
         ("none", "separate"),
@@ -175,7 +200,9 @@ def _rows() -> list[Row]:
 ROWS = _rows()
 
 
-def config(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def config(
+    row: Row, seed: int, args: argparse.Namespace, tuned: dict[str, Any] | None = None
+) -> dict[str, Any]:
     regime = REGIMES[row.regime]
     data = {
         "dataset": "fashion_mnist",
@@ -211,17 +238,59 @@ def config(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         raw["train"]["epochs"] = args.epochs or 5  # KD with real data: a normal schedule on the training set
     if row.label == "teacher":
         raw["train"]["epochs"] = args.epochs or 5
+    from kdray.config import set_key
+
+    for key, value in (tuned or {}).items():
+        set_key(raw, key, value)
     return raw
+
+
+def tune_folder(row: Row, args: argparse.Namespace) -> Path:
+    return Path(args.out) / "runs" / row.study / f"tune-{row.regime}-{row.label}".replace(" ", "_")
+
+
+def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
+    """The best finished trial's values of ``kdray tune`` for a tuned row (run, continued or read back).
+
+    The study trains the row's own config on the tuning seed, selects on its validation split (the mean peer
+    validation accuracy at the last epoch) and never sees the test split; its folder keeps study.json,
+    trials.csv and the plots."""
+    from kdray.search.study import StudySettings, run_study
+
+    folder = tune_folder(row, args)
+    state = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else None
+    if state is None or state.get("status") != "finished":
+        epochs = config(row, TUNE["seed"], args)["train"]["epochs"]
+        settings = StudySettings(
+            samples=TUNE["samples"],
+            scheduler="asha",
+            search="tpe",
+            metric="mean_peer",
+            max_concurrent=args.workers,
+            seed=0,
+            grace_period=max(1, round(epochs * TUNE["grace_fraction"])),
+            epoch_budget=TUNE["budget_runs"] * epochs,
+        )
+        if state is None:
+            result = run_study(config(row, TUNE["seed"], args), row.tune_space, out=folder, settings=settings)
+        else:
+            result = run_study(resume=folder)
+        state = result.study
+    if not state.get("best"):
+        raise RuntimeError(f"the tuning study of {row.key} found no finished trial ({folder})")
+    return dict(state["best"]["values"])
 
 
 def run_folder(row: Row, seed: int, args: argparse.Namespace) -> Path:
     return Path(args.out) / "runs" / row.study / f"{row.regime}-{row.label}-s{seed}".replace(" ", "_")
 
 
-def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    row: Row, seed: int, args: argparse.Namespace, tuned: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import kdray
 
-    raw = config(row, seed, args)
+    raw = config(row, seed, args, tuned)
     if row.teacher_from:
         teacher_row = next(
             r for r in ROWS if r.study == row.study and r.regime == row.regime and r.label == row.teacher_from
@@ -249,6 +318,8 @@ def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     if "staged" in s and s["staged"].get("generations"):
         record["generations"] = s["staged"]["generations"]
+    if tuned is not None:
+        record["tuned"] = {"values": tuned, "study": str(tune_folder(row, args)), **TUNE}
     return record
 
 
@@ -289,16 +360,20 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.study}.jsonl"
     rows = [r for r in ROWS if r.study == args.study and (not args.regimes or r.regime in args.regimes)]
+    rows = [r for r in rows if bool(r.tune_space) == args.tuned]
+    rows = [r for r in rows if not args.labels or r.label in args.labels]
     done = done_keys(path)
     todo = [(r, s) for r in rows for s in args.seeds if (r.key, s) not in done]
     todo = [(r, s) for r, s in todo if not reuse(r, s, args, path)]
+    # tuned rows: their studies first, one at a time (each runs args.workers trials at once)
+    tuned = {key: tuned_values(r, args) for key, r in {r.key: r for r, _ in todo if r.tune_space}.items()}
     # teachers first: a row that needs another row's checkpoint waits for it
     first = [(r, s) for r, s in todo if not r.teacher_from]
     later = [(r, s) for r, s in todo if r.teacher_from]
     t0 = time.time()
     for batch in (first, later):
         with ProcessPoolExecutor(args.workers) as pool:
-            futures = {pool.submit(run_one, r, s, args): (r.key, s) for r, s in batch}
+            futures = {pool.submit(run_one, r, s, args, tuned.get(r.key)): (r.key, s) for r, s in batch}
             for fut in as_completed(futures):
                 key = futures[fut]
                 try:
@@ -356,6 +431,12 @@ def report(args: argparse.Namespace) -> str:
             lines.append(
                 f"| {label} | {' | '.join(cells)} | {mean_peer} | {ens} | {ece} | {val} | {len(runs)} |"
             )
+        for label in labels:
+            tuned = next((r["tuned"] for r in group if r["label"] == label and r.get("tuned")), None)
+            if tuned:
+                values = ", ".join(f"`{k}` {v:.3g}" if isinstance(v, float) else f"`{k}` {v}"
+                                   for k, v in tuned["values"].items())  # fmt: skip
+                lines.append(f"\n{label}: {values} (kdray tune, seed {tuned['seed']}'s validation split)")
         gens = [r for r in group if r.get("generations")]
         if gens:
             k = len(gens[0]["generations"]["test_acc"])
@@ -471,11 +552,18 @@ def main() -> int:
     parser.add_argument("--study", required=True, choices=sorted({r.study for r in ROWS}))
     parser.add_argument("--regimes", nargs="*", help="only these regimes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--labels", nargs="*", help="only these rows (e.g. 'dml tuned')")
     parser.add_argument(
         "--epochs", type=int, default=None, help="override every regime's epochs (smoke runs)"
     )
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 1))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--tuned",
+        action="store_true",
+        help="run the tuned rows instead (kdray tune on the validation split of seed "
+        f"{TUNE['seed']} first, {TUNE['budget_runs']} runs' worth of epochs per method)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data", default=str(REPO / "data"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "studies"))

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,19 +134,35 @@ class StepWindow:
         return row
 
 
-class EpochBar:
-    """One tqdm bar per epoch (steps, throughput, a postfix), or one plain line per epoch without a terminal."""
+# (epoch (0-based), steps done in it, steps per epoch, the bar's postfix or None when it did not change)
+LiveListener = Callable[[int, int, int, str | None], None]
 
-    def __init__(self, cfg: ExperimentConfig):
+
+def live_listeners(callbacks: list[Any]) -> list[LiveListener]:
+    """The epoch callbacks that also follow the bar (a callback with a ``live`` method: a Tune trial's reporter,
+    which shows the trial's steps on the study driver's terminal)."""
+    return [cb.live for cb in callbacks if callable(getattr(cb, "live", None))]
+
+
+class EpochBar:
+    """One tqdm bar per epoch (steps, throughput, a postfix), or one plain line per epoch without a terminal.
+    ``listeners`` see every start and advance, whether the bar is shown or not."""
+
+    def __init__(self, cfg: ExperimentConfig, listeners: list[LiveListener] | None = None):
         self.cfg = cfg
         self.bar: tqdm | None = None
+        self.listeners = listeners or []
+        self.epoch, self.steps = 0, 0
 
     def start(self, epoch: int, start_step: int, steps: int) -> None:
         self.close()
+        self.epoch, self.steps = epoch, steps
         self.bar = tqdm(
             total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
             disable=not self.cfg.train.progress, dynamic_ncols=True, unit="step", file=sys.stderr,
         )  # fmt: skip
+        for listener in self.listeners:
+            listener(epoch, start_step, steps, None)
 
     def advance(self, steps_done: int, postfix: str | None = None) -> None:
         if self.bar is None:
@@ -154,6 +171,8 @@ class EpochBar:
             self.bar.update(steps_done - self.bar.n)
         if postfix is not None and not self.bar.disable:
             self.bar.set_postfix_str(postfix, refresh=False)
+        for listener in self.listeners:
+            listener(self.epoch, steps_done, self.steps, postfix)
 
     def close(self) -> None:
         if self.bar is not None:

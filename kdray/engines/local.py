@@ -13,6 +13,7 @@ from kdray.engines.base import Engine
 from kdray.engines.display import (
     EpochBar,
     StepWindow,
+    live_listeners,
     progress_text,
     report_epoch,
     write_step_row,
@@ -27,7 +28,7 @@ class LocalSink:
 
     def __init__(self, engine: LocalEngine, t0: float):
         self.engine, self.cfg, self.t0 = engine, engine.cfg, t0
-        self.bar = EpochBar(self.cfg)
+        self.bar = EpochBar(self.cfg, live_listeners(engine.callbacks))
         self.window = StepWindow(self.cfg.train.log_every_steps)
         self.live = MetricSums()  # the bar's running means (since the last postfix)
         self.first_step_s: float | None = None

@@ -91,7 +91,11 @@ class ProgressBoard:
         return self.stop
 
 
-def create_board(namespace: str | None = None):
+def create_board(namespace: str | None = None, name: str | None = None):
+    """A board actor; a named one (``name``) is found by processes that were not handed it (Tune trials)."""
     import ray
 
-    return ray.remote(num_cpus=0)(ProgressBoard).options(namespace=namespace).remote()
+    options: dict[str, Any] = {"namespace": namespace}
+    if name is not None:
+        options.update(name=name, get_if_exists=True)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(**options).remote()

@@ -19,7 +19,7 @@ from typing import Any
 from kdray.checkpoint import write_atomic
 from kdray.config import ExperimentConfig
 from kdray.engines.base import Engine
-from kdray.engines.display import EpochBar, progress_text, report_epoch, write_step_row
+from kdray.engines.display import EpochBar, live_listeners, progress_text, report_epoch, write_step_row
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import process_started_at, startup_breakdown
 from kdray.errors import KdrayError
@@ -121,7 +121,7 @@ class DriverView:
 
     def __init__(self, engine: RayEngine, t0: float):
         self.engine, self.cfg, self.t0 = engine, engine.cfg, t0
-        self.bar = EpochBar(self.cfg)
+        self.bar = EpochBar(self.cfg, live_listeners(engine.callbacks))
         self.live: dict[int, Live] = {}  # each rank's latest
         self.bar_epoch = -1
         self.attempts = 0

@@ -1,6 +1,7 @@
 """Driver-side progress of a study: a live bar of the epochs trained by all trials (with the best objective so
-far and the trials running), one line per finished trial, and ``progress.json`` kept current, so a killed driver
-leaves an up-to-date record of what had finished."""
+far and the trials running), a bar per running trial for the epoch it is in (steps, steps/s, each peer's running
+loss and accuracy, as ``kdray train`` shows one run), one line per finished trial, and ``progress.json`` kept
+current, so a killed driver leaves an up-to-date record of what had finished."""
 
 from __future__ import annotations
 
@@ -13,21 +14,43 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper
 from tqdm import tqdm
 
-from kdray.search.trial import PROGRESS_FILE, _read_json, _write_json
+from kdray.search.trial import PROGRESS_FILE, TrialLive, _read_json, _write_json
+
+DRAIN_EVERY_S = 0.5  # how often the driver reads the trials' live steps
 
 
 class StudyProgress(Callback):
-    def __init__(self, study_dir: str, epochs: int, verbose: bool = True, total_epochs: int | None = None):
+    def __init__(
+        self,
+        study_dir: str,
+        epochs: int,
+        verbose: bool = True,
+        total_epochs: int | None = None,
+        board: str | None = None,
+    ):
         self.path = Path(study_dir) / PROGRESS_FILE
         self.epochs, self.verbose = epochs, verbose
         self.trials: dict[str, dict[str, Any]] = _read_json(self.path, {})
         self.started: dict[str, float] = {}
         self.total_epochs = total_epochs
+        self.board = board  # the name of the board actor the trials post their live steps to
         self._bar: tqdm | None = None
+        self._trial_bars: dict[str, tqdm] = {}
+        self._board_handle: Any = None
+        self._drained_at = 0.0
+
+    # Tune pickles its callbacks with the experiment's state: the bars (they hold the terminal) and the board's
+    # handle (a restored study makes a new board of the same name) stay here
+    _UNPICKLED = ("_bar", "_trial_bars", "_board_handle")
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment's state: the bar (it holds the terminal) stays here
-        return {k: v for k, v in self.__dict__.items() if k != "_bar"} | {"_bar": None}
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bar, self._trial_bars, self._board_handle = None, {}, None
+        self.__dict__.setdefault("board", None)
+        self.__dict__.setdefault("_drained_at", 0.0)
 
     @property
     def bar(self) -> tqdm:
@@ -70,7 +93,72 @@ class StudyProgress(Callback):
         self._save()
         self._refresh()
 
+    # ------------------------------------------------------------------------------------ the trials' live steps
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._drained_at >= DRAIN_EVERY_S:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self.board is None:
+            return
+        self._drained_at = time.monotonic()
+        if self._board_handle is None:
+            import ray
+
+            try:
+                self._board_handle = ray.get_actor(self.board)
+            except ValueError:  # not created (yet): try again at the next drain
+                return
+        import ray
+
+        self.on_live([e for e in ray.get(self._board_handle.drain.remote()) if isinstance(e, TrialLive)])
+
+    def on_live(self, events: list[TrialLive]) -> None:
+        """Move each running trial's bar to its latest place; record it in ``progress.json``."""
+        latest: dict[str, TrialLive] = {}
+        for event in events:
+            latest[event.trial_id] = event
+        for trial_id, event in latest.items():
+            entry = self.trials.get(trial_id)
+            if entry is None or entry.get("status") != "running":
+                continue  # a late event of a trial that ended
+            # the latest place (kept after the trial ends) and how many updates the driver received
+            entry["live"] = {
+                "epoch": event.epoch + 1, "steps_done": event.steps_done, "steps": event.steps, "text": event.text,
+            }  # fmt: skip
+            entry["live_updates"] = entry.get("live_updates", 0) + 1
+            self._trial_bar(event)
+        if latest:
+            self._save()
+
+    def _trial_bar(self, event: TrialLive) -> None:
+        if not self.verbose:
+            return
+        desc = f"trial {event.trial_id} epoch {event.epoch + 1}/{event.epochs}"
+        bar = self._trial_bars.get(event.trial_id)
+        if bar is not None and (bar.desc != desc or event.steps_done < bar.n):
+            bar.close()  # a new epoch (or a restarted one): a fresh bar, so its step rate is this epoch's
+            bar = None
+        if bar is None:
+            bar = tqdm(
+                total=event.steps, initial=event.steps_done, desc=desc, unit="step", leave=False,
+                dynamic_ncols=True, file=sys.stderr,
+            )  # fmt: skip
+            self._trial_bars[event.trial_id] = bar
+        if event.steps_done > bar.n:
+            bar.update(event.steps_done - bar.n)
+        if event.text:
+            bar.set_postfix_str(event.text, refresh=False)
+            bar.refresh()
+
+    def _close_trial_bar(self, trial_id: str) -> None:
+        bar = self._trial_bars.pop(trial_id, None)
+        if bar is not None:
+            bar.close()
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._drain()  # its last steps first
+        self._close_trial_bar(trial.trial_id)
         entry = self._entry(trial)
         entry["status"] = "finished" if (entry.get("epoch") or 0) >= self.epochs else "stopped"
         self._save()
@@ -82,6 +170,7 @@ class StudyProgress(Callback):
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._close_trial_bar(trial.trial_id)
         entry = self._entry(trial)
         entry["status"] = "error"
         self._save()
@@ -89,6 +178,8 @@ class StudyProgress(Callback):
         self._line(f"trial {trial.trial_id} failed at epoch {entry.get('epoch')}")
 
     def on_experiment_end(self, trials, **info):
+        for trial_id in list(self._trial_bars):
+            self._close_trial_bar(trial_id)
         if self._bar is not None:
             self._bar.close()
 

@@ -42,6 +42,7 @@ from kdray.search.trial import (
     TrialPlan,
     _read_json,
     _write_json,
+    board_name,
     read_history,
     run_trial,
 )
@@ -300,8 +301,8 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
     )  # fmt: skip
     run_config = tune.RunConfig(
         name=TUNE_DIR, storage_path=str(study_dir),
-        callbacks=[StudyProgress(str(study_dir), epochs, verbose,
-                                 settings.epoch_budget or settings.samples * epochs)],  # fmt: skip
+        callbacks=[StudyProgress(str(study_dir), epochs, verbose, settings.epoch_budget or settings.samples * epochs,
+                                 board=board_name(plan.study_name))],  # fmt: skip
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,
         stop=EpochBudget(settings.epoch_budget) if settings.epoch_budget else None,
@@ -400,6 +401,9 @@ def run_study(
             )
         from ray import tune
 
+        from kdray.engines.ray_board import create_board
+
+        board = create_board(name=board_name(name))  # the trials' live steps (the driver's per-trial bars)
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the resumable state at most 1 s old
         tune_path = study_dir / TUNE_DIR
         status = "FAILED"
@@ -418,6 +422,10 @@ def run_study(
             status = "KILLED"
             raise
         finally:
+            with contextlib.suppress(
+                Exception
+            ):  # a named actor outlives the study on a kept cluster otherwise
+                ray.kill(board)
             if status != "FINISHED" and tracking.run_id:
                 tracking.tracker.end(status)
     artifacts = write_outputs(study, base, study_dir)

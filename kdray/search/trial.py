@@ -64,6 +64,30 @@ def trained_params(cfg: ExperimentConfig) -> int:
         )
 
 
+LIVE_EVERY_S = (
+    0.5  # a trial posts its steps to the study's board at most this often (and at each epoch's end)
+)
+
+
+@dataclass(frozen=True)
+class TrialLive:
+    """A trial's place in its epoch, posted to the study driver's board (the driver's per-trial bars)."""
+
+    trial_id: str
+    epoch: int  # 0-based
+    epochs: int
+    steps_done: int
+    steps: int
+    text: (
+        str  # the peers' running loss/accuracy (and a Ray trial's exchange share), as the run's own bar shows
+    )
+
+
+def board_name(study_name: str) -> str:
+    """The named actor (0 CPUs) a study's trials post their live steps to."""
+    return f"kdray-study-board-{study_name}"
+
+
 @dataclass(frozen=True)
 class TrialPlan:
     """Everything a trial needs besides the sampled values; built once by the study driver."""
@@ -116,6 +140,30 @@ class TuneReporter:
         self._run_id: str | None = None
         self._looked_up = False
         self.params = float(trained_params(cfg))  # constant per trial; reported with every epoch
+        self._board: Any = None  # the study's board actor (False: none to post to)
+        self._live_at = 0.0
+        self._live_text = ""
+
+    def live(self, epoch: int, steps_done: int, steps: int, postfix: str | None) -> None:
+        """The run's bar moved: post where the trial is to the study's board (fire and forget), at most every
+        ``LIVE_EVERY_S`` seconds and at the end of each epoch."""
+        if postfix is not None:
+            self._live_text = postfix
+        now = time.monotonic()
+        if now - self._live_at < LIVE_EVERY_S and steps_done not in (0, steps):
+            return
+        if self._board is None:
+            try:
+                import ray
+
+                self._board = ray.get_actor(board_name(self.plan.study_name))
+            except Exception:  # noqa: BLE001 - no study board (a trial run by hand, an old study): no live view
+                self._board = False
+        if self._board is False:
+            return
+        self._live_at = now
+        event = TrialLive(self.trial_id, epoch, self.cfg.train.epochs, steps_done, steps, self._live_text)
+        self._board.post.remote(event)
 
     def __call__(self, metrics: dict[str, float], checkpoint_path: Path) -> None:
         if int(metrics["epoch"]) >= self.cfg.train.epochs:

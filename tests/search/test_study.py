@@ -64,6 +64,15 @@ def test_asha_study_end_to_end(ray_local, tiny_raw, tmp_path):
     assert best["objective"] == max(t["objective"] for t in finished)
     assert study["compute"]["epochs_trained"] == sum(t["epochs_trained"] for t in trials) <= 8
     assert result.best == best
+    # the trials' live steps reached the driver (its per-trial bars): every trial posted its place
+    live = json.loads((out / "progress.json").read_text())
+    for t in trials:
+        entry = live[t["trial_id"]]
+        assert entry["live_updates"] >= 1, entry
+        assert (
+            1 <= entry["live"]["epoch"] <= 2
+            and 0 <= entry["live"]["steps_done"] <= entry["live"]["steps"] == 6
+        )
 
     # MLflow: a parent run with one nested run per trial; the best value agrees
     from mlflow.tracking import MlflowClient
@@ -211,6 +220,8 @@ def test_ray_engine_trial_is_the_train_driver(ray_local, tiny_raw, tmp_path):
     assert trial["status"] == "finished" and trial["epoch"] == 1
     trial_dir = out / "trials" / trial["trial_id"]
     assert json.loads((trial_dir / "ray_run.json").read_text())["attempts"] == 1  # the RayEngine ran it
+    # the RayEngine's driver view (in the trial) passes the workers' steps on to the study's per-trial bar
+    assert json.loads((out / "progress.json").read_text())[trial["trial_id"]]["live_updates"] >= 1
     local = kdray.train(tiny_raw, overrides=["engine.name=local", "train.threads=1"], out=tmp_path / "local")
     assert trial["objective"] == pytest.approx(local.summary["best"]["metric"], abs=2 / 64)
     best = yaml.safe_load((out / "best.yaml").read_text())
