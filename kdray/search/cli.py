@@ -24,7 +24,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         epoch_budget=args.epoch_budget, multi_objective=args.multi_objective, address=args.address,
     )  # fmt: skip
     result = run_study(
-        args.config, args.space, overrides=args.set, out=args.out, resume=args.resume, settings=settings
+        args.config,
+        args.space,
+        overrides=[*args.set, *(["train.verbose=true"] if args.verbose else [])],
+        out=args.out,
+        resume=args.resume,
+        settings=settings,
     )
     study, best = result.study, result.best
     counts = {}
@@ -105,5 +110,10 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     p.add_argument(
         "--resume", metavar="STUDY_DIR", help="continue an interrupted study; finished trials are kept"
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray Tune's, Optuna's and MLflow's own output (train.verbose)",
     )
     p.set_defaults(func=_cmd_tune)

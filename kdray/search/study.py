@@ -214,6 +214,27 @@ def _clip_explore(space: SearchSpace):
     return explore
 
 
+@contextlib.contextmanager
+def tune_output(verbose: bool):
+    """Tune's and Optuna's own terminal output only with ``train.verbose`` (``kdray tune --verbose``): Tune's new
+    output engine prints its configuration box, the experiment path and a TensorBoard command line even at verbosity
+    0 (the study's bars and kdray's lines say where everything is), and Optuna logs each study it creates."""
+    import optuna
+
+    saved_env, saved_level = os.environ.get("RAY_AIR_NEW_OUTPUT"), optuna.logging.get_verbosity()
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, silent at verbosity 0
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved_env
+        optuna.logging.set_verbosity(saved_level)
+
+
 def _study_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
     if out is None:
         out = Path("runs") / f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -407,6 +428,8 @@ def run_study(
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the resumable state at most 1 s old
         tune_path = study_dir / TUNE_DIR
         status = "FAILED"
+        quiet = tune_output(base.train.verbose)
+        quiet.__enter__()
         try:
             if tune.Tuner.can_restore(str(tune_path)):
                 trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.resources)
@@ -422,9 +445,8 @@ def run_study(
             status = "KILLED"
             raise
         finally:
-            with contextlib.suppress(
-                Exception
-            ):  # a named actor outlives the study on a kept cluster otherwise
+            quiet.__exit__(None, None, None)
+            with contextlib.suppress(Exception):  # a named actor outlives the study on a kept cluster
                 ray.kill(board)
             if status != "FINISHED" and tracking.run_id:
                 tracking.tracker.end(status)

@@ -335,3 +335,26 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
         kdray.train(cfg, out=tmp_path / "local", resume=event["donor_checkpoint"], callbacks=[stop_after_one])
     for key in ("peer0/loss_kl", "peer1/loss_kl", "peer0/val_acc", "peer1/val_acc"):
         assert seen[0][key] == pytest.approx(after[0]["metrics"][key], rel=1e-4, abs=1e-5), key
+
+
+def test_tune_and_optuna_stay_quiet_unless_verbose(ray_local, tiny_raw, tmp_path, capfd):
+    """Tune's configuration box, experiment path and TensorBoard line, and Optuna's study log, only with
+    train.verbose (``kdray tune --verbose``); the switches are put back afterwards."""
+    import os
+
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+
+    space = {"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0}}}
+    noise = (
+        "Configuration for experiment",
+        "View detailed results here",
+        "tensorboard",
+        "A new study created",
+    )
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    run_study(tiny_raw, space, out=tmp_path / "quiet", settings=StudySettings(samples=1, scheduler="fifo"))
+    out = "".join(capfd.readouterr())
+    assert not [n for n in noise if n in out] and "trial " in out
+    assert os.environ.get("RAY_AIR_NEW_OUTPUT") == before and optuna.logging.get_verbosity() == level
