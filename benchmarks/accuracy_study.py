@@ -445,6 +445,8 @@ def report(args: argparse.Namespace) -> str:
                 alone = fmt([r["generations"]["test_acc"][i] for r in gens])
                 ens = fmt([r["generations"]["ensemble_test_acc"][i] for r in gens])
                 lines.append(f"| {i + 1} | {alone} | {ens} |")
+    if args.study == "generations":
+        plot_generations(records, Path(args.out) / "generations_by_generation.png")
     if args.study == "datafree":
         lines += datafree_lines(records)
         plot_dips(records, Path(args.out) / "datafree_dips.png")
@@ -503,6 +505,35 @@ def plot_dips(records: list[dict[str, Any]], path: Path) -> None:
            title="Data-free students from a ResNet-14 teacher (Fashion-MNIST)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_generations(records: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy by generation, alone and as the ensemble of generations 1..k (mean +- std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r.get("generations")]
+    regimes = list(dict.fromkeys(r["regime"] for r in runs))
+    if not regimes:
+        return
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.8 * len(regimes), 3.6), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        group = [r for r in runs if r["regime"] == regime]
+        k = min(len(r["generations"]["test_acc"]) for r in group)
+        for key, label in (("test_acc", "generation alone"), ("ensemble_test_acc", "ensemble of 1..k")):
+            values = [[100 * r["generations"][key][i] for r in group] for i in range(k)]
+            mean = [statistics.mean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(range(1, k + 1), mean, yerr=std, marker="o", capsize=3, label=label)
+        ax.set(title=f"{regime} ({len(group)} seeds)", xlabel="generation", ylabel="test accuracy (%)",
+               xticks=range(1, k + 1))  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
