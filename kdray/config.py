@@ -119,6 +119,11 @@ class PeerConfig(Section):
     )
     frozen: bool = Field(False, description="never updated (e.g. a KD teacher); evaluated, never trained")
     lr: float | None = Field(None, gt=0, description="this peer's learning rate (default train.optimizer.lr)")
+    init_seed: int | None = Field(
+        None,
+        description="seeds this peer's initial weights together with the run seed (default: the run seed and the "
+        "peer's index alone); born-again generations give each generation's peers their own",
+    )
 
     @field_validator("arch")
     @classmethod

@@ -15,7 +15,13 @@ trains fresh peers of the same architectures with the ``generations.method`` (Hi
 peer of generation k, frozen, in eval mode, loaded from its final weights (``last.pt``); with K peers each student
 learns from the mean of the K teachers' KL terms, and no mutual term is added inside generations 2..N. The paper's
 BAN students learn from the teacher's soft targets only (``labels: false``: the CE weight is 0); with
-``labels: true`` they also see the labels.
+``labels: true`` they also see the labels. A ``generations.method`` named ``kd`` is merged over the default above
+(``{temperature: 2}`` keeps CE 1 and KD 1).
+
+Every generation is trained from scratch: its students get initial weights of their own (``init_seed: k`` for
+generation k, or the peer's ``init_seed + k - 1``), while the run seed, and with it the carved validation split, the
+batch order and the augmentation, stays the same for every generation (a different validation split would contain
+the previous generations' training images).
 
 Each finished generation stores the mean softmax of its peers on the validation and test splits
 (``stages/gen<k>/predictions.pt``, from its selected checkpoint ``best.pt``); the report holds every generation's
@@ -30,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kdray.errors import ConfigError
+from kdray.errors import ConfigError, KdrayError
 
 DEFAULT_METHOD = {"name": "kd", "temperature": 1.0, "weights": {"ce": 1.0, "kd": 1.0}}
 PREDICTIONS = "predictions.pt"
@@ -71,8 +77,22 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             "method", raw.get("method"), "generation 1's method, a mapping such as {name: independent}"
         )
-    method = copy.deepcopy(gens.get("method") or DEFAULT_METHOD)
-    if gens.get("labels", True) is False:
+    labels = gens.get("labels", True)
+    if not isinstance(labels, bool):
+        raise ConfigError(
+            "generations.labels", labels, "true (CE + KD) or false (the teacher's soft targets only)"
+        )
+    method = gens.get("method") or {}
+    if not isinstance(method, dict):
+        raise ConfigError("generations.method", method, "a method mapping such as {name: kd, temperature: 2}")
+    if (
+        method.get("name", "kd") == "kd"
+    ):  # the user's KD settings over the born-again defaults (CE 1, KD 1, T 1)
+        method = {**DEFAULT_METHOD, **copy.deepcopy(method),
+                  "weights": {**DEFAULT_METHOD["weights"], **(method.get("weights") or {})}}  # fmt: skip
+    else:
+        method = copy.deepcopy(method)
+    if not labels:
         method.setdefault("weights", {})["ce"] = 0.0
     names = [p.get("name") or f"peer{i}" for i, p in enumerate(peers)]
     base = {k: v for k, v in raw.items() if k != "generations"}
@@ -92,9 +112,17 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
             }
             for p, n in zip(peers, names)
         ]
-        stages.append({"name": f"gen{k}", "method": copy.deepcopy(method),
-                       "peers": teachers + [{**p, "name": n} for p, n in zip(peers, names)]})  # fmt: skip
+        # fresh students, from initial weights of their own (the run seed, and with it the validation split, the
+        # batch order and the augmentation, stays the generation 1's)
+        students = [{**p, "name": n, "init_seed": _init_seed(p, k)} for p, n in zip(peers, names)]
+        stages.append({"name": f"gen{k}", "method": copy.deepcopy(method), "peers": teachers + students})
     return {**base, "stages": stages}
+
+
+def _init_seed(peer: dict[str, Any], k: int) -> int:
+    """Generation k's initial-weight seed for a peer: k, or the peer's own ``init_seed`` + k - 1."""
+    own = peer.get("init_seed")
+    return k if own is None else int(own) + k - 1
 
 
 def store_predictions(stage_dir: Path) -> dict[str, torch.Tensor]:
@@ -143,6 +171,12 @@ def generation_report(out_dir: Path, names: list[str]) -> dict[str, Any]:
     stored = [store_predictions(out_dir / "stages" / name) for name in names]
     report: dict[str, Any] = {"generations": names}
     for split in ("val", "test"):
+        for name, s in zip(names, stored):
+            if not torch.equal(s[f"{split}_labels"], stored[0][f"{split}_labels"]):
+                raise KdrayError(
+                    f"generation {name} was evaluated on other {split} samples than {names[0]} (a changed seed or "
+                    "data setting?): the ensemble of generations needs the same samples in the same order"
+                )
         alone, ensemble = ensemble_accuracies(
             [s[f"{split}_probs"] for s in stored], stored[0][f"{split}_labels"]
         )

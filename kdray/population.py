@@ -180,7 +180,8 @@ def build_peer(
     pop = method.pop
     dtype = DTYPES[cfg.train.dtype]
     taps = method.required_taps(cfg.method)
-    with seeded(seed_for(cfg.seed, "peer", k)):
+    init = ("peer", k) if pcfg.init_seed is None else ("peer", k, "init", pcfg.init_seed)
+    with seeded(seed_for(cfg.seed, *init)):
         net = build_network(
             pcfg.arch, pop.num_classes, pop.input_shape[0], taps=taps or None, **pcfg.arch_kwargs
         )

@@ -116,6 +116,23 @@ def _finished(stage_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     return summary if summary.get("epochs") == cfg.train.epochs else None
 
 
+# What a staged run's --resume may not change: the finished stages (the teachers of the later ones) were trained
+# with these, and the later stages must see the same validation split and samples.
+FIXED_ON_RESUME = ("seed", "data", "train.epochs", "stages", "generations", "peers")
+
+
+def _check_resume_overrides(overrides: list[str] | None) -> None:
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if any(key == fixed or key.startswith(f"{fixed}.") for fixed in FIXED_ON_RESUME):
+            raise ConfigError(
+                key,
+                item.partition("=")[2].strip(),
+                "a staged run continues with the seed, data, epochs, stages and peers it started with (its finished "
+                "stages were trained with them); start a new run to change them",
+            )
+
+
 def run_stages(
     raw: dict[str, Any] | None,
     overrides: list[str] | None,
@@ -130,6 +147,7 @@ def run_stages(
     state: dict[str, Any] = {}
     if resume is not None:
         folder = Path(resume)
+        _check_resume_overrides(overrides)
         raw = apply_overrides(read_raw(folder / STAGED_CONFIG), overrides)
         out = out or folder
         try:
@@ -169,7 +187,12 @@ def run_stages(
             write_atomic(out_dir / STAGES_STATE, json.dumps(state, indent=2).encode())
             summaries[name] = done
             tracker.log_metrics(
-                {f"{name}/{p['name']}/test_acc": p["test_acc"] for p in done["peers"] if p.get("test_acc")},
+                {
+                    f"{name}/{p['name']}/test_acc": p["test_acc"]
+                    for p in done["peers"]
+                    if p.get("test_acc") is not None
+                    and not p.get("frozen")  # a frozen teacher: an earlier stage's
+                },
                 step=len(summaries),
             )
         summary = {

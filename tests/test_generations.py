@@ -80,3 +80,58 @@ def test_a_stop_in_generation_three_resumes_there(tiny_raw, tmp_path):
     got = load_checkpoint(resumed.checkpoint)["peers"]["net"]["net"]
     want = load_checkpoint(full.checkpoint)["peers"]["net"]["net"]
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_every_generation_starts_from_weights_of_its_own(tiny_raw, tmp_path):
+    """Generation k's students are seeded apart (init_seed k), so no two generations start from the same weights;
+    the run seed (validation split, batch order) is shared. Generation 1 keeps the plain config's initialisation."""
+    from kdray.config import validate
+    from kdray.population import Population
+
+    staged = expand_generations(_born_again(tiny_raw, count=4))
+    assert [p.get("init_seed") for p in staged["stages"][1]["peers"]] == [None, 2]
+    assert {s["seed"] if "seed" in s else staged["seed"] for s in staged["stages"]} == {tiny_raw["seed"]}
+
+    def initial(stage):
+        raw = {k: v for k, v in staged.items() if k != "stages"}
+        raw.update(method={"name": "independent"}, peers=[p for p in stage["peers"] if not p.get("frozen")])
+        cfg = validate(raw)
+        pop = Population(cfg, device=torch.device("cpu"))
+        return {k: v.clone() for k, v in pop.peers[0].net.model.state_dict().items()}
+
+    starts = [initial(s) for s in staged["stages"]]
+    plain = copy.deepcopy(tiny_raw)
+    plain["peers"] = [{"name": "net", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    assert all(torch.equal(starts[0][k], v) for k, v in initial({"peers": plain["peers"]}).items())
+    convs = [k for k in starts[0] if k.endswith("weight") and starts[0][k].dim() == 4]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.equal(starts[a][convs[0]], starts[b][convs[0]]), (a + 1, b + 1)
+    with pytest.raises(ConfigError, match="generations.labels"):
+        expand_generations(_born_again(tiny_raw, labels=0))
+
+
+def test_a_kd_method_for_the_generations_keeps_the_born_again_defaults(tiny_raw):
+    staged = expand_generations(_born_again(tiny_raw, method={"name": "kd", "temperature": 2.0}))
+    assert staged["stages"][1]["method"] == {
+        "name": "kd",
+        "temperature": 2.0,
+        "weights": {"ce": 1.0, "kd": 1.0},
+    }
+    soft = expand_generations(_born_again(tiny_raw, labels=False, method={"weights": {"kd": 0.5}}))
+    assert soft["stages"][2]["method"] == {
+        "name": "kd",
+        "temperature": 1.0,
+        "weights": {"ce": 0.0, "kd": 0.5},
+    }
+
+
+def test_a_staged_resume_refuses_to_change_seed_data_or_epochs(tiny_raw, tmp_path):
+    raw = _born_again(tiny_raw, count=2)
+    train_until_stopped(raw, tmp_path / "ban", steps_done=4, run="tiny-gen2")
+    for item in ("seed=1", "data.val_split=16", "train.epochs=5", "peers.0.arch=resnet14"):
+        with pytest.raises(ConfigError, match="continues with the seed, data, epochs"):
+            kdray.train(None, overrides=[item], resume=tmp_path / "ban")
+    kdray.train(None, overrides=["train.progress=false"], resume=tmp_path / "ban")  # other keys may change
+    summary = json.loads((tmp_path / "ban" / "summary.json").read_text())
+    assert summary["generations"]["generations"] == ["gen1", "gen2"]
