@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -118,7 +119,7 @@ def _rows() -> list[Row]:
                     f"{name} tuned",
                     method,
                     peers,
-                    tune_space=f"tune_spaces/{name}.yaml",
+                    tune_space=str(REPO / "tune_spaces" / f"{name}.yaml"),
                 )
             )
     for norm, batch in (
@@ -255,30 +256,41 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     The study trains the row's own config on the tuning seed, selects on its validation split (the mean peer
     validation accuracy at the last epoch) and never sees the test split; its folder keeps study.json,
     trials.csv and the plots."""
+    from dataclasses import asdict
+
     from kdray.search.study import StudySettings, run_study
 
     folder = tune_folder(row, args)
+    base = config(row, TUNE["seed"], args)
+    epochs = base["train"]["epochs"]
+    settings = StudySettings(
+        samples=TUNE["samples"],
+        scheduler="asha",
+        search="tpe",
+        metric="mean_peer",
+        # at most 2 at once: ASHA's first rung must not eat the budget before any trial can finish
+        max_concurrent=min(args.workers, 2),
+        seed=0,
+        grace_period=max(1, round(epochs * TUNE["grace_fraction"])),
+        epoch_budget=TUNE["budget_runs"] * epochs,
+    )
     state = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else None
-    if state is None or state.get("status") != "finished":
-        epochs = config(row, TUNE["seed"], args)["train"]["epochs"]
-        settings = StudySettings(
-            samples=TUNE["samples"],
-            scheduler="asha",
-            search="tpe",
-            metric="mean_peer",
-            max_concurrent=args.workers,
-            seed=0,
-            grace_period=max(1, round(epochs * TUNE["grace_fraction"])),
-            epoch_budget=TUNE["budget_runs"] * epochs,
+    if state is not None and (state["config"] != base or state["settings"] != asdict(settings)):
+        raise RuntimeError(
+            f"{folder} holds a tuning study of another config or budget (a smoke run with --epochs?); move it "
+            "away to tune this one"
         )
-        if state is None:
-            result = run_study(config(row, TUNE["seed"], args), row.tune_space, out=folder, settings=settings)
-        else:
-            result = run_study(resume=folder)
-        state = result.study
-    if not state.get("best"):
-        raise RuntimeError(f"the tuning study of {row.key} found no finished trial ({folder})")
-    return dict(state["best"]["values"])
+    if state is None:
+        state = run_study(base, row.tune_space, out=folder, settings=settings).study
+    elif state.get("status") != "finished":
+        state = run_study(resume=folder).study
+    best = state.get("best")
+    if not best or best.get("status") != "finished":
+        raise RuntimeError(
+            f"the tuning study of {row.key} has no trial that trained all {epochs} epochs within its budget "
+            f"({folder}); its best is {best}"
+        )
+    return {"values": dict(best["values"]), "trial_id": best["trial_id"], "objective": best["objective"]}
 
 
 def run_folder(row: Row, seed: int, args: argparse.Namespace) -> Path:
@@ -290,7 +302,7 @@ def run_one(
 ) -> dict[str, Any]:
     import kdray
 
-    raw = config(row, seed, args, tuned)
+    raw = config(row, seed, args, tuned["values"] if tuned else None)
     if row.teacher_from:
         teacher_row = next(
             r for r in ROWS if r.study == row.study and r.regime == row.regime and r.label == row.teacher_from
@@ -319,7 +331,7 @@ def run_one(
     if "staged" in s and s["staged"].get("generations"):
         record["generations"] = s["staged"]["generations"]
     if tuned is not None:
-        record["tuned"] = {"values": tuned, "study": str(tune_folder(row, args)), **TUNE}
+        record["tuned"] = {**tuned, "study": str(tune_folder(row, args)), **TUNE}
     return record
 
 
@@ -372,7 +384,8 @@ def run(args: argparse.Namespace) -> None:
     later = [(r, s) for r, s in todo if r.teacher_from]
     t0 = time.time()
     for batch in (first, later):
-        with ProcessPoolExecutor(args.workers) as pool:
+        # spawned, not forked: this process may have run Ray (the tuning studies)
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(run_one, r, s, args, tuned.get(r.key)): (r.key, s) for r, s in batch}
             for fut in as_completed(futures):
                 key = futures[fut]

@@ -26,10 +26,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     result = run_study(
         args.config,
         args.space,
-        overrides=[*args.set, *(["train.verbose=true"] if args.verbose else [])],
+        overrides=args.set,
         out=args.out,
         resume=args.resume,
         settings=settings,
+        library_output=args.verbose,
     )
     study, best = result.study, result.best
     counts = {}
@@ -114,6 +115,6 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--verbose",
         action="store_true",
-        help="also show Ray Tune's, Optuna's and MLflow's own output (train.verbose)",
+        help="also show Ray Tune's and Optuna's own output (the trials' configs are unchanged)",
     )
     p.set_defaults(func=_cmd_tune)

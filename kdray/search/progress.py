@@ -14,9 +14,10 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper
 from tqdm import tqdm
 
-from kdray.search.trial import PROGRESS_FILE, TrialLive, _read_json, _write_json
+from kdray.search.trial import PROGRESS_FILE, TrialLive, _read_json, _write_json, board_name
 
 DRAIN_EVERY_S = 0.5  # how often the driver reads the trials' live steps
+DRAIN_TIMEOUT_S = 10.0  # a board that does not answer in this long is given up
 
 
 class StudyProgress(Callback):
@@ -37,6 +38,7 @@ class StudyProgress(Callback):
         self._bar: tqdm | None = None
         self._trial_bars: dict[str, tqdm] = {}
         self._board_handle: Any = None
+        self._board_failed = False  # the board could not be read: the study goes on without the trials' bars
         self._drained_at = 0.0
 
     # Tune pickles its callbacks with the experiment's state: the bars (they hold the terminal) and the board's
@@ -47,10 +49,16 @@ class StudyProgress(Callback):
         return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # A restored study unpickles the callback as it was when the Tuner was built: the trials that finished
+        # since are in progress.json, which the bars and the file must start from.
         self.__dict__.update(state)
         self._bar, self._trial_bars, self._board_handle = None, {}, None
-        self.__dict__.setdefault("board", None)
+        self.trials = _read_json(self.path, self.trials)
+        self.__dict__.setdefault(
+            "board", board_name(self.path.parent.name)
+        )  # a study from before the live bars
         self.__dict__.setdefault("_drained_at", 0.0)
+        self.__dict__.setdefault("_board_failed", False)
 
     @property
     def bar(self) -> tqdm:
@@ -99,19 +107,24 @@ class StudyProgress(Callback):
             self._drain()
 
     def _drain(self) -> None:
-        if self.board is None:
-            return
-        self._drained_at = time.monotonic()
-        if self._board_handle is None:
-            import ray
-
-            try:
-                self._board_handle = ray.get_actor(self.board)
-            except ValueError:  # not created (yet): try again at the next drain
-                return
+        """Read the trials' live steps from the board. Never fatal: the bars are a view, the study goes on."""
         import ray
 
-        self.on_live([e for e in ray.get(self._board_handle.drain.remote()) if isinstance(e, TrialLive)])
+        if self.board is None or self._board_failed or not ray.is_initialized():
+            return  # (ray.get_actor would start a Ray of its own)
+        self._drained_at = time.monotonic()
+        try:
+            if self._board_handle is None:
+                try:
+                    self._board_handle = ray.get_actor(self.board)
+                except ValueError:  # not created (yet): try again at the next drain
+                    return
+            events = ray.get(self._board_handle.drain.remote(), timeout=DRAIN_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a lost or stuck board (its node left, an OOM kill)
+            self._board_failed = True
+            self._line(f"warning: the trials' live steps are no longer shown ({type(exc).__name__}: {exc})")
+            return
+        self.on_live([e for e in events if isinstance(e, TrialLive)])
 
     def on_live(self, events: list[TrialLive]) -> None:
         """Move each running trial's bar to its latest place; record it in ``progress.json``."""
@@ -132,7 +145,7 @@ class StudyProgress(Callback):
             self._save()
 
     def _trial_bar(self, event: TrialLive) -> None:
-        if not self.verbose:
+        if not self.verbose or not sys.stderr.isatty():  # bars redrawn twice a second would flood a log file
             return
         desc = f"trial {event.trial_id} epoch {event.epoch + 1}/{event.epochs}"
         bar = self._trial_bars.get(event.trial_id)

@@ -214,6 +214,13 @@ def _clip_explore(space: SearchSpace):
     return explore
 
 
+def _kill_quietly(actor) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.kill(actor)
+
+
 @contextlib.contextmanager
 def tune_output(verbose: bool):
     """Tune's and Optuna's own terminal output only with ``train.verbose`` (``kdray tune --verbose``): Tune's new
@@ -340,9 +347,11 @@ def run_study(
     resume: str | Path | None = None,
     settings: StudySettings | None = None,
     verbose: bool = True,
+    library_output: bool = False,
 ) -> StudyResult:
     """Run (or resume) a study. Everything is checked (config, space, settings, tracking store, cluster) before
-    any trial starts."""
+    any trial starts. ``verbose``: the study's bars and lines; ``library_output``: Ray Tune's and Optuna's own
+    output too (``kdray tune --verbose``; also on with the config's ``train.verbose``)."""
 
     if resume is not None:
         study_dir = Path(resume).resolve()
@@ -424,13 +433,17 @@ def run_study(
 
         from kdray.engines.ray_board import create_board
 
-        board = create_board(name=board_name(name))  # the trials' live steps (the driver's per-trial bars)
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep the resumable state at most 1 s old
         tune_path = study_dir / TUNE_DIR
         status = "FAILED"
-        quiet = tune_output(base.train.verbose)
-        quiet.__enter__()
+        cleanup = contextlib.ExitStack()
         try:
+            cleanup.enter_context(tune_output(base.train.verbose or library_output))
+            board = create_board(
+                name=board_name(name)
+            )  # the trials' live steps (the driver's per-trial bars)
+            # a named actor would outlive the study on a kept cluster
+            cleanup.callback(_kill_quietly, board)
             if tune.Tuner.can_restore(str(tune_path)):
                 trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.resources)
                 tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True)
@@ -445,9 +458,7 @@ def run_study(
             status = "KILLED"
             raise
         finally:
-            quiet.__exit__(None, None, None)
-            with contextlib.suppress(Exception):  # a named actor outlives the study on a kept cluster
-                ray.kill(board)
+            cleanup.close()
             if status != "FINISHED" and tracking.run_id:
                 tracking.tracker.end(status)
     artifacts = write_outputs(study, base, study_dir)

@@ -6,6 +6,7 @@ test_study.py)."""
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -59,7 +60,7 @@ def test_a_trial_posts_at_most_every_half_second_and_at_each_epochs_end(tiny_raw
     names = []
     monkeypatch.setattr(ray, "get_actor", lambda name: names.append(name) or board)
     clock = iter([0.0, 0.1, 0.2, 0.6, 0.7, 0.8])
-    monkeypatch.setattr(trial_mod.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(trial_mod, "_clock", lambda: next(clock))
     plan = TrialPlan("study-x", str(tmp_path), tiny_raw, ("method.weights.kl",), "mean_peer")
     reporter = TuneReporter(plan, load_config(tiny_raw), "t1", {"method.weights.kl": 1.0})
     reporter.live(0, 0, 6, None)  # t=0.0: the start of an epoch is always posted
@@ -93,7 +94,8 @@ def test_a_trial_without_a_study_board_trains_on_without_posting(tiny_raw, tmp_p
     assert reporter._board is False
 
 
-def test_the_driver_shows_a_bar_per_running_trial_and_records_its_place(tmp_path, capsys):
+def test_the_driver_shows_a_bar_per_running_trial_and_records_its_place(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the trial bars are drawn on a terminal only
     progress = StudyProgress(str(tmp_path), epochs=3, verbose=True, total_epochs=6, board="b")
     t1, t2 = SimpleNamespace(trial_id="t1"), SimpleNamespace(trial_id="t2")
     progress.on_trial_start(0, [], t1)
@@ -143,10 +145,56 @@ def test_the_driver_state_pickles_without_its_bars_or_board_handle(tmp_path):
     progress.on_experiment_end([])
 
 
-@pytest.mark.parametrize("verbose", [False])
-def test_a_quiet_driver_records_the_places_without_bars(tmp_path, capsys, verbose):
+@pytest.mark.parametrize("verbose, terminal", [(False, True), (True, False)])
+def test_no_trial_bars_when_quiet_or_without_a_terminal(tmp_path, capsys, monkeypatch, verbose, terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     progress = StudyProgress(str(tmp_path), epochs=2, verbose=verbose, board="b")
     progress.on_trial_start(0, [], SimpleNamespace(trial_id="t1"))
+    capsys.readouterr()
     progress.on_live([TrialLive("t1", 0, 2, 3, 10, "a 1.0/0.5")])
-    assert progress._trial_bars == {} and capsys.readouterr().err == ""
+    assert progress._trial_bars == {} and "trial t1" not in capsys.readouterr().err
     assert json.loads((tmp_path / "progress.json").read_text())["t1"]["live_updates"] == 1
+
+
+def test_draining_never_starts_ray_and_a_lost_board_ends_the_bars_not_the_study(
+    tmp_path, capsys, monkeypatch
+):
+    import ray
+
+    def no_lookup(name):
+        raise AssertionError("ray.get_actor would start a Ray of its own")
+
+    progress = StudyProgress(str(tmp_path), epochs=2, verbose=True, board="b")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "get_actor", no_lookup)
+    progress._drain()  # no Ray: nothing to read, nothing started
+    progress.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("The actor died unexpectedly before finishing this task")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    progress._board_handle = SimpleNamespace(drain=SimpleNamespace(remote=lambda: "ref"))
+    monkeypatch.setattr(ray, "get", lost)
+    progress._drain()
+    assert progress._board_failed
+    assert "live steps are no longer shown (RuntimeError: The actor died" in capsys.readouterr().out
+    monkeypatch.setattr(ray, "get", no_lookup)
+    progress._drain()  # given up: not asked again
+
+
+def test_a_restored_driver_starts_from_progress_json(tmp_path):
+    """Tune unpickles the callback as it was when the study began; the trials that finished since are in the
+    file, and a study from before the live bars gets its board's name from its folder."""
+    import pickle
+
+    progress = StudyProgress(str(tmp_path / "s1"), epochs=2, verbose=False, board="kdray-study-board-s1")
+    (tmp_path / "s1").mkdir()
+    blob = pickle.dumps(progress)  # when the Tuner was built: no trials yet
+    progress.on_trial_start(0, [], SimpleNamespace(trial_id="t1"))
+    progress.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+    restored = pickle.loads(blob)
+    assert restored.trials["t1"]["status"] == "stopped"
+    old = pickle.loads(blob)
+    del old.__dict__["board"]
+    assert pickle.loads(pickle.dumps(old)).board == "kdray-study-board-s1"
