@@ -193,8 +193,26 @@ def _rows() -> list[Row]:
             "teacher",
         ),  # fmt: skip
     ]
-    rows.append(Row("generations", "noise40", "born-again x4", {"name": "independent"}, ONE, generations=4))
-    rows.append(Row("generations", "small", "born-again x4", {"name": "independent"}, ONE, generations=4))
+    rows.append(
+        Row(
+            "generations",
+            "noise40",
+            "born-again gen 4 of 4",
+            {"name": "independent"},
+            ONE,
+            generations=4,
+        )
+    )
+    rows.append(
+        Row(
+            "generations",
+            "small",
+            "born-again gen 4 of 4",
+            {"name": "independent"},
+            ONE,
+            generations=4,
+        )
+    )
     return rows
 
 

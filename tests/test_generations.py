@@ -54,6 +54,14 @@ def test_each_generation_learns_from_the_previous_ones_final_weights(tiny_raw, t
     for k in (1, 2, 3):
         run = json.loads((stages / f"gen{k}" / "summary.json").read_text())
         assert report["test_acc"][k - 1] == pytest.approx(run["ensemble_test_acc"])
+    # and the born-again ensemble is the mean of the stored softmaxes, recomputed here by hand
+    stored = [torch.load(stages / f"gen{k}" / "predictions.pt", weights_only=True) for k in (1, 2, 3)]
+    for split in ("val", "test"):
+        labels = stored[0][f"{split}_labels"]
+        for k in (1, 2, 3):
+            mean = sum(s[f"{split}_probs"] for s in stored[:k]) / k
+            want = (mean.argmax(1) == labels).double().mean().item()
+            assert report[f"ensemble_{split}_acc"][k - 1] == pytest.approx(want, abs=1e-12)
     assert result.summary["method"] == "kd"
 
 
