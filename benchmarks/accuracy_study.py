@@ -515,12 +515,19 @@ def datafree_lines(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot_dips(records: list[dict[str, Any]], path: Path) -> None:
-    """Student validation accuracy over generator steps, DFAD and MAD, every seed: the dips MAD targets."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dips(records: list[dict[str, Any]], path: Path) -> None:
+    """Student validation accuracy over generator steps, DFAD and MAD, every seed: the dips MAD targets."""
+    plt = _pyplot()
 
     runs = [r for r in records if r["label"] in ("DFAD", "MAD")]
     if not runs:
@@ -543,10 +550,7 @@ def plot_dips(records: list[dict[str, Any]], path: Path) -> None:
 
 def plot_generations(records: list[dict[str, Any]], path: Path) -> None:
     """Test accuracy by generation, alone and as the ensemble of generations 1..k (mean +- std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     runs = [r for r in records if r.get("generations")]
     regimes = list(dict.fromkeys(r["regime"] for r in runs))
@@ -582,10 +586,7 @@ def describe(regime: str, raw: dict[str, Any]) -> str:
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     regimes = list(dict.fromkeys(r["regime"] for r in records))
     if not regimes:
