@@ -85,9 +85,8 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
     method = gens.get("method") or {}
     if not isinstance(method, dict):
         raise ConfigError("generations.method", method, "a method mapping such as {name: kd, temperature: 2}")
-    if (
-        method.get("name", "kd") == "kd"
-    ):  # the user's KD settings over the born-again defaults (CE 1, KD 1, T 1)
+    # a KD method: the user's settings over the born-again defaults (CE 1, KD 1, T 1)
+    if method.get("name", "kd") == "kd":
         method = {**DEFAULT_METHOD, **copy.deepcopy(method),
                   "weights": {**DEFAULT_METHOD["weights"], **(method.get("weights") or {})}}  # fmt: skip
     else:

@@ -54,9 +54,8 @@ class StudyProgress(Callback):
         self.__dict__.update(state)
         self._bar, self._trial_bars, self._board_handle = None, {}, None
         self.trials = _read_json(self.path, self.trials)
-        self.__dict__.setdefault(
-            "board", board_name(self.path.parent.name)
-        )  # a study from before the live bars
+        # a study from before the live bars: its board is named after its folder
+        self.__dict__.setdefault("board", board_name(self.path.parent.name))
         self.__dict__.setdefault("_drained_at", 0.0)
         self.__dict__.setdefault("_board_failed", False)
 
