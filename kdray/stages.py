@@ -187,11 +187,11 @@ def run_stages(
             write_atomic(out_dir / STAGES_STATE, json.dumps(state, indent=2).encode())
             summaries[name] = done
             tracker.log_metrics(
+                # the stage's own peers (a frozen teacher is an earlier stage's)
                 {
                     f"{name}/{p['name']}/test_acc": p["test_acc"]
                     for p in done["peers"]
-                    if p.get("test_acc") is not None
-                    and not p.get("frozen")  # a frozen teacher: an earlier stage's
+                    if p.get("test_acc") is not None and not p.get("frozen")
                 },
                 step=len(summaries),
             )

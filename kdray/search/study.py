@@ -439,9 +439,8 @@ def run_study(
         cleanup = contextlib.ExitStack()
         try:
             cleanup.enter_context(tune_output(base.train.verbose or library_output))
-            board = create_board(
-                name=board_name(name)
-            )  # the trials' live steps (the driver's per-trial bars)
+            # the trials' live steps (the driver's per-trial bars)
+            board = create_board(name=board_name(name))
             # a named actor would outlive the study on a kept cluster
             cleanup.callback(_kill_quietly, board)
             if tune.Tuner.can_restore(str(tune_path)):

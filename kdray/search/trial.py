@@ -78,9 +78,8 @@ class TrialLive:
     epochs: int
     steps_done: int
     steps: int
-    text: (
-        str  # the peers' running loss/accuracy (and a Ray trial's exchange share), as the run's own bar shows
-    )
+    # the peers' running loss/accuracy (and a Ray trial's exchange share), as the run's own bar shows
+    text: str
 
 
 def board_name(study_name: str) -> str:
