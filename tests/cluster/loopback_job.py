@@ -10,6 +10,8 @@ Ray Train workers' nodes (from Ray's state API), the timings, and the processes 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import subprocess
@@ -36,8 +38,35 @@ def train_workers(cluster: LoopbackCluster) -> list[dict]:
     return [{"actor_id": a.actor_id, "node_ip": nodes.get(a.node_id), "state": a.state} for a in actors]
 
 
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (``PR_SET_CHILD_SUBREAPER``).
+
+    ``ray start`` daemonizes: its GCS, raylets and agents outlive it and are re-parented. Without a subreaper they go
+    to PID 1, and in a container whose PID 1 does not reap, every process the stop kills stays a zombie. As their
+    subreaper this process collects them itself (``reap_children``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    return False
+
+
+def reap_children(timeout_s: float = 10.0) -> int:
+    """Wait for every exited child (re-parented ones included) until none is left or ``timeout_s`` passes."""
+    reaped, deadline = 0, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.1)
+        else:
+            reaped += 1
+    return reaped
+
+
 def main(result_file: str, submit_args: list[str]) -> int:
-    result: dict = {"timings": {}}
+    result: dict = {"timings": {}, "subreaper": become_subreaper()}
     t0 = time.monotonic()
     if os.environ.get("KDRAY_E2E_NETNS") == "1":
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -68,6 +97,7 @@ def main(result_file: str, submit_args: list[str]) -> int:
         cluster.stop()
         result["timings"]["stop_s"] = round(time.monotonic() - t2, 1)
         result["left_pids"] = sorted(cluster.pids())
+        result["reaped"] = reap_children() if result["subreaper"] else 0
         result["timings"]["total_s"] = round(time.monotonic() - t0, 1)
         Path(result_file).write_text(json.dumps(result, indent=2))
     return 0
