@@ -180,6 +180,8 @@ def run_stages(
                 cfg = _resolved(cfg, out_dir, uri)
                 last = stage_dir / "checkpoints" / "last.pt"
                 payload = load_checkpoint(last) if last.is_file() else None
+                if payload is None:  # an earlier attempt killed before its first checkpoint: close its run
+                    tracker.close_abandoned_children(stage_dir)
                 state["stages"][name] = "running"
                 write_atomic(out_dir / STAGES_STATE, json.dumps(state, indent=2).encode())
                 done = run_population(cfg, stage_dir, payload, parent_run_id=run_id).summary

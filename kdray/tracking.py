@@ -244,6 +244,33 @@ class Tracker:
             for k, v in tags.items():
                 self._retry("setting a tag", lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
 
+    def close_abandoned_children(self, out_dir: str | Path) -> list[str]:
+        """Mark KILLED the nested runs of this run that are still RUNNING for ``out_dir`` (tag ``kdray.out``).
+
+        A stage killed before its first checkpoint leaves its MLflow run RUNNING; ``--resume`` starts that stage
+        again in a new run, and this closes the old one (tagged ``kdray.superseded``) so none stays RUNNING.
+        Returns the run ids it closed."""
+        if not self.run_id:
+            return []
+        where = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+        runs = self._retry(
+            "finding abandoned stage runs",
+            lambda: self.client.search_runs([self._experiment_id()], filter_string=where, max_results=1000),
+        )
+        closed = []
+        for run in runs:
+            if run.data.tags.get("kdray.out") != str(out_dir):
+                continue
+            rid = run.info.run_id
+            self._retry(
+                "closing an abandoned run", lambda r=rid: self.client.set_tag(r, "kdray.superseded", "1")
+            )
+            self._retry(
+                "closing an abandoned run", lambda r=rid: self.client.set_terminated(r, status="KILLED")
+            )
+            closed.append(rid)
+        return closed
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run. Never raises: it runs in ``finally`` blocks, where an error of its own would hide the
         run's outcome (a stop, a full disk); a store that refuses is said on one line of stderr."""

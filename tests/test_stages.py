@@ -88,3 +88,45 @@ def test_bad_stage_references_are_refused_before_anything_is_written(tiny_raw, t
     with pytest.raises(KdrayError, match="continues from its own stages.yaml"):
         kdray.train(_staged(tiny_raw), overrides=["train.epochs=3"], resume=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_killed_before_its_first_checkpoint_leaves_no_run_running(tiny_raw, tmp_path, monkeypatch):
+    from kdray.engines.local import LocalEngine
+    from kdray.tracking import Tracker
+
+    raw = _staged(tiny_raw)
+    real_run = LocalEngine.run
+
+    def killed_in_stage_two(self, resume=None):
+        if self.cfg.name.endswith("student"):
+            raise RuntimeError("SIGKILL stand-in")
+        return real_run(self, resume)
+
+    # a kill: the student stage dies at its start and nothing closes its MLflow run (nor the parent's)
+    real_end = Tracker.end
+    monkeypatch.setattr(LocalEngine, "run", killed_in_stage_two)
+    monkeypatch.setattr(
+        Tracker, "end", lambda self, status="FINISHED": status == "FINISHED" and real_end(self)
+    )
+    with pytest.raises(RuntimeError, match="SIGKILL stand-in"):
+        kdray.train(raw, out=tmp_path / "run")
+    assert not (tmp_path / "run" / "stages" / "student" / "checkpoints" / "last.pt").exists()
+    monkeypatch.undo()
+
+    kdray.train(None, resume=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = [
+        r for r in client.search_runs([parent.info.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]  # fmt: skip
+    by_status = sorted(
+        (r.info.run_name, r.info.status, r.data.tags.get("kdray.superseded")) for r in children
+    )
+    assert by_status == [
+        ("tiny-student", "FINISHED", None),
+        ("tiny-student", "KILLED", "1"),
+        ("tiny-teacher", "FINISHED", None),
+    ]
+    assert parent.info.status == "FINISHED"
