@@ -1,8 +1,36 @@
-"""kdray: populations of networks that teach each other, orchestrated on Ray."""
+"""kdray: populations of networks that teach each other, orchestrated on Ray.
 
-from kdray.api import RunResult, evaluate, train
-from kdray.config import ExperimentConfig, load_config
-from kdray.errors import KdrayError
+The public names are imported on first use (PEP 562), so that importing one of kdray's modules does not import
+torch: Ray Train's controller process unpickles kdray's backend config (``kdray.engines.ray_backend``), and it
+never computes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["ExperimentConfig", "KdrayError", "RunResult", "__version__", "evaluate", "load_config", "train"]
+
+_WHERE = {
+    "RunResult": "kdray.api",
+    "evaluate": "kdray.api",
+    "train": "kdray.api",
+    "ExperimentConfig": "kdray.config",
+    "load_config": "kdray.config",
+    "KdrayError": "kdray.errors",
+}
+
+if TYPE_CHECKING:
+    from kdray.api import RunResult, evaluate, train
+    from kdray.config import ExperimentConfig, load_config
+    from kdray.errors import KdrayError
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kdray' has no attribute '{name}'")

@@ -6,21 +6,26 @@ binds the store's socket itself, to its node's IP (127.0.0.1 for kdray's local R
 multi-node tests, the node's address on a real cluster), and hands the bound socket to ``TCPStore``
 (``master_listen_fd``); gloo is pinned to the loopback interface when the node address is a loopback one.
 
-Everything else is Ray's: the backend (gloo on CPU, nccl on GPU), the torch environment variables, the shutdown.
-It builds on Ray's private ``_TorchBackend`` (Ray is pinned to 2.60; the tests check that a run listens on loopback
-only).
+The rest follows Ray's own torch backend (gloo on CPU, nccl on GPU, the torch environment variables, the CUDA
+device of each worker, destroying the process group at the end), written without importing torch or
+``ray.train.torch`` at module level: the Train V2 controller unpickles this config, and with Ray's ``TorchConfig``
+that made the controller process import torch (about 2 s of a run's start on two cores, for a process that never
+computes). torch is imported in the workers only, inside the functions they run. Ray is pinned to 2.60; the tests
+check that a run listens on loopback only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 _LISTENER: socket.socket | None = None  # rank 0's rendezvous socket, kept open for the store's lifetime
 
@@ -58,15 +63,58 @@ def _init_process_group(
     )
 
 
-class _NodeBoundTorchBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+def _set_distributed_env_vars() -> None:
+    """The torchrun environment variables (``RANK``, ``LOCAL_RANK``, ...) from the Train context, as Ray sets them."""
+    import ray.train
+    from ray.train.torch import get_device
+
+    context = ray.train.get_context()
+    os.environ["LOCAL_RANK"] = str(context.get_local_rank())
+    os.environ["LOCAL_WORLD_SIZE"] = str(context.get_local_world_size())
+    os.environ["NODE_RANK"] = str(context.get_node_rank())
+    os.environ["RANK"] = str(context.get_world_rank())
+    os.environ["WORLD_SIZE"] = str(context.get_world_size())
+    os.environ["ACCELERATE_TORCH_DEVICE"] = str(get_device())
+
+
+def _shutdown_process_group(destroy: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if destroy and dist.is_initialized():
+        dist.destroy_process_group()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _CudaDevice:
+    """Around the train function on each worker: make the worker's GPU (if any) torch's current device."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            from ray.train.torch import get_device
+
+            device = get_device()
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+class _NodeBoundTorchBackend(Backend):
+    share_cuda_visible_devices: bool = True
+
+    def on_start(self, worker_group, backend_config: NodeBoundTorchConfig) -> None:
         import ray
 
         backend = backend_config.backend
         if backend is None:
             backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
         addr, port = worker_group.execute_single(0, _bind_rendezvous)
-        worker_group.execute(_set_torch_distributed_env_vars)
+        worker_group.execute(_set_distributed_env_vars)
         n = len(worker_group)
         ray.get(
             [
@@ -84,20 +132,49 @@ class _NodeBoundTorchBackend(_TorchBackend):
             ]
         )
 
+    def on_shutdown(self, worker_group, backend_config: NodeBoundTorchConfig) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        futures = worker_group.execute_async(_shutdown_process_group, destroy=len(worker_group) > 1)
+        # the workers are stopped next either way
+        with contextlib.suppress(GetTimeoutError):
+            ray.get(futures, timeout=backend_config.shutdown_timeout_s)
+
 
 @dataclass
-class NodeBoundTorchConfig(TorchConfig):
-    """``TorchConfig`` whose rendezvous store listens on the node's address only."""
+class NodeBoundTorchConfig(BackendConfig):
+    """Ray's ``TorchConfig`` with the rendezvous store listening on the node's address only (and no torch import)."""
+
+    backend: str | None = None  # None: nccl with GPUs, gloo without
+    timeout_s: int = 1800
+    shutdown_timeout_s: float = 30.0
 
     @property
     def backend_cls(self):
         return _NodeBoundTorchBackend
 
+    @property
+    def train_func_context(self):
+        return _CudaDevice
 
-class PopulationTrainer(TorchTrainer):
-    """``TorchTrainer`` without Ray Data's dataset callback when no Ray Dataset is given (kdray's workers build their
-    own deterministic batches): Train V2 would otherwise start a ``DatasetManager`` actor per run, one more process
-    competing for the cores while the workers start."""
+    @property
+    def framework(self):
+        return TrainingFramework.TORCH
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
+
+
+class PopulationTrainer(DataParallelTrainer):
+    """Train V2's data-parallel trainer with kdray's torch backend, and without Ray Data's dataset callback when no
+    Ray Dataset is given (kdray's workers build their own deterministic batches): Train V2 would otherwise start a
+    ``DatasetManager`` actor per run, one more process competing for the cores while the workers start."""
+
+    def __init__(self, train_loop_per_worker, *, torch_config: NodeBoundTorchConfig | None = None, **kwargs):
+        super().__init__(
+            train_loop_per_worker, backend_config=torch_config or NodeBoundTorchConfig(), **kwargs
+        )
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback

@@ -62,7 +62,8 @@ class RayEngine(Engine):
             loop_config = {
                 "config": worker_config(cfg),
                 "checkpoint_config": cfg.to_dict(),
-                "methods": dict(METHODS),
+                # by reference: Train V2's controller unpickles this dict, and the method classes import torch
+                "methods": ray.put(dict(METHODS)),
                 "out_dir": str(self.out_dir.resolve()),
                 "run_id": self.tracker.run_id,
                 "board": board,

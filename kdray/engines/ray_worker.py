@@ -185,7 +185,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from kdray.exchange import make_exchange
     from kdray.methods import METHODS
 
-    for name, cls in config["methods"].items():
+    for name, cls in ray.get(config["methods"]).items():
         METHODS.setdefault(name, cls)  # plug-in methods registered in the driver
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -65,3 +65,30 @@ def test_startup_breakdown_pooled_worker_and_missing_points():
 def test_process_started_at_is_this_process():
     started = process_started_at()
     assert started is not None and started <= time.time() and time.time() - started < 24 * 3600
+
+
+def test_the_backend_config_unpickles_without_torch():
+    """Train V2's controller unpickles the backend config; with it, that process must not import torch (or kdray's
+    torch-importing modules): ~2 s of every Ray run's start on two cores, for a process that never computes."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
+
+    blob = pickle.dumps(NodeBoundTorchConfig(timeout_s=60))
+    code = (
+        "import pickle, sys\n"
+        f"cfg = pickle.loads({blob!r})\n"
+        "assert cfg.timeout_s == 60 and cfg.framework.name == 'TORCH', cfg\n"
+        "assert cfg.backend_cls.__name__ == '_NodeBoundTorchBackend'\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'kdray.'))))\n"
+    )
+    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "['kdray.engines', 'kdray.engines.ray_backend']", out.stdout + out.stderr
+    # and the trainer still hands Train V2 that config (the torch process group is set up by it)
+    trainer = PopulationTrainer(lambda: None, torch_config=NodeBoundTorchConfig(backend="gloo"))
+    assert isinstance(trainer.backend_config, NodeBoundTorchConfig)
+    assert trainer.backend_config.backend == "gloo"
