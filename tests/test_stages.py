@@ -37,6 +37,17 @@ def _staged(tiny_raw) -> dict:
     return raw
 
 
+def _parent_and_children(tmp_path, summary: dict):
+    """The staged run's MLflow parent run and its nested runs."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = [
+        r for r in client.search_runs([parent.info.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]  # fmt: skip
+    return parent, children
+
+
 def test_two_stages_in_one_run_nested_in_mlflow(tiny_raw, tmp_path):
     result = kdray.train(_staged(tiny_raw), out=tmp_path / "run")
     out = tmp_path / "run"
@@ -48,12 +59,7 @@ def test_two_stages_in_one_run_nested_in_mlflow(tiny_raw, tmp_path):
     assert all(torch.equal(teacher[k], frozen[k]) for k in teacher)  # the teacher is stage 1's final weights
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["teacher", "student"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = client.get_run(summary["mlflow_run_id"])
-    children = [
-        r for r in client.search_runs([parent.info.experiment_id])
-        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-    ]  # fmt: skip
+    _, children = _parent_and_children(tmp_path, summary)
     assert sorted(r.info.run_name for r in children) == ["tiny-student", "tiny-teacher"]
 
 
@@ -115,12 +121,7 @@ def test_a_stage_killed_before_its_first_checkpoint_leaves_no_run_running(tiny_r
 
     kdray.train(None, resume=tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = client.get_run(summary["mlflow_run_id"])
-    children = [
-        r for r in client.search_runs([parent.info.experiment_id])
-        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-    ]  # fmt: skip
+    parent, children = _parent_and_children(tmp_path, summary)
     by_status = sorted(
         (r.info.run_name, r.info.status, r.data.tags.get("kdray.superseded")) for r in children
     )
