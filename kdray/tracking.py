@@ -249,26 +249,35 @@ class Tracker:
 
         A stage killed before its first checkpoint leaves its MLflow run RUNNING; ``--resume`` starts that stage
         again in a new run, and this closes the old one (tagged ``kdray.superseded``) so none stays RUNNING.
-        Returns the run ids it closed."""
+        Returns the run ids it closed. Never raises: a store that refuses leaves the old run as it was, says so on
+        stderr, and the stage runs again all the same."""
         if not self.run_id:
             return []
         where = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
-        runs = self._retry(
-            "finding abandoned stage runs",
-            lambda: self.client.search_runs([self._experiment_id()], filter_string=where, max_results=1000),
-        )
-        closed = []
-        for run in runs:
-            if run.data.tags.get("kdray.out") != str(out_dir):
-                continue
-            rid = run.info.run_id
-            self._retry(
-                "closing an abandoned run", lambda r=rid: self.client.set_tag(r, "kdray.superseded", "1")
+        closed: list[str] = []
+        try:
+            runs = self._retry(
+                "finding abandoned stage runs",
+                lambda: self.client.search_runs(
+                    [self._experiment_id()], filter_string=where, max_results=1000
+                ),
             )
-            self._retry(
-                "closing an abandoned run", lambda r=rid: self.client.set_terminated(r, status="KILLED")
+            for run in runs:
+                if run.data.tags.get("kdray.out") != str(out_dir):
+                    continue
+                rid = run.info.run_id
+                self._retry(
+                    "closing an abandoned run", lambda r=rid: self.client.set_tag(r, "kdray.superseded", "1")
+                )
+                self._retry(
+                    "closing an abandoned run", lambda r=rid: self.client.set_terminated(r, status="KILLED")
+                )
+                closed.append(rid)
+        except Exception as exc:  # noqa: BLE001 - a bookkeeping step: the run itself goes on
+            print(
+                f"kdray: warning: the abandoned MLflow runs of {out_dir} could not be closed ({first_line(exc)})",
+                file=sys.stderr,
             )
-            closed.append(rid)
         return closed
 
     def end(self, status: str = "FINISHED") -> None:

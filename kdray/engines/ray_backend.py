@@ -9,8 +9,8 @@ multi-node tests, the node's address on a real cluster), and hands the bound soc
 The rest follows Ray's own torch backend (gloo on CPU, nccl on GPU, the torch environment variables, the CUDA
 device of each worker, destroying the process group at the end), written without importing torch or
 ``ray.train.torch`` at module level: the Train V2 controller unpickles this config, and with Ray's ``TorchConfig``
-that made the controller process import torch (about 2 s of a run's start on two cores, for a process that never
-computes). torch is imported in the workers only, inside the functions they run. Ray is pinned to 2.60; the tests
+that made the controller process import torch (1.3 s of a run's start on two cores, docs/benchmarks.md, for a
+process that never computes). torch is imported in the workers only, inside the functions they run. Ray is pinned to 2.60; the tests
 check that a run listens on loopback only.
 """
 
