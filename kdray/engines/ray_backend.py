@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2._internal.util import TrainingFramework
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -166,15 +167,56 @@ class NodeBoundTorchConfig(BackendConfig):
         return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
 
 
-class PopulationTrainer(DataParallelTrainer):
-    """Train V2's data-parallel trainer with kdray's torch backend, and without Ray Data's dataset callback when no
-    Ray Dataset is given (kdray's workers build their own deterministic batches): Train V2 would otherwise start a
-    ``DatasetManager`` actor per run, one more process competing for the cores while the workers start."""
+class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
+    """Ray's fixed scaling policy, minus the resource requests to the cluster autoscaler.
 
-    def __init__(self, train_loop_per_worker, *, torch_config: NodeBoundTorchConfig | None = None, **kwargs):
+    Train V2's policy registers the run's resources with Ray Data's ``AutoscalingCoordinator``: a detached actor
+    (one more process, importing Ray Data) that the controller creates and then waits for, up to 5 s, before it
+    starts the workers, and again every 20 s. On a cluster that cannot grow (every node on loopback) those
+    requests reach no autoscaler; under load the wait times out and Ray prints a traceback on the user's terminal.
+    """
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+    def _send_resource_request(self) -> None:
+        pass
+
+    def _cancel_resource_request(self) -> None:
+        pass
+
+
+class PopulationTrainer(DataParallelTrainer):
+    """Train V2's data-parallel trainer with kdray's torch backend, and:
+
+    - without Ray Data's dataset callback when no Ray Dataset is given (kdray's workers build their own
+      deterministic batches): Train V2 would otherwise start a ``DatasetManager`` actor per run, one more process
+      competing for the cores while the workers start;
+    - with ``autoscaler_requests=False``, without the autoscaler's coordinator (``FixedScalingWithoutAutoscaler``):
+      the RayEngine asks for that on clusters whose nodes are all on loopback.
+    """
+
+    def __init__(
+        self,
+        train_loop_per_worker,
+        *,
+        torch_config: NodeBoundTorchConfig | None = None,
+        autoscaler_requests: bool = True,
+        **kwargs,
+    ):
         super().__init__(
             train_loop_per_worker, backend_config=torch_config or NodeBoundTorchConfig(), **kwargs
         )
+        self.autoscaler_requests = autoscaler_requests
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        policy = controller_init_kwargs.get("scaling_policy")
+        if not self.autoscaler_requests and type(policy) is FixedScalingPolicy:
+            controller_init_kwargs["scaling_policy"] = FixedScalingWithoutAutoscaler(self.scaling_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback

@@ -36,7 +36,13 @@ class RayEngine(Engine):
 
         from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
         from kdray.engines.ray_board import create_board
-        from kdray.engines.ray_runtime import STRATEGIES, ray_session, require_placement, worker_resources
+        from kdray.engines.ray_runtime import (
+            STRATEGIES,
+            loopback_cluster,
+            ray_session,
+            require_placement,
+            worker_resources,
+        )
         from kdray.engines.ray_worker import train_worker
         from kdray.exchange.actor import create_signal_store
         from kdray.methods import METHODS
@@ -75,6 +81,8 @@ class RayEngine(Engine):
                 train_worker,
                 train_loop_config=loop_config,
                 torch_config=NodeBoundTorchConfig(),
+                # no autoscaler can add machines to a loopback cluster: no coordinator actor, no waiting on it
+                autoscaler_requests=not loopback_cluster(),
                 scaling_config=ScalingConfig(
                     num_workers=cfg.num_peers,
                     use_gpu=eng.placement.gpus_per_peer > 0,

@@ -198,6 +198,18 @@ def _describe_nodes() -> str:
     return f"{len(nodes)} node(s): " + "; ".join(parts)
 
 
+def loopback_cluster() -> bool:
+    """Whether every live node of the connected Ray is on a loopback address: kdray's local Ray, ``kdray ray start``,
+    the loopback multi-node tests. Such a cluster has no autoscaler that could add machines."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    try:
+        return bool(nodes) and all(ipaddress.ip_address(n["NodeManagerAddress"]).is_loopback for n in nodes)
+    except (KeyError, ValueError):
+        return False
+
+
 def worker_resources(engine: EngineConfig) -> dict[str, float]:
     res = {"CPU": engine.placement.cpus_per_peer}
     if engine.placement.gpus_per_peer:

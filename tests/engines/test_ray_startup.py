@@ -92,3 +92,45 @@ def test_the_backend_config_unpickles_without_torch():
     trainer = PopulationTrainer(lambda: None, torch_config=NodeBoundTorchConfig(backend="gloo"))
     assert isinstance(trainer.backend_config, NodeBoundTorchConfig)
     assert trainer.backend_config.backend == "gloo"
+
+
+def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
+    """Train V2's fixed policy creates Ray Data's AutoscalingCoordinator actor and waits for it before starting the
+    workers; on a cluster that cannot grow (every node on loopback) kdray's trainer swaps in a policy without it."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from kdray.engines.ray_backend import FixedScalingWithoutAutoscaler, PopulationTrainer
+    from kdray.engines.ray_runtime import loopback_cluster
+
+    def nodes(*ips):
+        return lambda: (
+            [{"Alive": True, "NodeManagerAddress": ip} for ip in ips]
+            + [
+                {"Alive": False, "NodeManagerAddress": "10.0.0.9"}  # a dead node does not count
+            ]
+        )
+
+    monkeypatch.setattr(ray, "nodes", nodes("127.0.0.2", "127.0.0.3"))
+    assert loopback_cluster()
+    monkeypatch.setattr(ray, "nodes", nodes("127.0.0.1", "10.0.0.5"))
+    assert not loopback_cluster()
+    monkeypatch.setattr(ray, "nodes", nodes())
+    assert not loopback_cluster()
+
+    seen = {}
+    monkeypatch.setattr(
+        DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kw: seen.update(kw)
+    )
+    scaling = ScalingConfig(num_workers=2)
+    for requests, want in ((False, FixedScalingWithoutAutoscaler), (True, FixedScalingPolicy)):
+        trainer = PopulationTrainer(lambda: None, scaling_config=scaling, autoscaler_requests=requests)
+        trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(scaling))
+        assert type(seen["scaling_policy"]) is want
+    policy = FixedScalingWithoutAutoscaler(scaling)
+    policy.after_controller_start(None)  # Ray's would create the coordinator actor here (no Ray is running)
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+    assert policy._coordinator_client is None
