@@ -1,4 +1,5 @@
-"""RayEngine: one peer per Ray Train worker (``TorchTrainer``, Train V2), rank = peer index.
+"""RayEngine: one peer per Ray Train worker, rank = peer index (Train V2: ``PopulationTrainer``, a
+``DataParallelTrainer`` with kdray's torch backend).
 
 The workers (:mod:`kdray.engines.ray_worker`) run the same loop as the LocalEngine; signals move through
 ``engine.exchange`` (:mod:`kdray.exchange`). This module is the driver: it finds Ray (:mod:`ray_runtime`), checks

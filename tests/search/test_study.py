@@ -209,7 +209,7 @@ def test_diverging_trial_is_marked_and_the_study_finishes(ray_local, tiny_raw, t
 
 
 def test_ray_engine_trial_is_the_train_driver(ray_local, tiny_raw, tmp_path):
-    """engine.name=ray: the trial drives a TorchTrainer (Train V2 inside Tune), reports through the same epoch
+    """engine.name=ray: the trial drives a Ray Train trainer (Train V2 inside Tune), reports through the same epoch
     callbacks, and lands where the in-process engine does."""
     tiny_raw["engine"] = {"name": "ray"}
     space = {"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10.0}}}
@@ -284,7 +284,7 @@ def test_multi_objective_study_finds_the_accuracy_size_front(ray_local, tiny_raw
 
 
 def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, tmp_path):
-    """`kdray tune ... --scheduler pbt --set engine.name=ray`: each trial drives its own TorchTrainer; a trial that
+    """`kdray tune ... --scheduler pbt --set engine.name=ray`: each trial drives its own Ray Train trainer; a trial that
     exploits another continues, on the RayEngine, from the donor's population checkpoint (written by the donor's
     rank 0), and its next epoch is what the LocalEngine computes from that checkpoint with the mutated weight."""
     # PBT exploits only between trials running at the same time, and each Ray-engine trial first spends ~30 s
