@@ -592,6 +592,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     if not regimes:
         return
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 3.6), squeeze=False)
+    # one colour per row in every panel
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(r["label"] for r in records))}
     for ax, regime in zip(axes[0], regimes):
         group = [r for r in records if r["regime"] == regime]
         for label in dict.fromkeys(r["label"] for r in group):
@@ -601,7 +603,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
                 statistics.mean(statistics.mean(c[e] for c in r["val_curve"].values()) for r in runs)
                 for e in range(epochs)
             ]
-            ax.plot(range(1, epochs + 1), mean, label=label)
+            ax.plot(range(1, epochs + 1), mean, label=label, color=colours[label])
         ax.set(title=regime, xlabel="epoch", ylabel="validation accuracy (peer mean, seed mean)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
