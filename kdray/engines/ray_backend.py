@@ -196,7 +196,13 @@ class PopulationTrainer(DataParallelTrainer):
       deterministic batches): Train V2 would otherwise start a ``DatasetManager`` actor per run, one more process
       competing for the cores while the workers start;
     - with ``autoscaler_requests=False``, without the autoscaler's coordinator (``FixedScalingWithoutAutoscaler``):
-      the RayEngine asks for that on clusters whose nodes are all on loopback.
+      the RayEngine asks for that on clusters whose nodes are all on loopback;
+    - with ``placement_group_cleaner=False``, without Train's ``PlacementGroupCleaner``: a detached actor (one
+      more process, importing Ray Train) that removes the workers' placement group should the controller die while
+      the driver lives on. The controller waits for it to start before the training function begins, and it asks
+      the dashboard's state API whether the controller is alive (warnings on every poll without a dashboard). The
+      RayEngine drops it when its driver's job ends with the run (a local Ray it started, or a cluster it attached
+      to): Ray removes a job's placement groups when the job ends.
     """
 
     def __init__(
@@ -205,12 +211,14 @@ class PopulationTrainer(DataParallelTrainer):
         *,
         torch_config: NodeBoundTorchConfig | None = None,
         autoscaler_requests: bool = True,
+        placement_group_cleaner: bool = True,
         **kwargs,
     ):
         super().__init__(
             train_loop_per_worker, backend_config=torch_config or NodeBoundTorchConfig(), **kwargs
         )
         self.autoscaler_requests = autoscaler_requests
+        self.placement_group_cleaner = placement_group_cleaner
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         policy = controller_init_kwargs.get("scaling_policy")
@@ -220,8 +228,11 @@ class PopulationTrainer(DataParallelTrainer):
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
         callbacks = super()._create_default_callbacks()
         if not self.datasets:
             callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        if not self.placement_group_cleaner:
+            callbacks = [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
         return callbacks

@@ -84,6 +84,9 @@ class RayEngine(Engine):
                 torch_config=NodeBoundTorchConfig(),
                 # no autoscaler can add machines to a loopback cluster: no coordinator actor, no waiting on it
                 autoscaler_requests=not loopback_cluster(),
+                # the job ends with this run where kdray started or attached to Ray: Ray then removes its placement
+                # groups, and Train's cleaner actor would only add a process to the start
+                placement_group_cleaner=how == "existing",
                 scaling_config=ScalingConfig(
                     num_workers=cfg.num_peers,
                     use_gpu=eng.placement.gpus_per_peer > 0,

@@ -6,9 +6,10 @@ Three cases, in this order:
 - ``engine.session.address`` names a cluster (``HOST:PORT``, or ``auto``), or it is null and ``RAY_ADDRESS`` names one (as
   Ray sets it in every job submitted with ``ray job submit``): attach to it, and only disconnect at the end.
 - otherwise start a private local Ray on loopback: node IP 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``),
-  dashboard on 127.0.0.1, a small object store (``engine.session.object_store_mb``), its own temp dir
-  (``/tmp/kdray-<uid>-<pid>``: short, since Ray's unix socket paths live under it). ``ray.shutdown()`` at the end
-  stops exactly the processes it started; nothing is ever stopped by name.
+  no dashboard unless ``engine.session.dashboard`` (then on 127.0.0.1), a small object store
+  (``engine.session.object_store_mb``), its own temp dir (``/tmp/kdray-<uid>-<pid>``: short, since Ray's unix
+  socket paths live under it). ``ray.shutdown()`` at the end stops exactly the processes it started; nothing is
+  ever stopped by name.
 """
 
 from __future__ import annotations
@@ -165,16 +166,20 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir)}),
         _loopback_node_ip(),
     ):
-        ray.init(
+        dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": _free_loopback_port()}
+        context = ray.init(
             address="local",
             num_cpus=cpus,
             object_store_memory=engine.session.object_store_mb * 2**20,
-            include_dashboard=True,  # Train V2 polls the state API, which the dashboard serves
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_loopback_port(),
+            # only Train's PlacementGroupCleaner reads the dashboard's state API, and the RayEngine does without
+            # it on a Ray it started (ray_backend.PopulationTrainer)
+            include_dashboard=engine.session.dashboard,
+            **(dashboard if engine.session.dashboard else {}),
             _temp_dir=str(temp_dir),
             logging_level="warning",
         )
+    if engine.session.dashboard and context.dashboard_url:
+        print(f"kdray: Ray dashboard at http://{context.dashboard_url}", flush=True)
     try:
         yield "local"
     finally:

@@ -195,9 +195,12 @@ def study_ray(cfg: ExperimentConfig, address: str | None = None):
     from kdray.engines.ray_runtime import ray_session
 
     engine = cfg.engine
+    # with a dashboard: each trial's Ray Train run keeps Train's placement-group cleaner (the study's job outlives
+    # the trials), and the cleaner asks the dashboard whether a trial's controller is alive
+    update: dict[str, Any] = {"dashboard": True}
     if address is not None:
-        session = engine.session.model_copy(update={"address": address})
-        engine = engine.model_copy(update={"session": session})
+        update["address"] = address
+    engine = engine.model_copy(update={"session": engine.session.model_copy(update=update)})
     with ray_session(engine, cfg.num_peers) as how:
         yield how
 

@@ -22,7 +22,9 @@ def ray_local():
     old = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = str(temp_dir)
     try:
-        with ray_session(EngineConfig(name="ray", session={"object_store_mb": 200}), num_peers=3):
+        # a dashboard, as `kdray tune` starts it: runs in an existing Ray keep Train's placement-group cleaner
+        session = {"object_store_mb": 200, "dashboard": True}
+        with ray_session(EngineConfig(name="ray", session=session), num_peers=3):
             yield temp_dir
     finally:
         if old is None:

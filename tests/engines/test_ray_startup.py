@@ -134,3 +134,50 @@ def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
     decision = policy.make_decision_for_non_running_worker_group()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
     assert policy._coordinator_client is None
+
+
+def test_train_placement_group_cleaner_only_where_the_job_outlives_the_run():
+    """Train V2's PlacementGroupCleaner is one more process that the controller waits for before the training
+    function starts; kdray's trainer leaves it out when asked (a run whose job ends with it)."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from kdray.engines.ray_backend import PopulationTrainer
+
+    for cleaner in (True, False):
+        trainer = PopulationTrainer(
+            lambda: None, scaling_config=ScalingConfig(num_workers=2), placement_group_cleaner=cleaner
+        )
+        callbacks = trainer._create_default_callbacks()
+        names = [type(c).__name__ for c in callbacks]
+        assert any(isinstance(c, PlacementGroupCleanerCallback) for c in callbacks) is cleaner, names
+        assert "BackendSetupCallback" in names  # the rest is Train's own list
+        assert "DatasetsCallback" not in names  # no Ray Dataset given
+
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_a_local_ray_has_a_dashboard_only_when_asked(monkeypatch, tmp_path, dashboard):
+    import ray
+
+    from kdray.config import EngineConfig
+    from kdray.engines.ray_runtime import ray_session
+
+    seen = {}
+
+    class Context:
+        dashboard_url = "127.0.0.1:1234" if dashboard else ""
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw) or Context())
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("kdray.engines.ray_service.attach_environment", lambda: {})
+    engine = EngineConfig(name="ray", session={"dashboard": dashboard})
+    with ray_session(engine, num_peers=2) as how:
+        assert how == "local"
+    assert seen["address"] == "local" and seen["include_dashboard"] is dashboard
+    if dashboard:
+        assert seen["dashboard_host"] == "127.0.0.1" and seen["dashboard_port"] > 0
+    else:
+        assert "dashboard_host" not in seen and "dashboard_port" not in seen
