@@ -151,6 +151,24 @@ def run_population(
     out_dir = prepare_out_dir(cfg.name, out, resuming=payload is not None)
     with_train = method_class(cfg.method.name).data_source == "dataset"
     data = build_data(cfg.data, cfg.seed, with_train=with_train)  # a clear DataError here, before any write
+    if cfg.engine.name != "ray":
+        return _run_tracked(cfg, out_dir, data, payload, callbacks, parent_run_id)
+    from kdray.engines.ray_runtime import early_local_ray
+
+    # a private local Ray starts now, in a thread, while MLflow and the engine's imports take their seconds
+    with early_local_ray(cfg.engine, cfg.num_peers):
+        return _run_tracked(cfg, out_dir, data, payload, callbacks, parent_run_id)
+
+
+def _run_tracked(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    data: Any,
+    payload: dict[str, Any] | None,
+    callbacks: list | None,
+    parent_run_id: str | None,
+) -> RunResult:
+    """The MLflow run around the engine's run: the run folder, params and tags, then train, test once, summarise."""
     tracker = Tracker(cfg.tracking, out_dir)
     tracker.check()
 

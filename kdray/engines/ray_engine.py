@@ -38,6 +38,7 @@ class RayEngine(Engine):
         from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
         from kdray.engines.ray_board import create_board
         from kdray.engines.ray_runtime import (
+            LAST_LOCAL_START,
             STRATEGIES,
             loopback_cluster,
             ray_session,
@@ -119,6 +120,12 @@ class RayEngine(Engine):
         outcome["ray"]["startup_s"] = startup_breakdown(
             marks, outcome.pop("first_placement"), outcome["ray"]["first_step_at"]
         )
+        if how == "local" and LAST_LOCAL_START.get("started_at") and marks["process_start"]:
+            # the local Ray's start, in its own thread from this point of the launch (api.run_population)
+            outcome["ray"]["local_ray_start"] = {
+                "began_s": round(LAST_LOCAL_START["started_at"] - marks["process_start"], 3),
+                "took_s": LAST_LOCAL_START["took_s"],
+            }
         write_atomic(
             self.out_dir / "ray_run.json",
             json.dumps(

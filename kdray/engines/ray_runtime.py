@@ -22,9 +22,11 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kdray.config import EngineConfig
 from kdray.errors import KdrayError, PlacementError
@@ -41,13 +43,31 @@ TRAIN_ENV_DEFAULTS = {
 class _TokenNoticeFilter(logging.Filter):
     """Drops Ray's notice that token authentication is on for a new local cluster. kdray keeps it on (Ray 2.60's
     default: the token is ~/.ray/auth_token); the notice only tells how to turn it off, which a user of kdray's
-    private loopback Ray has no reason to do. Every other message of that logger passes (docs/architecture.md)."""
+    private loopback Ray has no reason to do. Every other message of that logger passes (README: Ray runs are quiet)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _ThreadNoticeFilter(logging.Filter):
+    """Drops Ray's notice that ``ray.init`` outside the main thread sets no SIGTERM handler: kdray starts its local
+    Ray in a thread on purpose (:class:`LocalRayStart`), and its own handler (``api.StopSignals``) takes SIGTERM."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set because current thread")
+
+
+def _quiet_start_notices() -> None:
+    for name, kind in (
+        (TOKEN_NOTICE_LOGGER, _TokenNoticeFilter),
+        ("ray._private.worker", _ThreadNoticeFilter),
+    ):
+        notice = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in notice.filters):
+            notice.addFilter(kind())
 
 
 def _free_loopback_port() -> int:
@@ -107,9 +127,52 @@ def cluster_address(engine: EngineConfig, environ: dict[str, str] | None = None)
     return None, "local"
 
 
+_PENDING: list[LocalRayStart] = []  # a local Ray started early for the next ray_session (at most one)
+LAST_LOCAL_START: dict[str, float | None] = {}  # the latest local start's timing (ray_run.json)
+
+
+def starts_local_ray(engine: EngineConfig) -> bool:
+    """Whether :func:`ray_session` would start a private local Ray for this engine config (decided as it does)."""
+    if "ray" in sys.modules:
+        if sys.modules["ray"].is_initialized():
+            return False
+    elif not engine.session.address:
+        from kdray.engines.ray_service import attach_environment
+
+        if attach_environment():
+            return False
+    return cluster_address(engine)[0] is None
+
+
+@contextlib.contextmanager
+def early_local_ray(engine: EngineConfig, num_peers: int) -> Iterator[None]:
+    """Start the RayEngine's private local Ray now, in a thread, for the ``ray_session`` that comes later in this
+    block to take over: Ray's start (~3-5 s on two cores) overlaps the driver's own work in between (MLflow, the
+    engine's imports). Nothing happens unless the run would start a local Ray. A start nobody took over is shut
+    down at the end of the block (an error before the engine ran)."""
+    starter = None
+    if engine.name == "ray" and not _PENDING and starts_local_ray(engine):
+        starter = LocalRayStart(engine, num_peers)
+        _PENDING.append(starter)
+    try:
+        yield
+    finally:
+        if starter is not None:
+            if starter in _PENDING:
+                _PENDING.remove(starter)
+            starter.stop()
+
+
 @contextlib.contextmanager
 def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     """Make Ray available for one run; yields how ("existing", "attached", "local")."""
+    early = [s for s in _PENDING if s.engine is engine]
+    if early:  # started by early_local_ray for this run: take it over
+        _PENDING.remove(early[0])
+        for key, value in TRAIN_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        yield from _local(early[0])
+        return
     if "ray" not in sys.modules and not engine.session.address:
         from kdray.engines.ray_service import attach_environment
 
@@ -156,39 +219,102 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         finally:
             ray.shutdown()
         return
-    notice = logging.getLogger(TOKEN_NOTICE_LOGGER)
-    if not any(isinstance(f, _TokenNoticeFilter) for f in notice.filters):
-        notice.addFilter(_TokenNoticeFilter())
-    temp_dir = Path(os.environ.get("RAY_TMPDIR") or local_temp_dir())
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    cpus = max(os.cpu_count() or 1, math.ceil(num_peers * engine.placement.cpus_per_peer))
-    with (
-        _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir)}),
-        _loopback_node_ip(),
-    ):
-        dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": _free_loopback_port()}
-        context = ray.init(
+    yield from _local(LocalRayStart(engine, num_peers))
+
+
+def _local(starter: LocalRayStart) -> Iterator[str]:
+    try:
+        starter.wait()
+        LAST_LOCAL_START.clear()
+        LAST_LOCAL_START.update(starter.timing())
+        yield "local"
+    finally:
+        starter.stop()
+
+
+class LocalRayStart:
+    """kdray's private local Ray, started in a thread so that the driver can go on meanwhile (MLflow, imports:
+    ``api.run_population`` starts it early with :func:`early_local_ray`; ``ray_session`` takes it over).
+
+    The thread lives until Ray is shut down: Ray gives the processes it starts a parent-death signal, which Linux
+    sends when the *thread* that started them ends, not the process (measured: a Ray started in a thread that
+    returned lost its GCS within seconds)."""
+
+    def __init__(self, engine: EngineConfig, num_peers: int):
+        _quiet_start_notices()
+        self.engine = engine
+        self.temp_dir = Path(os.environ.get("RAY_TMPDIR") or local_temp_dir())
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        cpus = max(os.cpu_count() or 1, math.ceil(num_peers * engine.placement.cpus_per_peer))
+        dashboard = engine.session.dashboard
+        self.kwargs: dict[str, Any] = dict(
             address="local",
             num_cpus=cpus,
             object_store_memory=engine.session.object_store_mb * 2**20,
             # only Train's PlacementGroupCleaner reads the dashboard's state API, and the RayEngine does without
             # it on a Ray it started (ray_backend.PopulationTrainer)
-            include_dashboard=engine.session.dashboard,
-            **(dashboard if engine.session.dashboard else {}),
-            _temp_dir=str(temp_dir),
+            include_dashboard=dashboard,
+            **({"dashboard_host": "127.0.0.1", "dashboard_port": _free_loopback_port()} if dashboard else {}),
+            _temp_dir=str(self.temp_dir),
             logging_level="warning",
         )
-    if engine.session.dashboard and context.dashboard_url:
-        print(f"kdray: Ray dashboard at http://{context.dashboard_url}", flush=True)
-    try:
-        yield "local"
-    finally:
-        ray.shutdown()
-        if temp_dir == local_temp_dir():
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            if temp_dir.exists():  # a Ray process still exiting wrote a last file: once more, a moment later
-                time.sleep(1.0)
-                shutil.rmtree(temp_dir, ignore_errors=True)
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        self.error: BaseException | None = None
+        self._context: Any = None
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._start, name="kdray-ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            import ray
+
+            with (
+                _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(self.temp_dir)}),
+                _loopback_node_ip(),
+            ):
+                self._context = ray.init(**self.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread by wait()
+            self.error = exc
+        finally:
+            self.ready_at = time.time()
+            self._ready.set()
+        self._release.wait()  # Ray's processes die with this thread: it ends after ray.shutdown()
+
+    def wait(self) -> None:
+        """Until Ray is up; raises what ``ray.init`` raised."""
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        if self.engine.session.dashboard and getattr(self._context, "dashboard_url", None):
+            print(f"kdray: Ray dashboard at http://{self._context.dashboard_url}", flush=True)
+
+    def timing(self) -> dict[str, float | None]:
+        """When the start began and how long it took (unix time, seconds)."""
+        took = None if self.ready_at is None else round(self.ready_at - self.started_at, 3)
+        return {"started_at": self.started_at, "took_s": took}
+
+    def stop(self) -> None:
+        """Shut the Ray down (waiting for its start to finish first) and remove its temp dir; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._ready.wait()
+        try:
+            if self.error is None:
+                import ray
+
+                ray.shutdown()
+        finally:
+            self._release.set()
+            self._thread.join(timeout=30)
+            if self.temp_dir == local_temp_dir():
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                if self.temp_dir.exists():  # a Ray process still exiting wrote a last file: once more, later
+                    time.sleep(1.0)
+                    shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _describe_nodes() -> str:

@@ -181,3 +181,94 @@ def test_a_local_ray_has_a_dashboard_only_when_asked(monkeypatch, tmp_path, dash
         assert seen["dashboard_host"] == "127.0.0.1" and seen["dashboard_port"] > 0
     else:
         assert "dashboard_host" not in seen and "dashboard_port" not in seen
+
+
+@pytest.fixture
+def fake_ray_init(monkeypatch, tmp_path):
+    """``ray.init`` recorded instead of run (which thread called it, with what), ``ray.shutdown`` counted."""
+    import threading
+
+    import ray
+
+    calls = {"init": [], "shutdown": 0}
+
+    def init(**kw):
+        time.sleep(0.2)  # a start takes a while: the driver goes on meanwhile
+        calls["init"].append((threading.current_thread().name, kw))
+
+    def shutdown():
+        calls["shutdown"] += 1
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("kdray.engines.ray_service.attach_environment", lambda: {})
+    return calls
+
+
+def test_an_early_local_ray_is_taken_over_by_the_run_and_stopped_once(fake_ray_init):
+    import threading
+
+    from kdray.engines import ray_runtime
+
+    engine = EngineConfig(name="ray")
+    with ray_runtime.early_local_ray(engine, num_peers=2):
+        (starter,) = ray_runtime._PENDING  # started, not yet waited for
+        with ray_runtime.ray_session(engine, num_peers=2) as how:
+            assert how == "local" and not ray_runtime._PENDING
+            (thread, kw), = fake_ray_init["init"]  # fmt: skip
+            assert thread == "kdray-ray-start" and thread != threading.main_thread().name
+            assert kw["address"] == "local"
+            # the thread that started Ray lives as long as Ray does (parent-death signals are per thread)
+            assert starter._thread.is_alive()
+        assert fake_ray_init["shutdown"] == 1
+        assert not starter._thread.is_alive()
+    assert fake_ray_init["shutdown"] == 1 and len(fake_ray_init["init"]) == 1
+    assert ray_runtime.LAST_LOCAL_START["took_s"] >= 0.2
+
+
+def test_an_early_local_ray_nobody_took_over_is_shut_down(fake_ray_init):
+    """An error between the early start and the engine (an MLflow store that cannot be opened, say)."""
+    from kdray.engines import ray_runtime
+
+    engine = EngineConfig(name="ray")
+    with (
+        pytest.raises(RuntimeError, match="before the engine"),
+        ray_runtime.early_local_ray(engine, num_peers=2),
+    ):
+        (starter,) = ray_runtime._PENDING
+        raise RuntimeError("before the engine")
+    assert len(fake_ray_init["init"]) == 1 and fake_ray_init["shutdown"] == 1
+    assert not ray_runtime._PENDING and not starter._thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "engine", [EngineConfig(name="ray", session={"address": "127.0.0.1:6379"}), EngineConfig(name="local")]
+)
+def test_no_early_start_unless_the_run_starts_a_local_ray(fake_ray_init, engine):
+    from kdray.engines import ray_runtime
+
+    with ray_runtime.early_local_ray(engine, num_peers=2):
+        assert not ray_runtime._PENDING
+    assert fake_ray_init["init"] == [] and fake_ray_init["shutdown"] == 0
+
+
+def test_an_early_start_that_failed_raises_in_the_run(fake_ray_init, monkeypatch):
+    import ray
+
+    from kdray.engines import ray_runtime
+
+    def init(**kw):
+        raise RuntimeError("no room for the object store")
+
+    monkeypatch.setattr(ray, "init", init)
+    engine = EngineConfig(name="ray")
+    with (
+        ray_runtime.early_local_ray(engine, num_peers=2),
+        pytest.raises(RuntimeError, match="no room"),
+        ray_runtime.ray_session(engine, num_peers=2),
+    ):
+        pass
+    assert fake_ray_init["shutdown"] == 0  # nothing was up

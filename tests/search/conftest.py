@@ -14,6 +14,7 @@ def ray_local():
     from kdray.config import EngineConfig
     from kdray.engines.ray_runtime import ray_session
 
-    with ray_session(EngineConfig(), 2):
+    # with a dashboard, as `kdray tune` starts its Ray (study_ray): ray-engine trials keep Train's cleaner, which asks it
+    with ray_session(EngineConfig(name="ray", session={"dashboard": True}), 2):
         assert ray.util.get_node_ip_address() == "127.0.0.1"
         yield ray.get_runtime_context().gcs_address

@@ -233,3 +233,29 @@ def test_method_specific_keys_are_seen_in_the_resolved_config(tiny_raw):
     assert load_config(cfg.to_dict()).method.adv_optimizer.lr == 0.02  # round trip (config.yaml, checkpoints)
     own = load_space(REPO / "tune_spaces" / "afd.yaml").config_values(cfg)
     assert own is not None and own["method.disc_every"] == 2 and own["method.adv_optimizer.lr"] == 0.02
+
+
+def test_a_study_starts_its_ray_with_a_dashboard(monkeypatch):
+    """Each ray-engine trial keeps Train's placement-group cleaner (the study's job outlives the trials), and the
+    cleaner asks the dashboard whether a trial's controller is alive."""
+    import contextlib
+
+    from kdray.config import validate
+    from kdray.search.study import study_ray
+
+    seen = []
+
+    @contextlib.contextmanager
+    def session(engine, num_peers):
+        seen.append(engine.session)
+        yield "local"
+
+    monkeypatch.setattr("kdray.engines.ray_runtime.ray_session", session)
+    cfg = validate(
+        {"name": "s", "peers": [{"arch": "resnet8"}, {"arch": "resnet8"}], "method": {"name": "dml"}}
+    )
+    for address in (None, "127.0.0.1:6379"):
+        with study_ray(cfg, address=address) as how:
+            assert how == "local"
+    assert [(s.dashboard, s.address) for s in seen] == [(True, None), (True, "127.0.0.1:6379")]
+    assert cfg.engine.session.dashboard is False  # the user's config is left as it was
