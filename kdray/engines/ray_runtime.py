@@ -166,11 +166,11 @@ def early_local_ray(engine: EngineConfig, num_peers: int) -> Iterator[None]:
 @contextlib.contextmanager
 def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
     """Make Ray available for one run; yields how ("existing", "attached", "local")."""
+    for key, value in TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     early = [s for s in _PENDING if s.engine is engine]
     if early:  # started by early_local_ray for this run: take it over
         _PENDING.remove(early[0])
-        for key, value in TRAIN_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         yield from _local(early[0])
         return
     if "ray" not in sys.modules and not engine.session.address:
@@ -179,8 +179,6 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
         os.environ.update(attach_environment())  # `kdray ray start` is running: attach to it
     import ray
 
-    for key, value in TRAIN_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     if ray.is_initialized():
         yield "existing"
         return
