@@ -335,8 +335,9 @@ def test_local_ray_listens_on_loopback_only(ray_local):
 def test_a_stop_ends_a_fault_tolerant_ray_run_without_a_restart(tiny_raw, tmp_path, ray_local, monkeypatch):
     """Ray Train restarts the worker group on any exception a worker raises. A stop request (Ctrl-C, SIGTERM) is
     not a failure: with ``max_failures: -1`` a retried stop would train on in bursts and never end."""
-    from kdray.engines.ray_board import EpochDone
-    from kdray.engines.ray_engine import DriverView
+    import ray
+
+    from kdray.engines import ray_board
     from kdray.loop import Stopped
 
     raw = _population(tiny_raw, "dml")
@@ -347,14 +348,15 @@ def test_a_stop_ends_a_fault_tolerant_ray_run_without_a_restart(tiny_raw, tmp_pa
         "exchange": "collective",
         "fault_tolerance": {"max_failures": -1},
     }
-    original = DriverView.handle
+    original = ray_board.create_board
 
-    def handle(self, event):  # the user asks to stop once the first epoch is reported
-        original(self, event)
-        if isinstance(event, EpochDone):
-            self.engine.stop = lambda: True
+    def create_board(*args, **kwargs):  # the user has asked to stop before the workers' first check
+        # (not on the driver's first EpochDone: tiny epochs can all end before the driver's next poll)
+        board = original(*args, **kwargs)
+        ray.get(board.request_stop.remote())
+        return board
 
-    monkeypatch.setattr(DriverView, "handle", handle)
+    monkeypatch.setattr(ray_board, "create_board", create_board)
     with pytest.raises(Stopped, match="safe point"):
         kdray.train(raw, out=tmp_path / "run")
     assert json.loads((tmp_path / "run" / "ray_run.json").read_text())["attempts"] == 1  # no restart
