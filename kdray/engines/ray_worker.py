@@ -220,6 +220,8 @@ def train_worker(config: dict[str, Any]) -> None:
         "node_ip": ray.util.get_node_ip_address(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        # "{}" unless the user asked for one: Train's controller-only variables stay out (WorkersWithoutControllerEnv)
+        "runtime_env": ray.get_runtime_context().get_runtime_env_string(),
         "device": str(device),
         "listening": listening_addresses(),
     }

@@ -54,6 +54,8 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
         info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
         assert info["session"] == "attached"  # no Ray of its own: the kept one
         assert all(w["node_ip"] == "127.0.0.1" for w in info["placement"])
+        # the workers were started without a runtime environment (Train's controller-only variables left out)
+        assert [w["runtime_env"] for w in info["placement"]] == ["{}", "{}"]
         # the run's job ended with it (Ray removed its placement group): no Train cleaner actor was started for it
         listing = (
             "import ray; from ray.util.state import list_actors; ray.init(logging_level='error'); "
@@ -64,7 +66,7 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
             env={**env, **ray_service.attach_environment(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout  # fmt: skip
-        assert "TrainController" in actors and "PlacementGroupCleaner" not in actors, actors
+        assert "ControllerWithSettings" in actors and "PlacementGroupCleaner" not in actors, actors
     finally:
         ray_service.stop()
     assert ray_service.running() is None

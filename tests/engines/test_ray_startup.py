@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -100,7 +101,6 @@ def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
     import ray
     from ray.train import ScalingConfig
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from kdray.engines.ray_backend import FixedScalingWithoutAutoscaler, PopulationTrainer
     from kdray.engines.ray_runtime import loopback_cluster
@@ -121,9 +121,7 @@ def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
     assert not loopback_cluster()
 
     seen = {}
-    monkeypatch.setattr(
-        DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kw: seen.update(kw)
-    )
+    monkeypatch.setattr(PopulationTrainer, "_run_controller", lambda self, **kw: seen.update(kw))
     scaling = ScalingConfig(num_workers=2)
     for requests, want in ((False, FixedScalingWithoutAutoscaler), (True, FixedScalingPolicy)):
         trainer = PopulationTrainer(lambda: None, scaling_config=scaling, autoscaler_requests=requests)
@@ -153,6 +151,93 @@ def test_train_placement_group_cleaner_only_where_the_job_outlives_the_run():
         assert any(isinstance(c, PlacementGroupCleanerCallback) for c in callbacks) is cleaner, names
         assert "BackendSetupCallback" in names  # the rest is Train's own list
         assert "DatasetsCallback" not in names  # no Ray Dataset given
+
+
+def test_workers_start_without_the_controllers_environment(monkeypatch):
+    """Train V2 hands its controller's settings (health-check poll, preemption watcher, the async-get warning) on
+    to every worker as ``runtime_env.env_vars``; a worker with a runtime environment cannot be a process the
+    raylet already started. In the controller, kdray's callback leaves them out: what remains serialises as an
+    empty environment. The user's own worker variables, and every other propagated one, stay."""
+    from ray.runtime_env import RuntimeEnv
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
+    from kdray.engines.ray_backend import PopulationTrainer, WorkersWithoutControllerEnv
+
+    trainer = PopulationTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2))
+    assert any(isinstance(c, WorkersWithoutControllerEnv) for c in trainer._create_default_callbacks())
+
+    for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        monkeypatch.setenv(key, "0.5" if "INTERVAL" in key else "0")
+    monkeypatch.setenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
+    monkeypatch.setenv("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "77")  # a worker-side setting: it must still travel
+    monkeypatch.setattr(
+        WorkerGroup, "_get_worker_runtime_env", WorkerGroup.__dict__["_get_worker_runtime_env"]
+    )
+    before = WorkerGroup._get_worker_runtime_env({})["env_vars"]
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in before  # what Train alone would give the workers
+
+    WorkersWithoutControllerEnv().after_controller_start(None)
+    WorkersWithoutControllerEnv().after_controller_start(None)  # a restarted controller: wrapped once
+    assert WorkerGroup._get_worker_runtime_env({})["env_vars"] == {"RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "77"}
+    custom = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", "MINE": "1"}}
+    assert WorkerGroup._get_worker_runtime_env(custom)["env_vars"] == {
+        "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "77",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3",
+        "MINE": "1",
+    }
+    monkeypatch.delenv("RAY_TRAIN_COLLECTIVE_TIMEOUT_S")
+    assert RuntimeEnv(**WorkerGroup._get_worker_runtime_env({})).serialize() == "{}"  # the raylet's fast path
+
+
+def test_the_controller_gets_its_settings_as_an_argument_not_a_runtime_env(monkeypatch):
+    """Train's own controller start gives it ``runtime_env.env_vars``, which every worker would inherit. kdray's
+    starts it without a runtime environment and hands it the same variables, set before Train's ``__init__``
+    reads them."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.controller import TrainController
+
+    from kdray.engines import ray_backend
+
+    seen = {}
+
+    def init(self, **kwargs):  # Train's __init__ reads its settings from os.environ
+        seen["env"] = {
+            k: os.environ.get(k)
+            for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC")
+        }
+        seen["kwargs"] = kwargs
+
+    monkeypatch.setattr(TrainController, "__init__", init)
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", raising=False)
+    settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
+    ray_backend.ControllerWithSettings(kdray_settings=settings, callbacks=[])
+    assert seen == {"env": settings, "kwargs": {"callbacks": []}}
+
+    options, created = {}, {}
+
+    class Handle:
+        def __init__(self, **kwargs):
+            created.update(kwargs)
+            self.run = self.get_result = type("M", (), {"remote": staticmethod(lambda: "ref")})
+
+    def remote(**kwargs):
+        options.update(kwargs)
+        return lambda cls: type("Actor", (), {"remote": staticmethod(lambda **kw: Handle(**kw))})
+
+    monkeypatch.setattr(ray, "remote", remote)
+    monkeypatch.setattr(ray, "get", lambda ref: "result")
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n1"})()
+    )
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as the RayEngine sets it in the driver
+    trainer = ray_backend.PopulationTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2))
+    assert trainer._initialize_and_run_controller(callbacks=[]) == "result"
+    assert "runtime_env" not in options and options["num_cpus"] == 0
+    assert list(options["label_selector"].values()) == ["n1"]  # on the driver's node, as Train places it
+    assert created["kdray_settings"] == settings and created["callbacks"] == []
 
 
 @pytest.mark.parametrize("dashboard", [False, True])
