@@ -447,6 +447,10 @@ def report(args: argparse.Namespace) -> str:
         labels = [lab for lab in labels if any(r["label"] == lab for r in group)]
         names = list(dict.fromkeys(n for r in group for n in r["peers"]))  # data-free: teacher, student rows
         arch = {n: r["peers"][n]["arch"] for r in group for n in r["peers"]}
+        for peer in group[0]["config"].get("peers", []):  # a non-default width is part of the network's name
+            width = (peer.get("arch_kwargs") or {}).get("width")
+            if width is not None and peer.get("name") in arch:
+                arch[peer["name"]] += f", width {width}"
         head = " | ".join(f"{n} ({arch[n]})" for n in names) if len(names) > 1 else "test acc"
         lines += [f"\n**{regime}** ({describe(regime, group[0]['config'])})\n",
                   f"| row | {head} | peer mean | ensemble | ECE (peer mean) | best val acc | seeds |",
