@@ -153,6 +153,15 @@ def test_train_placement_group_cleaner_only_where_the_job_outlives_the_run():
         assert "DatasetsCallback" not in names  # no Ray Dataset given
 
 
+def _no_train_settings(monkeypatch):
+    """Clear every variable Train propagates: earlier tests in the session (a RayEngine run sets Train's
+    defaults in os.environ) or the user's shell may have set some."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    for key in ENV_VARS_TO_PROPAGATE:
+        monkeypatch.delenv(key, raising=False)
+
+
 def test_workers_start_without_the_controllers_environment(monkeypatch):
     """Train V2 hands its controller's settings (health-check poll, preemption watcher, the async-get warning) on
     to every worker as ``runtime_env.env_vars``; a worker with a runtime environment cannot be a process the
@@ -167,6 +176,7 @@ def test_workers_start_without_the_controllers_environment(monkeypatch):
     trainer = PopulationTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2))
     assert any(isinstance(c, WorkersWithoutControllerEnv) for c in trainer._create_default_callbacks())
 
+    _no_train_settings(monkeypatch)
     for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         monkeypatch.setenv(key, "0.5" if "INTERVAL" in key else "0")
     monkeypatch.setenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
@@ -210,8 +220,7 @@ def test_the_controller_gets_its_settings_as_an_argument_not_a_runtime_env(monke
         seen["kwargs"] = kwargs
 
     monkeypatch.setattr(TrainController, "__init__", init)
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
-    monkeypatch.delenv("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", raising=False)
+    _no_train_settings(monkeypatch)
     settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
     ray_backend.ControllerWithSettings(kdray_settings=settings, callbacks=[])
     assert seen == {"env": settings, "kwargs": {"callbacks": []}}
