@@ -10,8 +10,9 @@ measures how close it gets. For each population:
   ``train/step_ms`` of its second epoch, with ``engine.exchange.split_wait`` so the exchange time splits into
   waiting for the slowest peer and moving bytes;
 - **ratio** = ray / slowest alone (target <= 1.05);
-- for the unequal pair, when there are threads to move (>= 3 CPUs), the same with ``engine.placement.balance:
-  threads``: the large peer gets more threads, the small one waits less.
+- for unequal peers, the same again with ``engine.placement.balance: threads``: each worker gets torch threads in
+  proportion to its peer's cost (``threads`` in each row: what every worker ran with), so the large peer gets more
+  and the small one waits less; its ratio is against the same "alone" yardstick (one share of the CPUs each).
 
     python benchmarks/slowest_peer.py --steps 40 --out benchmarks/results/slowest_peer.json
 
@@ -40,6 +41,8 @@ POPULATIONS = {
     "unequal pair (the main job)": ("dml", [{"name": "resnet8", "arch": "resnet8"}, {"name": "resnet14", "arch": "resnet14"}]),
     # three peers exchanging every step (DML: each peer's step is an independent step plus a KL; AFD's ring does
     # three updates per step, which no peer alone does, so it has no fair "alone" yardstick)
+    # a small peer next to one eight times its cost: the small one waits most of each step
+    "small + large": ("dml", [{"name": "resnet8", "arch": "resnet8"}, {"name": "wrn_16_2", "arch": "wrn_16_2"}]),
     "three peers": ("dml", [{"name": f"p{i}", "arch": "resnet8"} for i in range(3)]),
 }  # fmt: skip
 
@@ -122,8 +125,10 @@ def ray_row(
         raw["train"]["threads"] = None
     with tempfile.TemporaryDirectory() as tmp:
         result = kdray.train(raw, out=Path(tmp) / "run")
+        placement = json.loads((result.out_dir / "ray_run.json").read_text())["placement"]
     epoch2 = result.summary["history"][-1]
     return {
+        "threads": {w["peer"]: w.get("threads") for w in placement},
         "ray_ms": epoch2["train/step_ms"],
         "exchange_ms": epoch2["exchange/ms_per_step"],
         "wait_ms": epoch2.get("exchange/wait_ms_per_step"),
@@ -137,12 +142,19 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "slowest_peer.json"))
     parser.add_argument("--only", nargs="*", help="population names to run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per peer (default: the cores / the peers, at least 1); more than that lets a worker "
+        "use the cores of the peers waiting at the exchange (and the 'alone' yardstick gets the same threads)",
+    )
     args = parser.parse_args()
     rows = []
     for name, (method, peers) in POPULATIONS.items():
         if args.only and name not in args.only:
             continue
-        threads = max(1, CORES // len(peers))
+        threads = args.threads or max(1, CORES // len(peers))
         cpus = round(CORES / len(peers), 3)
         alone = alone_ms(peers, args.steps, threads)
         ray = ray_row(method, peers, args.steps, threads, cpus)
@@ -151,12 +163,12 @@ def main() -> int:
                "ratio": ray["ray_ms"] / slowest,
                "wait_share": (ray["wait_ms"] or 0) / ray["ray_ms"]}  # fmt: skip
         rows.append(row)
-        if name.startswith("unequal") and threads * len(peers) >= 3:  # balance needs a thread to move
+        if len({p["arch"] for p in peers}) > 1:  # unequal peers: the same with threads in proportion to cost
             bal = ray_row(method, peers, args.steps, threads, cpus, balance=True)
             rows.append({**row, "population": f"{name}, balanced threads", **bal,
                          "ratio": bal["ray_ms"] / slowest, "wait_share": (bal["wait_ms"] or 0) / bal["ray_ms"]})  # fmt: skip
         print(
-            f"{name:<28} alone {', '.join(f'{k} {v:.0f}' for k, v in alone.items())} ms | ray {ray['ray_ms']:.0f} ms "
+            f"{name:<28} threads {ray['threads']} alone {', '.join(f'{k} {v:.0f}' for k, v in alone.items())} ms | ray {ray['ray_ms']:.0f} ms "
             f"(exchange {ray['exchange_ms']:.0f}, waiting {ray['wait_ms'] or 0:.0f}) | ratio {row['ratio']:.3f}",
             flush=True,
         )
@@ -165,11 +177,12 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(
-        "\n| population | threads/peer | slowest alone (ms) | RayEngine step (ms) | ratio | waiting share |"
+        "\n| population | threads (workers) | slowest alone (ms) | RayEngine step (ms) | ratio | waiting share |"
     )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['population']} | {r['threads_per_peer']} | {max(r['alone_ms'].values()):.0f} | {r['ray_ms']:.0f} | "
+        workers = " + ".join(str(t) for t in r["threads"].values())
+        print(f"| {r['population']} | {workers} | {max(r['alone_ms'].values()):.0f} | {r['ray_ms']:.0f} | "
               f"{r['ratio']:.3f} | {100 * r['wait_share']:.0f}% |")  # fmt: skip
     return 0
 

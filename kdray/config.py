@@ -233,7 +233,8 @@ class PlacementConfig(Section):
     balance: Literal["none", "threads"] = Field(
         "none",
         description="threads: share the workers' CPUs out as torch threads in proportion to each peer's forward "
-        "FLOPs (a large peer gets more, so a small one waits less); train.threads then must be null",
+        "FLOPs, each share rounded to the nearest thread, at least one (a large peer gets more, so a small one "
+        "waits less; a small peer's one thread sleeps while it waits); train.threads then must be null",
     )
 
 

@@ -32,10 +32,38 @@ def test_balance_shares_the_cpus_out_in_proportion_to_cost(tiny_raw):
     costs = [p.flops for p in pop.spec.peers]
     assert costs[1] > 10 * costs[0]
     threads = balanced_threads(cfg, pop.spec)
-    assert sum(threads) == 8 and threads == [1, 7]  # the large peer gets the CPUs; each at least one
+    # shares 0.47 and 7.53 of 8 CPUs: the small peer keeps one thread (it waits at the exchange most of each step)
+    # and the large one gets all eight
+    assert threads == [1, 8]
     import torch
 
-    assert torch.get_num_threads() == 7  # the worker of peer 1 runs with its share
+    assert torch.get_num_threads() == 8  # the worker of peer 1 runs with its share
     torch.set_num_threads(1)
     with pytest.raises(ConfigError, match="train.threads"):
         load_config(tiny_raw, ["train.threads=2"])
+
+
+@pytest.mark.parametrize(
+    ("flops", "cpus", "expected"),
+    [
+        ([18.7, 154.0], 1, [1, 2]),  # ResNet-8 + WRN-16-2 on two CPUs: 0.22 and 1.78 round to 1 and 2
+        ([18.7, 40.4], 1, [1, 1]),  # the main job's pair: 0.63 and 1.37
+        (
+            [1.0, 1.0, 1.0],
+            2 / 3,
+            [1, 1, 1],
+        ),  # three equal peers on two CPUs: one thread each, as without balancing
+        (
+            [1.0, 1.0, 1.0],
+            4 / 3,
+            [2, 1, 1],
+        ),  # 1.33 each rounds to 1: the CPU left goes to a largest remainder
+        ([3.0, 1.0], 2, [3, 1]),  # exactly in proportion
+    ],
+)
+def test_balanced_threads_rounds_each_share_to_the_nearest_thread(flops, cpus, expected):
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(peers=[SimpleNamespace(flops=f, frozen=False) for f in flops])
+    cfg = SimpleNamespace(engine=SimpleNamespace(placement=SimpleNamespace(cpus_per_peer=cpus)))
+    assert balanced_threads(cfg, spec) == expected

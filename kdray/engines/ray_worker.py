@@ -223,6 +223,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # "{}" unless the user asked for one: Train's controller-only variables stay out (WorkersWithoutControllerEnv)
         "runtime_env": ray.get_runtime_context().get_runtime_env_string(),
         "device": str(device),
+        "threads": torch.get_num_threads(),  # train.threads, or this peer's share (engine.placement.balance)
         "listening": listening_addresses(),
     }
     placement = collective.all_gather(me)

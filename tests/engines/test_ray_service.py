@@ -56,6 +56,8 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
         assert all(w["node_ip"] == "127.0.0.1" for w in info["placement"])
         # the workers were started without a runtime environment (Train's controller-only variables left out)
         assert [w["runtime_env"] for w in info["placement"]] == ["{}", "{}"]
+        # each worker records its torch threads: Ray gives a worker of half a CPU one (OMP_NUM_THREADS)
+        assert [w["threads"] for w in info["placement"]] == [1, 1]
         # the run's job ended with it (Ray removed its placement group): no Train cleaner actor was started for it
         listing = (
             "import ray; from ray.util.state import list_actors; ray.init(logging_level='error'); "
