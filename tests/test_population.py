@@ -43,24 +43,22 @@ def test_balance_shares_the_cpus_out_in_proportion_to_cost(tiny_raw):
         load_config(tiny_raw, ["train.threads=2"])
 
 
-@pytest.mark.parametrize(
-    ("flops", "cpus", "expected"),
-    [
-        ([18.7, 154.0], 1, [1, 2]),  # ResNet-8 + WRN-16-2 on two CPUs: 0.22 and 1.78 round to 1 and 2
-        ([18.7, 40.4], 1, [1, 1]),  # the main job's pair: 0.63 and 1.37
-        (
-            [1.0, 1.0, 1.0],
-            2 / 3,
-            [1, 1, 1],
-        ),  # three equal peers on two CPUs: one thread each, as without balancing
-        (
-            [1.0, 1.0, 1.0],
-            4 / 3,
-            [2, 1, 1],
-        ),  # 1.33 each rounds to 1: the CPU left goes to a largest remainder
-        ([3.0, 1.0], 2, [3, 1]),  # exactly in proportion
-    ],
-)
+# (forward FLOPs per peer, cpus_per_peer, threads expected)
+BALANCE_CASES = [
+    # ResNet-8 + WRN-16-2 on two CPUs: shares 0.22 and 1.78 round to 1 and 2
+    ([18.7, 154.0], 1, [1, 2]),
+    # the main job's pair: 0.63 and 1.37
+    ([18.7, 40.4], 1, [1, 1]),
+    # three equal peers on two CPUs: one thread each, as without balancing
+    ([1.0, 1.0, 1.0], 2 / 3, [1, 1, 1]),
+    # 1.33 each rounds to 1: the CPU left over goes to a largest remainder
+    ([1.0, 1.0, 1.0], 4 / 3, [2, 1, 1]),
+    # exactly in proportion
+    ([3.0, 1.0], 2, [3, 1]),
+]
+
+
+@pytest.mark.parametrize(("flops", "cpus", "expected"), BALANCE_CASES)
 def test_balanced_threads_rounds_each_share_to_the_nearest_thread(flops, cpus, expected):
     from types import SimpleNamespace
 
