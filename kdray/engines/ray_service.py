@@ -17,13 +17,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from kdray.engines.ports import PortPicker
 from kdray.errors import KdrayError
 
 STATE_FILE = "service.json"
@@ -31,12 +31,6 @@ STATE_FILE = "service.json"
 
 def service_dir() -> Path:
     return Path(os.environ.get("KDRAY_RAY_DIR") or f"/tmp/kdray-{os.getuid()}-ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -81,7 +75,8 @@ def start(cpus: int | None = None, object_store_mb: int = 300, timeout_s: float 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, mode=0o700)
     token = secrets.token_hex(32)
-    port, dashboard = _free_port(), _free_port()
+    ports = PortPicker()  # distinct: two draws of a free port can return the same one
+    port, dashboard, client = ports.port(), ports.port(), ports.port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         RAY_TMPDIR=str(root),
@@ -94,7 +89,7 @@ def start(cpus: int | None = None, object_store_mb: int = 300, timeout_s: float 
     args = [
         str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={_free_port()}", f"--num-cpus={cpus or os.cpu_count() or 1}",
+        f"--ray-client-server-port={client}", f"--num-cpus={cpus or os.cpu_count() or 1}",
         f"--object-store-memory={object_store_mb * 2**20}", "--disable-usage-stats", "--block",
         f"--temp-dir={root / 'ray'}",
     ]  # fmt: skip

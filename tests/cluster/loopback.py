@@ -23,15 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from kdray.engines.ports import PortPicker
 from kdray.engines.ray_service import process_table, process_tree, signal_all
 
 BIN = Path(sys.executable).parent
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 class LoopbackCluster:
@@ -50,10 +45,11 @@ class LoopbackCluster:
             RAY_USAGE_STATS_ENABLED="0",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
-        self.gcs_port = free_port(head_ip)
-        self.dashboard_port = free_port(head_ip)
+        # every port distinct across the whole cluster: two draws of a free port can return the same one
+        self.ports = PortPicker()
+        self.gcs_port = self.ports.port(head_ip)
+        self.dashboard_port = self.ports.port(head_ip)
         self.procs: list[subprocess.Popen] = []
-        self._ports_base = 20000 + secrets.randbelow(200) * 100
 
     @property
     def address(self) -> str:
@@ -63,21 +59,21 @@ class LoopbackCluster:
     def dashboard_url(self) -> str:
         return f"http://{self.head_ip}:{self.dashboard_port}"
 
-    def _node_args(self, ip: str, index: int) -> list[str]:
-        lo = self._ports_base + index * 30
+    def _node_args(self, ip: str) -> list[str]:
+        workers = self.ports.block(30, ip)
         return [
             f"--node-ip-address={ip}",
             f"--num-cpus={self.cpus}",
             "--num-gpus=0",
             "--object-store-memory=100000000",
-            f"--node-manager-port={free_port(ip)}",
-            f"--object-manager-port={free_port(ip)}",
-            f"--dashboard-agent-listen-port={free_port(ip)}",
-            f"--dashboard-agent-grpc-port={free_port(ip)}",
-            f"--runtime-env-agent-port={free_port(ip)}",
-            f"--metrics-export-port={free_port(ip)}",
-            f"--min-worker-port={lo}",
-            f"--max-worker-port={lo + 29}",
+            f"--node-manager-port={self.ports.port(ip)}",
+            f"--object-manager-port={self.ports.port(ip)}",
+            f"--dashboard-agent-listen-port={self.ports.port(ip)}",
+            f"--dashboard-agent-grpc-port={self.ports.port(ip)}",
+            f"--runtime-env-agent-port={self.ports.port(ip)}",
+            f"--metrics-export-port={self.ports.port(ip)}",
+            f"--min-worker-port={workers.start}",
+            f"--max-worker-port={workers.stop - 1}",
             "--disable-usage-stats",
             "--block",
         ]
@@ -118,13 +114,13 @@ class LoopbackCluster:
             "--include-dashboard=true",
             f"--dashboard-host={self.head_ip}",
             f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port(self.head_ip)}",
+            f"--ray-client-server-port={self.ports.port(self.head_ip)}",
         ]
-        self._start_node(head + self._node_args(self.head_ip, 0), "head", timeout_s, attempts=1)
+        self._start_node(head + self._node_args(self.head_ip), "head", timeout_s, attempts=1)
         # One node at a time: nodes starting together on 2 cores often miss the registration deadline.
         for i, ip in enumerate(self.worker_ips, start=1):
             self._start_node(
-                [f"--address={self.address}", *self._node_args(ip, i)], f"worker{i}", timeout_s, attempts=3
+                [f"--address={self.address}", *self._node_args(ip)], f"worker{i}", timeout_s, attempts=3
             )
         self._wait_for(lambda: self._listening(self.head_ip, self.dashboard_port), timeout_s, "the dashboard")
         return self

@@ -9,8 +9,8 @@ import contextlib
 import ipaddress
 import json
 import os
+import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdray.engines.ports import PortPicker
 from kdray.methods import METHODS
 
 # Real multi-node clusters on a shared 2-core machine can miss Ray's node-registration deadline: one rerun.
@@ -27,12 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.flaky(reruns=1)]
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pids: set[int]) -> set[int]:
@@ -72,8 +67,17 @@ def loopback_cluster():
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
     }
-    env.update({"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
-    port = _free_port(NODES[0])
+    # a fresh token of its own, never ~/.ray/auth_token (absent on a fresh machine, and not ours to write)
+    env.update(
+        {
+            "RAY_TMPDIR": temp_dir,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+    )
+    picker = PortPicker()  # distinct across the cluster: two draws of a free port can return the same one
+    port = picker.port(NODES[0])
     address = f"{NODES[0]}:{port}"
     worker_ports: list[range] = []
 
@@ -81,12 +85,13 @@ def loopback_cluster():
         # several nodes on one machine: give each its own ports and folder (defaults such as the dashboard
         # agent's 52365 would collide)
         ports = {
-            flag: _free_port(ip)
+            flag: picker.port(ip)
             for flag in ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc",
                          "runtime-env-agent", "metrics-export")
         }  # fmt: skip
-        low = _free_port(ip)
-        worker_ports.append(range(low, low + 41))
+        block = picker.block(41, ip)
+        low = block.start
+        worker_ports.append(block)
         return [
             f"--node-ip-address={ip}", *(f"--{flag}-port={p}" for flag, p in ports.items()),
             f"--min-worker-port={low}", f"--max-worker-port={low + 40}", f"--temp-dir={temp_dir}/{name}",
@@ -95,7 +100,7 @@ def loopback_cluster():
 
     commands = [
         [RAY, "start", "--head", f"--port={port}", f"--dashboard-host={NODES[0]}",
-         f"--dashboard-port={_free_port(NODES[0])}", *node_args(NODES[0], "head")],
+         f"--dashboard-port={picker.port(NODES[0])}", *node_args(NODES[0], "head")],
     ] + [[RAY, "start", f"--address={address}", *node_args(ip, f"node{i}")] for i, ip in enumerate(NODES[1:], 1)]  # fmt: skip
     started: list[subprocess.Popen] = []
     try:
