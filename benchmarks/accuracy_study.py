@@ -293,6 +293,13 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
         epoch_budget=TUNE["budget_runs"] * epochs,
     )
     state = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else None
+    # the study folder is not committed (it holds every trial's checkpoints): its winner is, so that a fresh
+    # clone trains the tuned seeds without tuning again
+    kept_path = Path(args.out) / f"{row.study}_tuned.json"
+    kept = json.loads(kept_path.read_text()) if kept_path.is_file() else {}
+    mine = kept.get(row.key)
+    if state is None and mine and mine["config"] == base and mine["settings"] == asdict(settings):
+        return mine["best"]
     if state is not None and (state["config"] != base or state["settings"] != asdict(settings)):
         raise RuntimeError(
             f"{folder} holds a tuning study of another config or budget (a smoke run with --epochs?); move it "
@@ -308,7 +315,10 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
             f"the tuning study of {row.key} has no trial that trained all {epochs} epochs within its budget "
             f"({folder}); its best is {best}"
         )
-    return {"values": dict(best["values"]), "trial_id": best["trial_id"], "objective": best["objective"]}
+    result = {"values": dict(best["values"]), "trial_id": best["trial_id"], "objective": best["objective"]}
+    kept[row.key] = {"config": base, "settings": asdict(settings), "best": result}
+    kept_path.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    return result
 
 
 def run_folder(row: Row, seed: int, args: argparse.Namespace) -> Path:
