@@ -87,6 +87,14 @@ class Row:
     tune_space: str | None = (
         None  # tuned row: the space (``tune_spaces/<method>.yaml``) searched before training
     )
+    # control row of a tuned one: (label of the tuned row in this regime, the keys of its winner to take, or None
+    # for all), then ``overrides`` on top; it answers which of the winner's values made the difference
+    borrow: tuple[str, tuple[str, ...] | None] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tuned_kind(self) -> bool:
+        return bool(self.tune_space or self.borrow)
 
     @property
     def key(self) -> str:
@@ -122,6 +130,15 @@ def _rows() -> list[Row]:
                     tune_space=str(REPO / "tune_spaces" / f"{name}.yaml"),
                 )
             )
+    # AFD's winner in noise20 all but switches the adversary off (weight 0.018) and almost triples the learning rate:
+    # two controls tell the adversary, the logit loss and the learning rate apart
+    afd = {"name": "afd", "disc_norm": "dcgan", "disc_batch": "joint"}
+    rows += [
+        Row("adversarial", "noise20", "independent at afd tuned lr", {"name": "independent"}, PAIR,
+            borrow=("afd tuned", ("train.optimizer.lr",))),
+        Row("adversarial", "noise20", "afd tuned adversary off", afd, PAIR,
+            borrow=("afd tuned", None), overrides={"method.weights.adv": 0.0}),
+    ]  # fmt: skip
     for norm, batch in (
         ("spectral", "separate"),
         ("none", "separate"),
@@ -268,6 +285,11 @@ def tune_folder(row: Row, args: argparse.Namespace) -> Path:
     return Path(args.out) / "runs" / row.study / f"tune-{row.regime}-{row.label}".replace(" ", "_")
 
 
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without the data folder's absolute path, which differs between clones."""
+    return {**config, "data": {k: v for k, v in config.get("data", {}).items() if k != "root"}}
+
+
 def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     """The best finished trial's values of ``kdray tune`` for a tuned row (run, continued or read back).
 
@@ -298,7 +320,12 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     kept_path = Path(args.out) / f"{row.study}_tuned.json"
     kept = json.loads(kept_path.read_text()) if kept_path.is_file() else {}
     mine = kept.get(row.key)
-    if state is None and mine and mine["config"] == base and mine["settings"] == asdict(settings):
+    if (
+        state is None
+        and mine
+        and _portable(mine["config"]) == _portable(base)
+        and mine["settings"] == asdict(settings)
+    ):
         return mine["best"]
     if state is not None and (state["config"] != base or state["settings"] != asdict(settings)):
         raise RuntimeError(
@@ -319,6 +346,16 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     kept[row.key] = {"config": base, "settings": asdict(settings), "best": result}
     kept_path.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
     return result
+
+
+def borrowed_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
+    """A control row's values: the named keys of its tuned row's winner (tuning it first if need be), then the
+    row's overrides."""
+    label, keys = row.borrow
+    source = next(r for r in ROWS if r.study == row.study and r.regime == row.regime and r.label == label)
+    best = tuned_values(source, args)
+    values = {k: v for k, v in best["values"].items() if keys is None or k in keys}
+    return {**best, "values": {**values, **row.overrides}}
 
 
 def run_folder(row: Row, seed: int, args: argparse.Namespace) -> Path:
@@ -359,7 +396,10 @@ def run_one(
     if "staged" in s and s["staged"].get("generations"):
         record["generations"] = s["staged"]["generations"]
     if tuned is not None:
-        record["tuned"] = {**tuned, "study": str(tune_folder(row, args)), **TUNE}
+        source = next(r for r in ROWS if r.key == f"{row.regime}/{row.borrow[0]}") if row.borrow else row
+        record["tuned"] = {**tuned, "study": str(tune_folder(source, args)), **TUNE}
+        if row.borrow:
+            record["tuned"]["borrowed_from"] = source.label
     return record
 
 
@@ -400,13 +440,15 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.study}.jsonl"
     rows = [r for r in ROWS if r.study == args.study and (not args.regimes or r.regime in args.regimes)]
-    rows = [r for r in rows if bool(r.tune_space) == args.tuned]
+    rows = [r for r in rows if r.tuned_kind == args.tuned]
     rows = [r for r in rows if not args.labels or r.label in args.labels]
     done = done_keys(path)
     todo = [(r, s) for r in rows for s in args.seeds if (r.key, s) not in done]
     todo = [(r, s) for r, s in todo if not reuse(r, s, args, path)]
     # tuned rows: their studies first, one at a time (each runs args.workers trials at once)
     tuned = {key: tuned_values(r, args) for key, r in {r.key: r for r, _ in todo if r.tune_space}.items()}
+    for row in {r.key: r for r, _ in todo if r.borrow}.values():
+        tuned[row.key] = borrowed_values(row, args)
     # teachers first: a row that needs another row's checkpoint waits for it
     first = [(r, s) for r, s in todo if not r.teacher_from]
     later = [(r, s) for r, s in todo if r.teacher_from]
@@ -481,7 +523,9 @@ def report(args: argparse.Namespace) -> str:
             if tuned:
                 values = ", ".join(f"`{k}` {v:.3g}" if isinstance(v, float) else f"`{k}` {v}"
                                    for k, v in tuned["values"].items())  # fmt: skip
-                lines.append(f"\n{label}: {values} (kdray tune, seed {tuned['seed']}'s validation split)")
+                origin = (f"{tuned['borrowed_from']}'s winner" if tuned.get("borrowed_from")
+                          else f"kdray tune, seed {tuned['seed']}'s validation split")  # fmt: skip
+                lines.append(f"\n{label}: {values} ({origin})")
         gens = [r for r in group if r.get("generations")]
         if gens:
             k = len(gens[0]["generations"]["test_acc"])
