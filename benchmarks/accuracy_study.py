@@ -349,12 +349,18 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def borrow_source(row: Row) -> Row:
+    """The tuned row (same study and regime) whose winner a control row borrows."""
+    return next(
+        r for r in ROWS if r.study == row.study and r.regime == row.regime and r.label == row.borrow[0]
+    )
+
+
 def borrowed_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     """A control row's values: the named keys of its tuned row's winner (tuning it first if need be), then the
     row's overrides."""
-    label, keys = row.borrow
-    source = next(r for r in ROWS if r.study == row.study and r.regime == row.regime and r.label == label)
-    best = tuned_values(source, args)
+    keys = row.borrow[1]
+    best = tuned_values(borrow_source(row), args)
     values = {k: v for k, v in best["values"].items() if keys is None or k in keys}
     return {**best, "values": {**values, **row.overrides}}
 
@@ -397,7 +403,7 @@ def run_one(
     if "staged" in s and s["staged"].get("generations"):
         record["generations"] = s["staged"]["generations"]
     if tuned is not None:
-        source = next(r for r in ROWS if r.key == f"{row.regime}/{row.borrow[0]}") if row.borrow else row
+        source = borrow_source(row) if row.borrow else row
         record["tuned"] = {**tuned, "study": str(tune_folder(source, args)), **TUNE}
         if row.borrow:
             record["tuned"]["borrowed_from"] = source.label

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import EngineConfig
+from kdray.engines.ports import PortPicker
 from kdray.errors import KdrayError, PlacementError
 
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
@@ -68,12 +68,6 @@ def _quiet_start_notices() -> None:
         notice = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in notice.filters):
             notice.addFilter(kind())
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_temp_dir() -> Path:
@@ -252,7 +246,7 @@ class LocalRayStart:
             # only Train's PlacementGroupCleaner reads the dashboard's state API, and the RayEngine does without
             # it on a Ray it started (ray_backend.PopulationTrainer)
             include_dashboard=dashboard,
-            **({"dashboard_host": "127.0.0.1", "dashboard_port": _free_loopback_port()} if dashboard else {}),
+            **({"dashboard_host": "127.0.0.1", "dashboard_port": PortPicker().port()} if dashboard else {}),
             _temp_dir=str(self.temp_dir),
             logging_level="warning",
         )
