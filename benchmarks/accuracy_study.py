@@ -422,19 +422,41 @@ def done_keys(path: Path) -> set[tuple[str, int]]:
     return keys
 
 
-def reuse(row: Row, seed: int, args: argparse.Namespace, path: Path) -> bool:
-    """Copy the record of ``row.same_as`` for this seed into ``path`` if it ran exactly this config."""
-    if row.same_as is None:
+def _resolved(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with every default filled in and no name: two runs train the same thing iff these agree."""
+    from kdray.config import validate
+
+    return {**validate(raw).to_dict(), "name": ""}
+
+
+def default_row(row: Row) -> Row | None:
+    """The defaults row of a tuned row (``dml`` for ``dml tuned``), in the same study and regime."""
+    label = row.label.removesuffix(" tuned")
+    return next((r for r in ROWS if (r.study, r.regime, r.label) == (row.study, row.regime, label)), None)
+
+
+def reuse(
+    row: Row, seed: int, args: argparse.Namespace, path: Path, tuned: dict[str, Any] | None = None
+) -> bool:
+    """Copy a record that trained exactly this row's config for this seed into ``path``: ``row.same_as``'s, or for
+    a tuned row whose winner is its method's defaults, the defaults row's (training it again would repeat it)."""
+    if row.same_as is not None:
+        study, label = row.same_as
+        want = config(row, seed, args)
+    elif tuned is not None and row.tune_space and default_row(row) is not None:
+        study, label = row.study, default_row(row).label
+        want = config(row, seed, args, tuned["values"])
+    else:
         return False
-    study, label = row.same_as
-    want = config(row, seed, args)
     for record in load(Path(args.out) / f"{study}.jsonl"):
         if (record["regime"], record["label"], record["seed"]) != (row.regime, label, seed):
             continue
-        if {**record["config"], "name": want["name"]} != want:
+        if _resolved(record["config"]) != _resolved(want):
             return False
         copied = {**record, "study": row.study, "label": row.label, "reused_from": f"{study}/{label}"}
         copied["config"] = want
+        if tuned is not None:
+            copied["tuned"] = {**tuned, "study": str(tune_folder(row, args)), **TUNE}
         with path.open("a") as fh:
             fh.write(json.dumps(copied) + "\n")
         print(f"{row.key} seed {seed}: reused {study}/{label} (same config)", flush=True)
@@ -456,6 +478,7 @@ def run(args: argparse.Namespace) -> None:
     tuned = {key: tuned_values(r, args) for key, r in {r.key: r for r, _ in todo if r.tune_space}.items()}
     for row in {r.key: r for r, _ in todo if r.borrow}.values():
         tuned[row.key] = borrowed_values(row, args)
+    todo = [(r, s) for r, s in todo if not (r.tune_space and reuse(r, s, args, path, tuned[r.key]))]
     # teachers first: a row that needs another row's checkpoint waits for it
     first = [(r, s) for r, s in todo if not r.teacher_from]
     later = [(r, s) for r, s in todo if r.teacher_from]
@@ -526,12 +549,15 @@ def report(args: argparse.Namespace) -> str:
                 f"| {label} | {' | '.join(cells)} | {mean_peer} | {ens} | {ece} | {val} | {len(runs)} |"
             )
         for label in labels:
-            tuned = next((r["tuned"] for r in group if r["label"] == label and r.get("tuned")), None)
-            if tuned:
+            tuned_run = next((r for r in group if r["label"] == label and r.get("tuned")), None)
+            if tuned_run:
+                tuned = tuned_run["tuned"]
                 values = ", ".join(f"`{k}` {v:.3g}" if isinstance(v, float) else f"`{k}` {v}"
                                    for k, v in tuned["values"].items())  # fmt: skip
                 origin = (f"{tuned['borrowed_from']}'s winner" if tuned.get("borrowed_from")
                           else f"kdray tune, seed {tuned['seed']}'s validation split")  # fmt: skip
+                if tuned_run.get("reused_from"):
+                    origin += f"; the method's defaults, so the runs are row {tuned_run['reused_from']}'s"
                 lines.append(f"\n{label}: {values} ({origin})")
         gens = [r for r in group if r.get("generations")]
         if gens:

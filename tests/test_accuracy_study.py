@@ -1,0 +1,59 @@
+"""The accuracy study's runner copies a run only when it trained exactly the row's config: a tuned row whose winner
+is its method's defaults takes the defaults row's records; any other winner is trained."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import accuracy_study as study  # noqa: E402
+
+ACN_DEFAULTS = {
+    "method.weights.kl": 1.0,
+    "method.weights.kl_div": 1.0,
+    "method.weights.gen": 1.0,
+    "method.temperature": 1.0,
+    "method.eps": 0.1,
+    "method.radius": 0.05,
+    "method.gen_optimizer.lr": 0.001,
+    "train.optimizer.lr": 0.1,
+}
+
+
+def _setup(tmp_path: Path) -> tuple[argparse.Namespace, Path, study.Row]:
+    args = argparse.Namespace(
+        out=str(tmp_path), data=str(tmp_path / "data"), epochs=None, device="cpu", threads=1
+    )
+    path = tmp_path / "adversarial.jsonl"
+    rows = {r.key: r for r in study.ROWS if r.study == "adversarial"}
+    defaults = rows["noise20/acn"]
+    record = {"study": "adversarial", "regime": "noise20", "label": "acn", "seed": 0, "peers": {}}
+    record["config"] = study.config(defaults, 0, args)
+    path.write_text(json.dumps(record) + "\n")
+    return args, path, rows["noise20/acn tuned"]
+
+
+def test_a_tuned_row_whose_winner_is_the_defaults_reuses_the_defaults_runs(tmp_path: Path) -> None:
+    args, path, tuned_row = _setup(tmp_path)
+    tuned = {"values": dict(ACN_DEFAULTS), "trial_id": "t0", "objective": 0.689}
+
+    assert study.reuse(tuned_row, 0, args, path, tuned)
+
+    copied = json.loads(path.read_text().splitlines()[-1])
+    assert (copied["label"], copied["reused_from"], copied["seed"]) == ("acn tuned", "adversarial/acn", 0)
+    assert copied["tuned"]["values"] == ACN_DEFAULTS and copied["tuned"]["trial_id"] == "t0"
+    assert copied["config"]["method"]["weights"]["kl_div"] == 1.0  # the tuned row's own config, written out
+
+
+def test_a_tuned_row_with_another_winner_or_seed_is_trained(tmp_path: Path) -> None:
+    args, path, tuned_row = _setup(tmp_path)
+    before = path.read_text()
+
+    other = {"values": {**ACN_DEFAULTS, "method.eps": 0.11}, "trial_id": "t1", "objective": 0.69}
+    assert not study.reuse(tuned_row, 0, args, path, other)
+    assert not study.reuse(tuned_row, 1, args, path, {"values": dict(ACN_DEFAULTS)})  # no run of seed 1
+    assert not study.reuse(tuned_row, 0, args, path, None)  # untuned: nothing to compare
+    assert path.read_text() == before
