@@ -403,10 +403,16 @@ def run_one(
     if "staged" in s and s["staged"].get("generations"):
         record["generations"] = s["staged"]["generations"]
     if tuned is not None:
-        source = borrow_source(row) if row.borrow else row
-        record["tuned"] = {**tuned, "study": str(tune_folder(source, args)), **TUNE}
-        if row.borrow:
-            record["tuned"]["borrowed_from"] = source.label
+        record["tuned"] = tuned_record(row, tuned, args)
+    return record
+
+
+def tuned_record(row: Row, tuned: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What a run's record says of the values it trained with: the winner, its study, the tuning budget."""
+    source = borrow_source(row) if row.borrow else row
+    record = {**tuned, "study": str(tune_folder(source, args)), **TUNE}
+    if row.borrow:
+        record["borrowed_from"] = source.label
     return record
 
 
@@ -443,8 +449,8 @@ def reuse(
     if row.same_as is not None:
         study, label = row.same_as
         want = config(row, seed, args)
-    elif tuned is not None and row.tune_space and default_row(row) is not None:
-        study, label = row.study, default_row(row).label
+    elif tuned is not None and row.tune_space and (defaults := default_row(row)) is not None:
+        study, label = row.study, defaults.label
         want = config(row, seed, args, tuned["values"])
     else:
         return False
@@ -456,7 +462,7 @@ def reuse(
         copied = {**record, "study": row.study, "label": row.label, "reused_from": f"{study}/{label}"}
         copied["config"] = want
         if tuned is not None:
-            copied["tuned"] = {**tuned, "study": str(tune_folder(row, args)), **TUNE}
+            copied["tuned"] = tuned_record(row, tuned, args)
         with path.open("a") as fh:
             fh.write(json.dumps(copied) + "\n")
         print(f"{row.key} seed {seed}: reused {study}/{label} (same config)", flush=True)
