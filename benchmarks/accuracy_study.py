@@ -325,10 +325,10 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
         state is None
         and mine
         and _portable(mine["config"]) == _portable(base)
-        and mine["settings"] == asdict(settings)
+        and _settings(mine["settings"]) == asdict(settings)
     ):
         return mine["best"]
-    if state is not None and (state["config"] != base or state["settings"] != asdict(settings)):
+    if state is not None and (state["config"] != base or _settings(state["settings"]) != asdict(settings)):
         raise RuntimeError(
             f"{folder} holds a tuning study of another config or budget (a smoke run with --epochs?); move it "
             "away to tune this one"
@@ -347,6 +347,15 @@ def tuned_values(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     kept[row.key] = {"config": base, "settings": asdict(settings), "best": result}
     kept_path.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
     return result
+
+
+def _settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """Recorded study settings with the settings added since at their defaults (a kept winner stays valid)."""
+    from dataclasses import asdict
+
+    from kdray.search.study import StudySettings
+
+    return {**asdict(StudySettings()), **recorded}
 
 
 def borrow_source(row: Row) -> Row:

@@ -57,3 +57,29 @@ def test_a_tuned_row_with_another_winner_or_seed_is_trained(tmp_path: Path) -> N
     assert not study.reuse(tuned_row, 1, args, path, {"values": dict(ACN_DEFAULTS)})  # no run of seed 1
     assert not study.reuse(tuned_row, 0, args, path, None)  # untuned: nothing to compare
     assert path.read_text() == before
+
+
+def test_the_committed_tuned_winners_are_read_back_without_tuning_again(tmp_path: Path, monkeypatch) -> None:
+    """Every winner kept in benchmarks/results/studies/adversarial_tuned.json still matches its row's config and
+    study settings (settings added to kdray tune since, at their defaults, included): a fresh clone trains the
+    tuned seeds without running a study."""
+    import shutil
+
+    import kdray.search.study
+
+    kept = Path(study.REPO) / "benchmarks" / "results" / "studies" / "adversarial_tuned.json"
+    shutil.copy(kept, tmp_path / kept.name)
+    args = argparse.Namespace(
+        out=str(tmp_path), data=str(tmp_path / "data"), epochs=None, device="auto", threads=1, workers=2
+    )
+
+    def no_study(*a, **k):
+        raise AssertionError("a study ran")
+
+    monkeypatch.setattr(kdray.search.study, "run_study", no_study)
+    winners = json.loads(kept.read_text())
+    rows = {r.key: r for r in study.ROWS if r.study == "adversarial"}
+    assert winners
+    for key, entry in winners.items():
+        assert study.tuned_values(rows[key], args) == entry["best"], key
+    assert (tmp_path / kept.name).read_text() == kept.read_text()  # nothing rewritten

@@ -22,6 +22,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent, seed=args.seed, cpus_per_trial=args.cpus_per_trial,
         grace_period=args.grace_period, perturbation_interval=args.perturbation_interval,
         epoch_budget=args.epoch_budget, multi_objective=args.multi_objective, address=args.address,
+        keep_baseline=args.keep_baseline,
     )  # fmt: skip
     result = run_study(
         args.config,
@@ -48,6 +49,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["values"].items()
     )
     print(f"best {study['metric']} {best['objective']:.4f} (trial {best['trial_id']}): {values}")
+    own = study.get("baseline")
+    if own is not None and own["objective"] is not None:
+        how = (
+            "all its epochs" if own["status"] == "finished" else f"{own['status']} after epoch {own['epoch']}"
+        )
+        print(
+            f"the config's own values: {study['metric']} {own['objective']:.4f} (trial {own['trial_id']}, {how})"
+            + ("; --keep-baseline lets them train to the end" if own["status"] == "stopped" else "")
+        )
     if study["settings"].get("multi_objective"):
         print(f"Pareto front ({len(study['pareto'])} trial(s), smallest first; plots/pareto.png):")
         for t in study["pareto"]:
@@ -86,6 +96,12 @@ def add_parser(subparsers) -> None:
         "--cpus-per-trial", type=float, help="CPUs per trial (local engine; default: shared evenly)"
     )
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument(
+        "--keep-baseline",
+        action="store_true",
+        help="ASHA: never stop the config's own values (the first trial) early, so that the winner is compared "
+        "with them after every epoch of the schedule",
+    )
     p.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between perturbations")
     p.add_argument(
         "--epoch-budget",

@@ -157,6 +157,18 @@ class SearchSpace:
         return None
 
 
+def same_values(config: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether a trial's config holds every value of ``point`` (numbers equal up to float round-off)."""
+    for key, want in point.items():
+        got = config.get(key)
+        if isinstance(want, bool) or isinstance(got, bool) or not isinstance(want, int | float):
+            if type(got) is not type(want) or got != want:  # True is not 1
+                return False
+        elif not isinstance(got, int | float) or not math.isclose(got, want, rel_tol=1e-12, abs_tol=0.0):
+            return False
+    return True
+
+
 def apply_values(raw_config: dict[str, Any], values: dict[str, Any]) -> ExperimentConfig:
     """The config with ``values`` (dotted key -> value) set and validated; values keep their types (no YAML parsing)."""
     raw = copy.deepcopy(raw_config)

@@ -34,7 +34,7 @@ import yaml
 
 from kdray.config import ExperimentConfig, apply_overrides, load_config
 from kdray.errors import KdrayError, PlacementError
-from kdray.search.space import SearchSpace, load_space, parse_space
+from kdray.search.space import SearchSpace, load_space, parse_space, same_values
 from kdray.search.trial import (
     HISTORY_FILE,
     OBJECTIVES,
@@ -71,6 +71,8 @@ class StudySettings:
     quantile_fraction: float = 0.25  # PBT: the bottom fraction copies the top fraction
     resample_probability: float = 0.25  # PBT: chance a perturbed value is drawn afresh instead of scaled
     start_from_config: bool = True  # the first trial runs the config's own values
+    # ASHA never stops the config's own values before the last epoch: the winner is compared with them at the end
+    keep_baseline: bool = False
     extra_points: list[dict[str, Any]] = field(
         default_factory=list
     )  # more fixed first trials (tests, benchmarks)
@@ -109,6 +111,19 @@ class StudySettings:
             raise bad("--epoch-budget", self.epoch_budget, "need at least 1 epoch")
         if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
             raise bad("--cpus-per-trial", self.cpus_per_trial, "must be > 0")
+        if self.keep_baseline and self.scheduler != "asha":
+            raise bad(
+                "--keep-baseline",
+                True,
+                f"only with --scheduler asha (this study's is {self.scheduler!r}: FIFO stops no trial, and PBT "
+                "changes the values of the trials it exploits)",
+            )
+        if self.keep_baseline and not self.start_from_config:
+            raise bad(
+                "--keep-baseline",
+                True,
+                "needs the config's own values as the first trial (start_from_config)",
+            )
         if self.multi_objective and self.scheduler != "fifo":
             raise bad(
                 "--scheduler",
@@ -268,10 +283,28 @@ def _initial_points(
     return points[: settings.samples]
 
 
+def _asha_or_fifo(settings: StudySettings, epochs: int, own: dict[str, Any] | None):
+    """The scheduler of a searched (non-PBT) study; ``own``: the config's own values, which
+    ``settings.keep_baseline`` lets train every epoch."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if settings.scheduler != "asha":
+        return FIFOScheduler()
+    kwargs = dict(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+                  reduction_factor=settings.reduction_factor)  # fmt: skip
+    if settings.keep_baseline:
+        from kdray.search.schedulers import BaselineASHA
+
+        if own is None:  # run_study refuses this before Ray starts
+            raise StudyError("--keep-baseline: the config's own values lie outside the space")
+        return BaselineASHA(keep=[own], **kwargs)
+    return ASHAScheduler(**kwargs)
+
+
 def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, settings: StudySettings,
                  res: TrialResources, study_dir: Path, verbose: bool):  # fmt: skip
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import PopulationBasedTraining
 
     from kdray.search.progress import EpochBudget, StudyProgress
 
@@ -314,13 +347,7 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
             space={k: p.to_optuna() for k, p in space.params.items()},
             metric=metric, mode=mode, points_to_evaluate=points or None, sampler=sampler,
         )  # fmt: skip
-        if settings.scheduler == "asha":
-            scheduler = ASHAScheduler(
-                time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
-                reduction_factor=settings.reduction_factor,
-            )  # fmt: skip
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = _asha_or_fifo(settings, epochs, space.config_values(base))
         keep = 2
     tune_config = tune.TuneConfig(
         metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
@@ -378,6 +405,11 @@ def run_study(
         space_obj = space if isinstance(space, SearchSpace) else load_space(space)
     settings.check()
     base = space_obj.check_against(raw)
+    if settings.keep_baseline and space_obj.config_values(base) is None:
+        raise StudyError(
+            "--keep-baseline: the config's own values of the searched keys lie outside the space "
+            f"'{space_obj.source}', so no trial runs them; widen the space or drop --keep-baseline"
+        )
     if settings.scheduler == "pbt" and not space_obj.perturb:
         raise StudyError(
             f"--scheduler pbt: the space '{space_obj.source}' lists nothing under 'perturb' for PBT to change; "
@@ -557,6 +589,11 @@ def summarise_study(
     )
     for t in trials:
         t["pareto"] = t["trial_id"] in front
+    # the config's own values (the first trial unless start_from_config is off): what the winner must beat
+    own = space.config_values(base) if state["settings"].get("start_from_config", True) else None
+    for t in trials:
+        t["baseline"] = own is not None and same_values(t["values"], own)
+    baseline = next((t for t in trials if t["baseline"]), None)
     return {
         **state,
         "status": "finished",
@@ -566,6 +603,9 @@ def summarise_study(
             "trial_id": best["trial_id"], "objective": best["objective"], "epoch": best["epoch"],
             "values": best["values"], "status": best["status"], "config": str(study_dir / "best.yaml"),
             "checkpoint": str(study_dir / "best.pt"),
+        },
+        "baseline": None if baseline is None else {
+            k: baseline[k] for k in ("trial_id", "objective", "epoch", "status", "values")
         },
         "trials": trials,
         # finished trials no other finished trial beats on both accuracy and size, smallest first

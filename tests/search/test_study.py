@@ -34,13 +34,16 @@ def _history(trial_dir):
 
 
 def test_asha_study_end_to_end(ray_local, tiny_raw, tmp_path):
-    """4 trials, TPE + ASHA: values in range, the config's own values first, study.json and MLflow agree, and
-    best.yaml reproduces the best trial."""
+    """4 trials, TPE + ASHA: values in range, the config's own values first (kept to the end: --keep-baseline),
+    study.json and MLflow agree, and best.yaml reproduces the best trial."""
     tiny_raw["train"]["epochs"] = 2
     tiny_raw["tracking"] = {"enabled": True}
     out = tmp_path / "runs" / "asha"
     result = run_study(
-        tiny_raw, ASHA_SPACE, out=out, settings=StudySettings(samples=4, max_concurrent=2, seed=3)
+        tiny_raw,
+        ASHA_SPACE,
+        out=out,
+        settings=StudySettings(samples=4, max_concurrent=2, seed=3, keep_baseline=True),
     )
     study = json.loads((out / "study.json").read_text())
     trials = study["trials"]
@@ -58,6 +61,13 @@ def test_asha_study_end_to_end(ray_local, tiny_raw, tmp_path):
     assert {"method.weights.kl": 1.0, "method.temperature": 1.0, "train.optimizer.name": "sgd"} in [
         t["values"] for t in trials
     ]  # points_to_evaluate: the config's own values
+    own = {"method.weights.kl": 1.0, "method.temperature": 1.0, "train.optimizer.name": "sgd"}
+    assert [t["values"] for t in trials if t["baseline"]] == [own]
+    baseline = next(t for t in trials if t["baseline"])
+    assert study["baseline"] == {
+        k: baseline[k] for k in ("trial_id", "objective", "epoch", "status", "values")
+    }
+    assert baseline["status"] == "finished" and baseline["epochs_trained"] == 2  # never stopped at rung 1
     finished = [t for t in trials if t["status"] == "finished"]
     assert finished and all(t["epoch"] == 2 for t in finished)
     best = study["best"]
