@@ -224,6 +224,18 @@ def _local(starter: LocalRayStart) -> Iterator[str]:
         starter.stop()
 
 
+DASHBOARD_PORT_RETRIES = 3
+
+
+def _port_taken(exc: BaseException, port: int | None) -> bool:
+    """Whether ``ray.init`` failed because ``port`` was occupied when Ray came to bind it."""
+    return (
+        port is not None
+        and isinstance(exc, ValueError)
+        and f":{port} because it's already occupied" in str(exc)
+    )
+
+
 class LocalRayStart:
     """kdray's private local Ray, started in a thread so that the driver can go on meanwhile (MLflow, imports:
     ``api.run_population`` starts it early with :func:`early_local_ray`; ``ray_session`` takes it over).
@@ -252,10 +264,14 @@ class LocalRayStart:
         )
         self.started_at = time.time()
         self.ready_at: float | None = None
+        self._stopped = False
+        self.port_retries = 0  # starts again because another process took the dashboard port first
+        self._launch()
+
+    def _launch(self) -> None:
         self.error: BaseException | None = None
         self._context: Any = None
         self._ready, self._release = threading.Event(), threading.Event()
-        self._stopped = False
         self._thread = threading.Thread(target=self._start, name="kdray-ray-start", daemon=True)
         self._thread.start()
 
@@ -276,8 +292,24 @@ class LocalRayStart:
         self._release.wait()  # Ray's processes die with this thread: it ends after ray.shutdown()
 
     def wait(self) -> None:
-        """Until Ray is up; raises what ``ray.init`` raised."""
+        """Until Ray is up; raises what ``ray.init`` raised.
+
+        The dashboard's port is picked free before Ray binds it; another process (or one of Ray's own, which pick
+        their ports at random) can take it in between, and ``ray.init`` then fails. The start is made again on a
+        new port, from a new thread: the processes the failed start left die with the thread that started them."""
         self._ready.wait()
+        while (
+            self.error is not None
+            and self.engine.session.dashboard
+            and _port_taken(self.error, self.kwargs.get("dashboard_port"))
+            and self.port_retries < DASHBOARD_PORT_RETRIES
+        ):
+            self.port_retries += 1
+            self._release.set()
+            self._thread.join(timeout=30)
+            self.kwargs["dashboard_port"] = PortPicker().port()
+            self._launch()
+            self._ready.wait()
         if self.error is not None:
             raise self.error
         if self.engine.session.dashboard and getattr(self._context, "dashboard_url", None):

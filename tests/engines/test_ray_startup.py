@@ -366,3 +366,53 @@ def test_an_early_start_that_failed_raises_in_the_run(fake_ray_init, monkeypatch
     ):
         pass
     assert fake_ray_init["shutdown"] == 0  # nothing was up
+
+
+def test_a_dashboard_port_taken_before_ray_binds_it_is_picked_again(fake_ray_init, monkeypatch):
+    """Between kdray picking the dashboard's port and Ray binding it, another process took it: the start is made
+    again on a new port, from a new thread (the failed start's processes die with its thread); other errors, and
+    a port that stays taken, are raised."""
+    import threading
+
+    import ray
+
+    from kdray.engines import ray_runtime
+
+    taken: list[int] = []
+    threads: list[threading.Thread] = []
+
+    def init(**kw):
+        threads.append(threading.current_thread())
+        fake_ray_init["init"].append((threading.current_thread().name, kw))
+        port = kw["dashboard_port"]
+        if len(fake_ray_init["init"]) <= fails:
+            taken.append(port)
+            raise ValueError(
+                f"Failed to bind to 127.0.0.1:{port} because it's already occupied. You can use ..."
+            )
+
+    monkeypatch.setattr(ray, "init", init)
+    engine = EngineConfig(name="ray", session={"dashboard": True})
+    fails = 2
+    with ray_runtime.ray_session(engine, num_peers=2) as how:
+        assert how == "local"
+        ports = [kw["dashboard_port"] for _, kw in fake_ray_init["init"]]
+        assert len(ports) == 3 and len(set(ports)) == 3 and ports[:2] == taken
+        assert not threads[0].is_alive() and not threads[1].is_alive() and threads[2].is_alive()
+    assert fake_ray_init["shutdown"] == 1  # the Ray that came up, once
+
+    fake_ray_init["init"].clear()
+    fails = ray_runtime.DASHBOARD_PORT_RETRIES + 1  # taken every time: the last error is the user's
+    with pytest.raises(ValueError, match="already occupied"), ray_runtime.ray_session(engine, num_peers=2):
+        pass
+    assert len(fake_ray_init["init"]) == ray_runtime.DASHBOARD_PORT_RETRIES + 1
+
+    def other(**kw):
+        fake_ray_init["init"].append(("", kw))
+        raise ValueError("Failed to bind to 127.0.0.1:6379 because it's already occupied.")  # not our port
+
+    monkeypatch.setattr(ray, "init", other)
+    fake_ray_init["init"].clear()
+    with pytest.raises(ValueError, match="6379"), ray_runtime.ray_session(engine, num_peers=2):
+        pass
+    assert len(fake_ray_init["init"]) == 1
