@@ -279,10 +279,14 @@ class LocalRayStart:
         try:
             import ray
 
-            with (
-                _environ({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(self.temp_dir)}),
-                _loopback_node_ip(),
-            ):
+            env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(self.temp_dir)}
+            if self.kwargs.get("dashboard_port"):
+                # Ray's processes inherit this: Train's placement-group cleaner asks the state API whether a run's
+                # controller lives, and without an address that API looks for Ray on the machine and fails when
+                # it finds two (another user's, a test's); the cleaner then dies and the run's placement group
+                # is never removed (seen: a later study waited forever for the CPUs it held)
+                env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{self.kwargs['dashboard_port']}"
+            with _environ(env), _loopback_node_ip():
                 self._context = ray.init(**self.kwargs)
         except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread by wait()
             self.error = exc

@@ -416,3 +416,21 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_picked_again(fake_ray_ini
     with pytest.raises(ValueError, match="6379"), ray_runtime.ray_session(engine, num_peers=2):
         pass
     assert len(fake_ray_init["init"]) == 1
+
+
+def test_rays_processes_are_told_the_state_apis_address(fake_ray_init, monkeypatch):
+    """Train's placement-group cleaner calls the state API without an address; with two Rays on the machine that
+    fails, the cleaner dies and the run's placement group stays. A local Ray with a dashboard starts with
+    RAY_API_SERVER_ADDRESS set to its dashboard (the processes it starts inherit it); the driver's own environment
+    is left as it was."""
+    import ray
+
+    from kdray.engines import ray_runtime
+
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append((kw, os.environ.get("RAY_API_SERVER_ADDRESS"))))
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with ray_runtime.ray_session(EngineConfig(name="ray", session={"dashboard": True}), num_peers=2):
+        (kw, address), = seen  # fmt: skip
+        assert address == f"http://127.0.0.1:{kw['dashboard_port']}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -309,6 +310,16 @@ def test_pbt_on_the_ray_engine_exploits_across_train_runs(ray_local, tiny_raw, t
     out = tmp_path / "pbt-ray"
     study = run_study(tiny_raw, space, out=out, settings=settings).study
     assert all(t["status"] == "finished" for t in study["trials"])
+    # no Train placement group outlives its trial: Train's cleaner removes them, through the state API, which
+    # must be told its address (two Rays on one machine made it fail and leave the groups: RAY_API_SERVER_ADDRESS)
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.time() + 60
+    while (
+        left := [g for g, i in placement_group_table().items() if i["state"] in ("CREATED", "PENDING")]
+    ) and (time.time() < deadline):
+        time.sleep(1.0)
+    assert not left, left
     events = [(t, e) for t in study["trials"] for e in t["exploits"]]
     assert events, "no exploit happened"
     recipient, event = events[0]
