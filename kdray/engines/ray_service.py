@@ -84,6 +84,9 @@ def start(cpus: int | None = None, object_store_mb: int = 300, timeout_s: float 
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
+        # the state API's address for the processes Ray starts: Train's placement-group cleaner calls that API
+        # without one, and it fails when it finds more than one Ray on the machine (docs/benchmarks.md)
+        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
     )
     ray = Path(sys.executable).parent / "ray"
     args = [

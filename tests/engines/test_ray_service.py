@@ -3,6 +3,7 @@ stops exactly what it started."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import json
@@ -40,6 +41,15 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
             if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids:
                 listening.append(line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:"))
         assert listening and all(ipaddress.ip_address(a).is_loopback for a in listening), listening
+        # the raylet, and so the workers it starts, is told the state API's address (Train's placement-group
+        # cleaner asks it without one); processes that rename themselves overwrite /proc/PID/environ
+        environs = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if b"raylet/raylet" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                    environs.append((Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"))
+        want = f"RAY_API_SERVER_ADDRESS={state['dashboard']}".encode()
+        assert len(environs) == 1 and want in environs[0], state["dashboard"]
 
         raw = copy.deepcopy(tiny_raw)
         raw["engine"] = {"name": "ray", "placement": {"cpus_per_peer": 0.5}}
