@@ -11,8 +11,6 @@ alike; the table reports medians of per-step times and their ratio. Target: over
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reference_dml import build_reference_peers, dml_step  # noqa: E402
+from benchmarks.step_timing import sync, write_rows  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.population import Population  # noqa: E402
 
@@ -53,11 +52,6 @@ def config(args: argparse.Namespace, image: int, channels: int) -> dict:
         },
         "tracking": {"enabled": False},
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(args: argparse.Namespace, image: int, channels: int) -> dict:
@@ -133,18 +127,8 @@ def main() -> int:
             f"| {r['input']} | {r['peers']} x {r['arch']} | {r['device']} | {r['kdray_ms']} | {r['manual_ms']} "
             f"| {r['overhead_pct']:+.2f}% | {r['steps']} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": " ".join(["python", *sys.argv]),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-    }
     suffix = "" if args.peers == 2 else f"_{args.peers}peers"
-    name = f"engine_overhead_{rows[0]['device'].split(':')[0]}{suffix}.json"
-    (out / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_rows(args.out, f"engine_overhead_{rows[0]['device'].split(':')[0]}{suffix}.json", rows)
     return 0
 
 

@@ -14,8 +14,6 @@ population. On a shared machine quote the ratios, not the milliseconds.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.accuracy_study import PAIR, RING3, UNEQUAL  # noqa: E402
+from benchmarks.step_timing import sync, write_rows  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.population import Population  # noqa: E402
 
@@ -55,11 +54,6 @@ def config(peers: list[dict], method: dict, batch: int, device: str) -> dict:
         "train": {"device": device, "epochs": 1, "progress": False},
         "tracking": {"enabled": False},
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(population: str, args: argparse.Namespace) -> list[dict]:
@@ -131,19 +125,8 @@ def main() -> int:
             f"| {r['population']} | {r['peers']} | {r['method']} | {r['step_ms']} | {r['vs_dml']:.2f}x "
             f"| {r['steps']} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": " ".join(["python", *sys.argv]),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    name = f"method_cost_{rows[0]['device'].split(':')[0]}.json"
-    (out / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out / name}")
+    path = write_rows(args.out, f"method_cost_{rows[0]['device'].split(':')[0]}.json", rows)
+    print(f"wrote {path}")
     return 0
 
 
