@@ -101,10 +101,15 @@ class Row:
         return f"{self.regime}/{self.label}"
 
 
+def online_peers(regime: str) -> list[dict[str, Any]]:
+    """The population an online-distillation regime trains: its own in `unequal` and `ring3`, else two ResNet-8s."""
+    return {"unequal": UNEQUAL, "ring3": RING3}.get(regime, PAIR)
+
+
 def _rows() -> list[Row]:
     rows = []
     for regime in ("small", "noise20", "noise40", "unequal", "ring3"):
-        peers = {"unequal": UNEQUAL, "ring3": RING3}.get(regime, PAIR)
+        peers = online_peers(regime)
         for name in ("independent", "dml", "afd", "acn"):
             if regime in ("unequal", "ring3") and name == "acn":
                 continue  # ACN's study is on pairs (the generator's pairwise objective)
@@ -135,11 +140,10 @@ def _rows() -> list[Row]:
     # adversary, the logit loss and the learning rate apart
     afd = {"name": "afd", "disc_norm": "dcgan", "disc_batch": "joint"}
     for regime in ("noise20", "noise40", "unequal"):
-        peers = UNEQUAL if regime == "unequal" else PAIR
         rows += [
-            Row("adversarial", regime, "independent at afd tuned lr", {"name": "independent"}, peers,
+            Row("adversarial", regime, "independent at afd tuned lr", {"name": "independent"}, online_peers(regime),
                 borrow=("afd tuned", ("train.optimizer.lr",))),
-            Row("adversarial", regime, "afd tuned adversary off", afd, peers,
+            Row("adversarial", regime, "afd tuned adversary off", afd, online_peers(regime),
                 borrow=("afd tuned", None), overrides={"method.weights.adv": 0.0}),
         ]  # fmt: skip
     for norm, batch in (
