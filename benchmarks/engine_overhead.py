@@ -24,6 +24,7 @@ from benchmarks.reference_dml import build_reference_peers, dml_step  # noqa: E4
 from benchmarks.step_timing import sync, write_rows  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.population import Population  # noqa: E402
+from kdray.step import StepRunner
 
 
 def config(args: argparse.Namespace, image: int, channels: int) -> dict:
@@ -57,6 +58,7 @@ def config(args: argparse.Namespace, image: int, channels: int) -> dict:
 def measure(args: argparse.Namespace, image: int, channels: int) -> dict:
     cfg = load_config(config(args, image, channels))
     proc = Population(cfg)
+    runner = StepRunner(proc)
     device = proc.device
     batches = [b.to(device) for b in proc.data.train_batches(0)]
     nets, opts = build_reference_peers(cfg, proc.data)
@@ -69,7 +71,7 @@ def measure(args: argparse.Namespace, image: int, channels: int) -> dict:
         for i in range(n):
             b = batches[(start + i) % len(batches)]
             t = time.perf_counter()
-            proc.train_step(b, 0, start + i)  # what the loop runs: phases, then every scheduler's step
+            runner.step(b, 0, start + i)  # what the loop runs: phases, then every scheduler's step
             sync(device)
             times.append(time.perf_counter() - t)
         return times

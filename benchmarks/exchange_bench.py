@@ -74,13 +74,15 @@ def local_step_ms(raw: dict, steps: int, threads: int = CORES) -> float:
 
     from kdray.config import load_config
     from kdray.population import Population
+    from kdray.step import StepRunner
 
     cfg = load_config({**raw, "train": {**raw["train"], "threads": threads}})
     pop = Population(cfg)
+    runner = StepRunner(pop)
     torch.set_num_threads(threads)
     marks = []
     for i, batch in enumerate(pop.batches(0)):
-        pop.train_step(batch, 0, i)
+        runner.step(batch, 0, i)
         marks.append(time.perf_counter())
     warm = min(3, len(marks) - 2)
     return (
@@ -108,7 +110,7 @@ def ray_run(raw: dict, exchange: str, out: Path, **engine) -> dict:
         "exchange_ms": epoch2["exchange/ms_per_step"],
         "bytes_per_step": epoch2["exchange/bytes_per_step"],
         "share": epoch2["exchange/ms_per_step"] / epoch2["train/step_ms"],
-        "first_step_s_ray_up": result.summary["first_step_s"],
+        "first_step_s_ray_up": result.summary["first_step_after_engine_start_s"],
     }
     if "exchange/wait_ms_per_step" in epoch2:  # split_wait: waiting for the slowest peer vs moving bytes
         row["wait_ms"] = epoch2["exchange/wait_ms_per_step"]

@@ -27,6 +27,7 @@ from benchmarks.accuracy_study import PAIR, RING3, UNEQUAL  # noqa: E402
 from benchmarks.step_timing import sync, write_rows  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.population import Population  # noqa: E402
+from kdray.step import StepRunner
 
 POPULATIONS = {"pair": PAIR, "unequal": UNEQUAL, "ring3": RING3}
 # the methods of the adversarial study, with the settings it runs them with; ACN's study is on pairs
@@ -62,6 +63,7 @@ def measure(population: str, args: argparse.Namespace) -> list[dict]:
         m: Population(load_config(config(POPULATIONS[population], METHODS[m], args.batch, args.device)))
         for m in methods
     }
+    runners = {m: StepRunner(p) for m, p in pops.items()}
     batches = {m: [b.to(p.device) for b in p.data.train_batches(0)] for m, p in pops.items()}
     steps = dict.fromkeys(methods, 0)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -71,7 +73,7 @@ def measure(population: str, args: argparse.Namespace) -> list[dict]:
         for _ in range(n):
             b = batches[m][steps[m] % len(batches[m])]
             t = time.perf_counter()
-            pop.train_step(b, 0, steps[m])
+            runners[m].step(b, 0, steps[m])
             sync(pop.device)
             if keep:
                 times[m].append(time.perf_counter() - t)

@@ -82,11 +82,12 @@ ALONE = """
 import json, statistics, sys, time, torch
 from kdray.config import load_config
 from kdray.population import Population
+from kdray.step import StepRunner
 raw = json.loads(sys.argv[1]); warm = int(sys.argv[2])
-pop = Population(load_config(raw)); torch.set_num_threads(raw["train"]["threads"])
+pop = Population(load_config(raw)); torch.set_num_threads(raw["train"]["threads"]); runner = StepRunner(pop)
 marks = []
 for i, batch in enumerate(pop.batches(0)):
-    pop.train_step(batch, 0, i); marks.append(time.perf_counter())
+    runner.step(batch, 0, i); marks.append(time.perf_counter())
 steps = [1000 * (b - a) for a, b in zip(marks[warm:], marks[warm + 1:])]
 print(json.dumps({"median_ms": statistics.median(steps)}))
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from kdray.errors import ConfigError
+from kdray.registry import ENGINES, EXCHANGES, METHODS
 
 
 class Section(BaseModel):
@@ -238,35 +239,28 @@ class PlacementConfig(Section):
     )
 
 
-class CollectiveExchangeConfig(Section):
-    name: Literal["collective"] = "collective"
-    split_wait: bool = Field(
-        False,
-        description="a timed barrier before each round splits waiting for the slowest peer "
-        "(exchange/wait_ms_per_step) from moving bytes (diagnostic; one more small collective per round)",
-    )
-
-
-class ActorExchangeConfig(Section):
-    name: Literal["actor"]
-
-
-class StaleExchangeConfig(Section):
-    name: Literal["stale"]
-    every: int = Field(50, ge=1, description="ship weights every N steps")
-    burn_in: int = Field(0, ge=0, description="steps of task-only training before distillation starts")
-
-
-ExchangeConfig = Annotated[
-    CollectiveExchangeConfig | ActorExchangeConfig | StaleExchangeConfig, Field(discriminator="name")
-]
-
-
-EXCHANGE_CONFIGS: dict[str, type[Section]] = {
-    "collective": CollectiveExchangeConfig,
-    "actor": ActorExchangeConfig,
-    "stale": StaleExchangeConfig,
-}
+def exchange_section(raw: Any) -> Section:
+    """``engine.exchange`` holds the registered exchange's own section (the ``Config`` of
+    ``kdray/exchange/<name>.py``). ``engine.exchange`` (a name, or a mapping with a ``name``; default ``collective``) -> the exchange's own
+    section; a key another exchange owns is refused naming its owner."""
+    if isinstance(raw, Section):
+        return raw
+    if isinstance(raw, str):  # engine.exchange=actor
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ValueError("needs an exchange name or a mapping with a 'name' key")
+    raw = {"name": "collective", **raw}
+    known = EXCHANGES.lookup(raw["name"]).Config
+    extra = sorted(set(raw) - set(known.model_fields))
+    if extra:
+        owner = [n for n, c in EXCHANGES.items() if extra[0] in c.Config.model_fields]
+        raise ConfigError(
+            f"engine.exchange.{extra[0]}",
+            raw[extra[0]],
+            f"the {raw['name']} exchange cannot honour it (its keys: {sorted(known.model_fields)})"
+            + (f"; it belongs to engine.exchange.name: {owner[0]}" if owner else ""),
+        )
+    return known.model_validate(raw)
 
 
 class FaultToleranceConfig(Section):
@@ -293,19 +287,31 @@ MOVED_KEYS = {
     "data.val_size": "data.test_size (the validation split is now carved from the training set: data.val_split)",
     "data.synthetic.val_len": "data.synthetic.test_len",
 }
-RAY_SECTIONS = ("session", "placement", "exchange", "fault_tolerance")
+ENGINE_SECTIONS = ("session", "placement", "exchange", "fault_tolerance")
 
 
 class EngineConfig(Section):
-    """``local``: every peer in this process. ``ray``: one peer per Ray Train worker, configured by the sections
-    ``session``, ``placement``, ``exchange`` and ``fault_tolerance`` (which the local engine refuses: it could not
-    honour them)."""
+    """``engine.name`` picks a registered engine (``kdray/engines/<name>_engine.py``): ``local``, every peer in
+    this process, or ``ray``, one peer per Ray Train worker. The sections ``session``, ``placement``, ``exchange``
+    and ``fault_tolerance`` are refused by an engine that does not list them in its ``sections`` (the local engine
+    lists none: it could not honour them)."""
 
-    name: Literal["local", "ray"] = "local"
+    name: str = "local"
     session: SessionConfig = SessionConfig()
     placement: PlacementConfig = PlacementConfig()
-    exchange: ExchangeConfig = CollectiveExchangeConfig()
+    exchange: Section = Field(default_factory=lambda: exchange_section("collective"))
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        ENGINES.lookup(name)
+        return name
+
+    @field_validator("exchange", mode="before")
+    @classmethod
+    def _dispatch_exchange(cls, raw: Any) -> Section:
+        return exchange_section(raw)
 
     @model_validator(mode="before")
     @classmethod
@@ -313,38 +319,27 @@ class EngineConfig(Section):
         if not isinstance(raw, dict):
             return raw
         raw = dict(raw)
-        if isinstance(raw.get("exchange"), str):  # engine.exchange=actor
-            raw["exchange"] = {"name": raw["exchange"]}
         if isinstance(raw.get("placement"), str):  # engine.placement=spread
             raw["placement"] = {"strategy": raw["placement"]}
-        exchange = raw.get("exchange")
-        if isinstance(exchange, dict):
-            exchange = raw["exchange"] = {"name": "collective", **exchange}
-            known = EXCHANGE_CONFIGS.get(exchange["name"])
-            extra = sorted(set(exchange) - set(known.model_fields)) if known else []
-            if extra:
-                owner = [n for n, c in EXCHANGE_CONFIGS.items() if extra[0] in c.model_fields]
-                raise ConfigError(
-                    f"engine.exchange.{extra[0]}",
-                    exchange[extra[0]],
-                    f"the {exchange['name']} exchange cannot honour it (its keys: {sorted(known.model_fields)})"
-                    + (f"; it belongs to engine.exchange.name: {owner[0]}" if owner else ""),
-                )
         return raw
 
     @model_validator(mode="after")
-    def _local_takes_no_ray_sections(self) -> EngineConfig:
-        if self.name == "local":
-            for section in RAY_SECTIONS:
-                if section in self.model_fields_set and getattr(self, section) != type(self).model_fields[
-                    section
-                ].get_default(call_default_factory=True):
-                    raise ConfigError(
-                        f"engine.{section}",
-                        getattr(self, section).model_dump(mode="json"),
-                        "applies only to engine.name: ray (the local engine runs every peer in this process); "
-                        "remove it or set engine.name: ray",
-                    )
+    def _sections_the_engine_honours(self) -> EngineConfig:
+        engine = ENGINES.lookup(self.name)
+        for section in ENGINE_SECTIONS:
+            if section in engine.sections or section not in self.model_fields_set:
+                continue
+            default = type(self).model_fields[section].get_default(call_default_factory=True)
+            given = getattr(self, section).model_dump(mode="json")
+            if given != default.model_dump(mode="json"):
+                key = next((k for k, v in given.items() if v != default.model_dump(mode="json").get(k)), None)
+                owners = [n for n, e in ENGINES.items() if section in e.sections]
+                raise ConfigError(
+                    f"engine.{section}" + (f".{key}" if key else ""),
+                    given.get(key) if key else given,
+                    f"applies only to engine.name: {' or '.join(owners)} (the {self.name} engine cannot honour "
+                    f"engine.{section}: {engine.summary}); remove it or change engine.name",
+                )
         return self
 
 
@@ -400,19 +395,17 @@ class ExperimentConfig(Section):
     peers: list[PeerConfig] = Field(min_length=1)
     method: MethodConfig
     train: TrainConfig = TrainConfig()
-    engine: EngineConfig = EngineConfig()
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("method", mode="before")
     @classmethod
     def _dispatch_method(cls, raw: Any) -> MethodConfig:
-        from kdray.methods import method_class
-
         if isinstance(raw, MethodConfig):
             return raw
         if not isinstance(raw, dict) or "name" not in raw:
             raise ValueError("needs a mapping with a 'name' key")
-        return method_class(raw["name"]).Config.model_validate(raw)
+        return METHODS.lookup(raw["name"]).Config.model_validate(raw)
 
     @model_validator(mode="after")
     def _threads_or_balance(self) -> ExperimentConfig:
@@ -426,8 +419,6 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _population_fits_method(self, info: ValidationInfo) -> ExperimentConfig:
-        from kdray.methods import method_class
-
         names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
         if len(set(names)) != len(names):
             raise ValueError(f"peer names must be unique, got {names}")
@@ -442,7 +433,7 @@ class ExperimentConfig(Section):
                     else "a stage name, in a config with stages: (a plain config has none; use checkpoint:)"
                 )
                 raise ConfigError(f"peers.{i}.from_stage", p.from_stage, accepted)
-        method_class(self.method.name).check_population(self)
+        METHODS.lookup(self.method.name).check_population(self)
         return self
 
     # ---- conveniences

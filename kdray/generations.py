@@ -138,7 +138,7 @@ def store_predictions(stage_dir: Path) -> dict[str, torch.Tensor]:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - damaged: recompute it from the checkpoint
             path.unlink()
-    from kdray.api import predict
+    from kdray.run import predict
 
     checkpoints = stage_dir / "checkpoints"
     chosen = checkpoints / "best.pt" if (checkpoints / "best.pt").is_file() else checkpoints / "last.pt"

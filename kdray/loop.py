@@ -10,7 +10,8 @@ What differs between engines is passed in as two small objects:
   workers: the driver's live view and Ray Train's reports).
 
 Checkpoints: at every epoch end and every ``train.checkpoint_every_steps`` steps (and when a stop is requested),
-the population's state is gathered to the writer (the only process, or rank 0) and written atomically to
+the population's state is gathered to the writer (the only process, or rank 0) and written atomically
+(:func:`checkpoint_payload` builds every file's payload) to
 ``<out>/checkpoints/last.pt`` (and ``best.pt`` when the selection metric improved), with where the loop stands
 (:class:`Progress`), so ``--resume`` continues exactly, mid-epoch included.
 """
@@ -28,8 +29,11 @@ import torch
 from kdray.checkpoint import save_checkpoint
 from kdray.config import ExperimentConfig
 from kdray.errors import DivergedError, KdrayError
+from kdray.evaluation import evaluate, merge_eval, summarise_eval
 from kdray.metrics import MetricSums, merge_states, non_finite
-from kdray.population import Population, calibration_sums, expected_calibration_error
+from kdray.plots import generator_preview, save_image_grid
+from kdray.population import Population
+from kdray.step import StepRunner
 
 
 class Stopped(KdrayError):
@@ -49,13 +53,8 @@ class Progress:
     best: dict[str, Any] = field(default_factory=lambda: {"metric": float("-inf"), "epoch": -1})
 
     def state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "partial": self.partial.state(),
-            "history": self.history,
-            "best": self.best,
-        }
+        """Where the loop stands within the epoch (a checkpoint holds ``history`` and ``best`` once, at its top)."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "partial": self.partial.state()}
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any]) -> Progress:
@@ -101,8 +100,9 @@ class Sink(Protocol):
 
     def step_done(self, epoch: int, step_in_epoch: int, step: int, metrics: MetricSums) -> None: ...
 
-    def checkpointed(self, pop: Population, progress: Progress, path: Path | None) -> None:
-        """After every checkpoint (Ray workers report their own peer to Ray Train here)."""
+    def checkpointed(self, own: dict[str, Any], progress: Progress, path: Path | None) -> None:
+        """After every checkpoint, with this process's own part as a checkpoint payload (Ray workers report it to
+        Ray Train here); ``path``: the population's file, on the writer."""
         ...
 
     def epoch_done(self, metrics: dict[str, float], progress: Progress, path: Path | None) -> None: ...
@@ -111,45 +111,44 @@ class Sink(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------- merging
-def merge_eval(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Evaluation sums of processes holding disjoint peers, as if one process held them all (rank order = peer
-    order, so the ensemble's float sums are the same as in one process)."""
-    probs_sum = None
-    for part in parts:
-        if part["probs_sum"] is not None:
-            probs_sum = part["probs_sum"] if probs_sum is None else probs_sum + part["probs_sum"]
-    return {
-        "n": parts[0]["n"],
-        "correct": {k: v for p in parts for k, v in p["correct"].items()},
-        "loss": {k: v for p in parts for k, v in p["loss"].items()},
-        "calibration": {k: v for p in parts for k, v in p["calibration"].items()},
-        "probs_sum": probs_sum,
-        "labels": parts[0]["labels"],
-    }
-
-
-def summarise_eval(cfg: ExperimentConfig, ev: dict[str, Any], prefix: str = "val") -> dict[str, float]:
-    """Summed evaluation counts -> per-peer accuracy and loss, and the trainable peers' ensemble accuracy."""
-    out: dict[str, float] = {}
-    n = max(ev["n"], 1)
-    for k, c in ev["correct"].items():
-        name = cfg.peers[k].name
-        out[f"{name}/{prefix}_acc"] = float(c) / n
-        out[f"{name}/{prefix}_loss"] = float(ev["loss"][k]) / n
-        out[f"{name}/{prefix}_ece"] = expected_calibration_error(ev["calibration"][k])
-    if ev.get("probs_sum") is not None:
-        probs = ev["probs_sum"] / sum(1 for p in cfg.peers if not p.frozen)
-        out[f"ensemble/{prefix}_acc"] = float((probs.argmax(1) == ev["labels"]).double().mean())
-        out[f"ensemble/{prefix}_ece"] = expected_calibration_error(calibration_sums(probs, ev["labels"]))
-    return out
+def process_state(pop: Population, runner: StepRunner, rank: int) -> dict[str, Any]:
+    """This process's part of a checkpoint: its peers, the shared module, its exchange's state (keyed by rank)."""
+    return {**pop.state_dict(), "exchange": {rank: runner.exchange.state_dict()}}
 
 
 def merge_population(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parts of processes holding disjoint peers as one population's state."""
     return {
         "peers": {name: sd for part in parts for name, sd in part["peers"].items()},
         "shared": parts[0]["shared"],
         "exchange": {r: sd for part in parts for r, sd in part["exchange"].items()},
     }
+
+
+def checkpoint_payload(
+    meta: dict[str, Any], progress: Progress, steps_per_epoch: int, state: dict[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint file holds (see :mod:`kdray.checkpoint`), built here for every writer: ``meta`` (the
+    resolved config, the MLflow run id), where the loop stands, the history and the best epoch (once each), the
+    global RNG, and ``state`` (a population's or one process's part, :func:`process_state`)."""
+    return {
+        **meta,
+        "epoch": progress.epoch,
+        "step": progress.epoch * steps_per_epoch + progress.step_in_epoch,
+        "progress": progress.state(),
+        "history": progress.history,
+        "best": progress.best,
+        "rng": torch.get_rng_state(),
+        **state,
+    }
+
+
+def restore(pop: Population, runner: StepRunner, payload: dict[str, Any], rank: int = 0) -> Progress:
+    """Restore this process's peers, exchange and RNG from a checkpoint payload; where the loop stands."""
+    pop.load_state_dict(payload)
+    runner.exchange.load_state_dict((payload.get("exchange") or {}).get(rank, {}))
+    torch.set_rng_state(payload["rng"])
+    return Progress.from_checkpoint(payload)
 
 
 def exchange_figures(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -184,44 +183,42 @@ def check_finite(metrics: dict[str, float], epoch: int) -> None:
 # ------------------------------------------------------------------------------------------------------ the loop
 def train_epochs(
     pop: Population,
+    runner: StepRunner,
     progress: Progress,
     collective: Collective,
     sink: Sink,
     ckpt_dir: Path,
     meta: dict[str, Any],
 ) -> Progress:
-    """Train ``pop`` from where ``progress`` stands to the last epoch. ``meta``: what every checkpoint carries
-    besides the state (the resolved config, the MLflow run id)."""
+    """Train ``pop`` with ``runner`` (its step and exchange) from where ``progress`` stands to the last epoch.
+    ``meta``: what every checkpoint carries besides the state (the resolved config, the MLflow run id)."""
     cfg = pop.cfg
-    spe, epochs = pop.steps_per_epoch, cfg.train.epochs
+    steps_per_epoch, epochs = pop.steps_per_epoch, cfg.train.epochs
     every = cfg.train.checkpoint_every_steps
     select_split = cfg.data.select_on
 
     def checkpoint(improved: bool = False) -> Path | None:
-        parts = collective.gather(pop.state_dict(collective.rank))
+        mine = process_state(pop, runner, collective.rank)
+        parts = collective.gather(mine)
         path = None
         if parts is not None:
-            payload = {
-                **meta, "epoch": progress.epoch, "step": progress.epoch * spe + progress.step_in_epoch,
-                "progress": progress.state(), "history": progress.history, "best": progress.best,
-                "rng": torch.get_rng_state(), **merge_population(parts),
-            }  # fmt: skip
+            payload = checkpoint_payload(meta, progress, steps_per_epoch, merge_population(parts))
             path = save_checkpoint(ckpt_dir / "last.pt", payload)
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", payload)
-        sink.checkpointed(pop, progress, path)
+        sink.checkpointed(checkpoint_payload(meta, progress, steps_per_epoch, mine), progress, path)
         return path
 
     for epoch in range(progress.epoch, epochs):
-        sink.epoch_started(epoch, progress.step_in_epoch, spe)
+        sink.epoch_started(epoch, progress.step_in_epoch, steps_per_epoch)
         started, first = time.perf_counter(), progress.step_in_epoch
         for i, batch in enumerate(pop.batches(epoch, progress.step_in_epoch), start=progress.step_in_epoch):
-            step = epoch * spe + i
-            metrics = pop.train_step(batch, epoch, step)
+            step = epoch * steps_per_epoch + i
+            metrics = runner.step(batch, epoch, step)
             progress.partial.merge(metrics)
             progress.step_in_epoch = i + 1
             sink.step_done(epoch, i, step, metrics)
-            if i + 1 == spe:
+            if i + 1 == steps_per_epoch:
                 break
             stopping = (step + 1) % collective.check_every == 0 and any(
                 collective.all_gather(sink.stop_requested())
@@ -230,7 +227,7 @@ def train_epochs(
                 checkpoint()
             if stopping:
                 raise Stopped(
-                    f"stopped at a safe point (epoch {epoch + 1}, step {i + 1}/{spe}); the checkpoint is in "
+                    f"stopped at a safe point (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}); the checkpoint is in "
                     f"{ckpt_dir}; continue with: kdray train --resume {ckpt_dir.parent}"
                 )
         step_ms = 1000.0 * (time.perf_counter() - started) / max(progress.step_in_epoch - first, 1)
@@ -239,9 +236,9 @@ def train_epochs(
         for lrs in collective.all_gather(pop.learning_rates()):
             metrics.update(lrs)
         if epoch + 1 == epochs or (epoch + 1) % cfg.train.eval_every == 0:
-            ev = merge_eval(collective.all_gather(pop.evaluate(select_split)))
+            ev = merge_eval(collective.all_gather(evaluate(pop, select_split)))
             metrics.update(summarise_eval(cfg, ev, "val"))
-        ranks = collective.all_gather({**pop.exchange.stats(), "step_ms": step_ms})
+        ranks = collective.all_gather({**runner.exchange.stats(), "step_ms": step_ms})
         metrics.update(exchange_figures(ranks))
         metrics["train/step_ms"] = sum(r["step_ms"] for r in ranks) / len(ranks)
         metrics = {k: v for k, v in sorted(metrics.items())} | {"epoch": epoch + 1}
@@ -253,10 +250,8 @@ def train_epochs(
             progress.best = {"metric": current, "epoch": epoch + 1}
         path = checkpoint(improved)
         if collective.rank == 0:
-            images = pop.preview(epoch)
+            images = generator_preview(pop, epoch)
             if images is not None:  # a generator's samples: samples/epoch<k>.png and samples.png, the latest
-                from kdray.plots import save_image_grid
-
                 save_image_grid(images, ckpt_dir.parent / "samples" / f"epoch{epoch + 1:03d}.png")
                 save_image_grid(images, ckpt_dir.parent / "samples.png")
         sink.epoch_done(metrics, progress, path)

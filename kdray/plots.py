@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
 
 from kdray.config import ExperimentConfig
+from kdray.data.augment import NORMALISATION
+from kdray.seeds import seed_for
+
+if TYPE_CHECKING:
+    from kdray.population import Population
 
 
 def plot_curves(
@@ -84,3 +93,19 @@ def save_image_grid(images, path: Path, columns: int = 8) -> Path:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return write_atomic(path, buf.getvalue())
+
+
+def generator_preview(pop: Population, epoch: int) -> Tensor | None:
+    """The method's images of this epoch (:meth:`Method.preview`) as displayable pixels in [0, 1], or None."""
+    rng = torch.Generator().manual_seed(seed_for(pop.cfg.seed, "preview", epoch))
+    images = pop.method.preview(pop.shared.module if pop.shared else None, rng)
+    if images is None:
+        return None
+    images = images.detach().float().cpu()
+    stats = NORMALISATION.get(pop.data.spec.name)
+    if stats is not None:  # undo the dataset's normalisation
+        mean = torch.tensor(stats[0]).view(1, -1, 1, 1)
+        std = torch.tensor(stats[1]).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+    lo, hi = images.amin(), images.amax()
+    return (images - lo) / (hi - lo).clamp_min(1e-8)

@@ -10,11 +10,13 @@
 chained with ``SequentialLR``. The network's optimizer always follows it; an auxiliary optimizer (adversarial,
 discriminator, generator) follows it when its config says ``schedule: follow`` and keeps its rate when it says
 ``constant``. A resumed run rebuilds its schedulers and replays them to the step it resumes at
-(:func:`kdray.population.replay_schedule`): the same curve, exactly, or the longer plan of a run resumed with more
+(:func:`replay_schedule`): the same curve, exactly, or the longer plan of a run resumed with more
 epochs, from where it stands.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.optim.lr_scheduler import (
@@ -57,3 +59,16 @@ def build_scheduler(
     if main is None:
         main = ConstantLR(optimizer, factor=1.0, total_iters=0)
     return SequentialLR(optimizer, [warmup, main], milestones=[warm])
+
+
+def replay_schedule(optimizer: torch.optim.Optimizer, schedule, step: int):
+    """A fresh scheduler of ``optimizer`` from its base rates, stepped ``step`` times."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    scheduler = schedule(optimizer)
+    # torch warns of a scheduler stepped before its optimizer: replaying, it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    return scheduler

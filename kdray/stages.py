@@ -141,7 +141,7 @@ def run_stages(
     parent_run_id: str | None = None,
 ):
     """Run every stage of a staged config in order (or continue a staged run folder)."""
-    from kdray.api import RunResult, prepare_out_dir, run_population
+    from kdray.run import RunResult, prepare_out_dir, run_population
     from kdray.tracking import Tracker, default_uri
 
     state: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""One training step: the method's phases, in order, for the peers that live in this process.
+"""One training step: the method's phases, in order, for the peers that live in this process, then one step of
+every scheduler.
 
 Per phase with a forward (:class:`~kdray.methods.base.Phase`): inputs -> each local peer's network once -> publish,
 detach, exchange -> each trainable peer's named loss terms -> weighted sum -> backward -> the phase's optimizer
@@ -11,18 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from kdray.data import Batch
+from kdray.exchange import Exchange, LocalExchange
 from kdray.methods.base import PeerContext, Phase, Signals
 from kdray.metrics import MetricSums
+from kdray.population import PeerRuntime, Population
 from kdray.seeds import seed_for
-
-if TYPE_CHECKING:
-    from kdray.population import PeerRuntime, Population
 
 
 def weighted_sum(terms: dict[str, Tensor], weight: Callable[[str], float]) -> Tensor:
@@ -69,11 +69,24 @@ def running_stats_kept(modules: Iterable[nn.Module], keep: bool):
                     m.num_batches_tracked.copy_(count)
 
 
-class StepRunner:
-    """Runs one training step of the method's phases for the peers of one :class:`Population`."""
+@dataclass
+class PhaseRun:
+    """What a phase leaves for the next one: the inputs its networks saw, their outputs, the signals received from
+    other peers and the signals this process published (a phase without a forward reuses them)."""
 
-    def __init__(self, pop: Population):
+    inputs: Tensor
+    outputs: dict[int, Signals]
+    received: dict[int, dict[int, Signals]]
+    published: dict[int, Signals]
+
+
+class StepRunner:
+    """Runs training steps of the method's phases for the peers of one :class:`Population`; signals to and from
+    peers in other processes go through ``exchange`` (default: every peer is here, :class:`LocalExchange`)."""
+
+    def __init__(self, pop: Population, exchange: Exchange | None = None):
         self.pop = pop
+        self.exchange = exchange or LocalExchange()
         self.cfg, self.method, self.peers, self.shared = pop.cfg, pop.method, pop.peers, pop.shared
         self.device = pop.device
         self.phases = self.method.phases()
@@ -90,59 +103,69 @@ class StepRunner:
         return contextlib.nullcontext()
 
     def step(self, batch: Batch | None, epoch: int, step: int) -> MetricSums:
-        """One step; returns its metrics as sums and counts (tensors: the caller decides when to synchronise)."""
+        """One training step: the method's phases, then one step of every scheduler. Returns its metrics as sums
+        and counts (tensors: the caller decides when to synchronise)."""
         rng = torch.Generator().manual_seed(seed_for(self.cfg.seed, "step", step))
         metrics = MetricSums()
-        last = None  # (inputs, outputs, received, published) of the previous phase
+        last: PhaseRun | None = None
         for i, phase in enumerate(self.phases):
             if step % phase.every:
                 continue
             for r in range(phase.repeat):
                 last = self._run_phase(phase, (i, r), batch, epoch, step, rng, last, metrics)
+        for p in self.peers:
+            for scheduler in p.schedulers.values():
+                scheduler.step()
+        if self.shared is not None and self.shared.scheduler is not None:
+            self.shared.scheduler.step()
         return metrics
 
     def _forward(
-        self, phase: Phase, tag: tuple[int, int], step: int, inputs: Tensor, peers: list[PeerRuntime]
+        self, phase: Phase, phase_run: tuple[int, int], step: int, inputs: Tensor, peers: list[PeerRuntime]
     ):
+        """Each peer's network on ``inputs``; ``phase_run``: (the phase's index, its repeat), which seeds the RNG."""
         shared_scope = phase.scope == "shared"
         outs: dict[int, Signals] = {}
         for p in peers:
-            torch.manual_seed(seed_for(self.cfg.seed, "forward", step, *tag, p.index))
+            torch.manual_seed(seed_for(self.cfg.seed, "forward", step, *phase_run, p.index))
             with torch.set_grad_enabled(shared_scope or not p.frozen):
                 outs[p.index] = p.net(inputs)
         return outs
 
-    def _run_phase(self, phase: Phase, tag, batch, epoch: int, step: int, rng, last, metrics: MetricSums):
+    def _run_phase(
+        self, phase: Phase, phase_run, batch, epoch: int, step: int, rng, last: PhaseRun | None, metrics
+    ) -> PhaseRun:
         # Restored after the backward: autograd checks that BatchNorm's saved inputs are not modified before it.
         keep = phase.bn_stats == "keep" and (phase.forward or last is None)
         with running_stats_kept((p.net for p in self.peers), keep=keep):
-            return self._phase(phase, tag, batch, epoch, step, rng, last, metrics)
+            return self._phase(phase, phase_run, batch, epoch, step, rng, last, metrics)
 
-    def _phase(self, phase: Phase, tag, batch, epoch: int, step: int, rng, last, metrics: MetricSums):
-        method, exchange = self.method, self.pop.exchange
+    def _phase(
+        self, phase: Phase, phase_run, batch, epoch: int, step: int, rng, last: PhaseRun | None, metrics
+    ) -> PhaseRun:
+        method, exchange = self.method, self.exchange
         shared_scope = phase.scope == "shared"
         forward_peers = self.peers if shared_scope else self._forward_peers
         shared_module = self.shared.module if self.shared else None
-        previous = {k: _detach(v) for k, v in last[1].items()} if last is not None else {}
+        previous = {k: _detach(v) for k, v in last.outputs.items()} if last is not None else {}
         if phase.optimizer is None:
             # an observing forward: no loss, no update; the next phase reads its outputs as ctx.previous
             with self._autocast(), torch.no_grad():
                 inputs = method.phase_inputs(phase, batch, shared_module, rng)
-                outs = self._forward(phase, tag, step, inputs, forward_peers)
-            return inputs, outs, {}, {}
+                outs = self._forward(phase, phase_run, step, inputs, forward_peers)
+            return PhaseRun(inputs, outs, {}, {})
         if phase.forward or last is None:
             with self._autocast():
                 inputs = method.phase_inputs(phase, batch, shared_module, rng)
-                outs = self._forward(phase, tag, step, inputs, forward_peers)
+                outs = self._forward(phase, phase_run, step, inputs, forward_peers)
                 live = {
                     p.index: method.publish(phase, p.index, outs[p.index], p.state) for p in forward_peers
                 }
             published = {k: _detach(v) for k, v in live.items()}
             received = exchange.exchange(phase.name, method.phase_topology(phase), step, published, inputs)
         else:
-            inputs, prev_outs, received, published = last
-            inputs = inputs.detach()
-            outs = {k: _detach(v) for k, v in prev_outs.items()}
+            inputs, received, published = last.inputs.detach(), last.received, last.published
+            outs = {k: _detach(v) for k, v in last.outputs.items()}
             live = published
         participants = self.peers if shared_scope else [p for p in self.peers if not p.frozen]
         weights = self._weights(step)
@@ -205,10 +228,10 @@ class StepRunner:
                     buf = p.buffers[name]
                     buf[ctx.batch.index] = values.detach().to(buf.dtype)
                 method.after_phase(phase, ctx)
-        return inputs, outs, received, published
+        return PhaseRun(inputs, outs, received, published)
 
     def _weights(self, step: int):
-        if self.pop.exchange.distilling(step):
+        if self.exchange.distilling(step):
             return self.method.weight
         task_terms = self.method.task_terms
         return lambda t: self.method.weight(t) if t in task_terms else 0.0

@@ -16,7 +16,7 @@ def train_until_stopped(
     """Train ``raw`` into ``out`` and ask it to stop, as SIGTERM would, once the run named ``run`` (any run when
     None; a stage's run is ``<name>-<stage>``) has done ``steps_done`` steps. The run must end with ``Stopped``
     at a safe point."""
-    import kdray.engines.local as local
+    import kdray.engines.local_engine as local
     from kdray.loop import Stopped
 
     original = local.LocalSink.step_done

@@ -44,5 +44,7 @@ def test_dependencies_point_one_way(package):
 
 def test_the_check_itself_sees_lazy_imports(tmp_path):
     sample = tmp_path / "m.py"
-    sample.write_text("def f():\n    import ray.train\n    from kdray.engines.local import LocalEngine\n")
-    assert imports_of(sample) == {"ray.train", "kdray.engines.local"}
+    sample.write_text(
+        "def f():\n    import ray.train\n    from kdray.engines.local_engine import LocalEngine\n"
+    )
+    assert imports_of(sample) == {"ray.train", "kdray.engines.local_engine"}

@@ -14,6 +14,7 @@ from kdray.loop import InProcess, Progress, train_epochs
 from kdray.methods import METHODS
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from kdray.step import StepRunner
 from tests.toy_methods import TOY_METHODS, ToyMemory
 
 
@@ -101,7 +102,7 @@ def test_buffer_dtype_is_a_choice(tiny_raw, toys):
     assert pop.peers[0].buffers["memory"].dtype == torch.float16
     assert pop.peers[0].buffers["memory"].shape == (96, 4)
     batch = next(iter(pop.batches(0)))
-    pop.train_step(batch, 0, 0)
+    StepRunner(pop).step(batch, 0, 0)
     rows = pop.peers[0].buffers["memory"][batch.index]
     assert torch.allclose(rows.float().sum(1), torch.ones(16), atol=2e-3)  # softmax rows, stored in half
 
@@ -122,7 +123,7 @@ def test_a_generator_fed_population_trains_without_a_training_set(tiny_raw, tmp_
     optimised = {id(p) for g in shared.optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for p in shared.module["gen"].parameters()}  # the EMA copy is in no optimizer
     ema = [t.clone() for t in shared.module["ema"].parameters()]
-    pop.train_step(None, 0, 0)
+    StepRunner(pop).step(None, 0, 0)
     gen = list(shared.module["gen"].parameters())
     for before, after, g in zip(ema, shared.module["ema"].parameters(), gen):
         assert torch.allclose(after, 0.9 * before + 0.1 * g, rtol=1e-6, atol=1e-7)  # the EMA update
@@ -159,7 +160,7 @@ def test_a_generator_fed_population_resumes_exactly(tiny_raw, tmp_path, toys):
 def test_expected_calibration_error_by_hand():
     """Two bins used: confidences 0.95 (correct) and 0.95 (wrong) in bin 14, 0.55 (correct) in bin 8:
     ECE = 2/3 |0.5 - 0.95| + 1/3 |1 - 0.55| = 0.45."""
-    from kdray.population import calibration_sums, expected_calibration_error
+    from kdray.evaluation import calibration_sums, expected_calibration_error
 
     probs = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.55, 0.45]])
     labels = torch.tensor([0, 0, 0])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kdray.config import load_config
+from kdray.engines.threads import balanced_threads
 from kdray.errors import ConfigError
 from kdray.models import count_flops, create_model
-from kdray.population import Population, balanced_threads
+from kdray.population import Population
 
 
 def test_forward_flops_of_a_linear_model_by_hand():

@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, MultiStepLR, S
 
 from kdray.config import load_config
 from kdray.population import Population
+from kdray.step import StepRunner
 
 
 def _lrs(pop: Population, group: str = "net") -> list[float]:
@@ -19,7 +20,7 @@ def _lrs(pop: Population, group: str = "net") -> list[float]:
     for epoch in range(pop.cfg.train.epochs):
         for i, batch in enumerate(pop.batches(epoch)):
             out.append(pop.peers[0].optimizers[group].param_groups[0]["lr"])
-            pop.train_step(batch, epoch, epoch * pop.steps_per_epoch + i)
+            StepRunner(pop).step(batch, epoch, epoch * pop.steps_per_epoch + i)
     return out
 
 

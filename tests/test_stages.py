@@ -97,7 +97,7 @@ def test_bad_stage_references_are_refused_before_anything_is_written(tiny_raw, t
 
 
 def test_a_stage_killed_before_its_first_checkpoint_leaves_no_run_running(tiny_raw, tmp_path, monkeypatch):
-    from kdray.engines.local import LocalEngine
+    from kdray.engines.local_engine import LocalEngine
     from kdray.tracking import Tracker
 
     raw = _staged(tiny_raw)

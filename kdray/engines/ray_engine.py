@@ -24,12 +24,16 @@ from kdray.engines.display import EpochBar, live_listeners, progress_text, repor
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import process_started_at, startup_breakdown
 from kdray.errors import KdrayError
+from kdray.registry import ENGINES
 
 DRAIN_EVERY_S = 0.25
 
 
+@ENGINES.register
 class RayEngine(Engine):
     name = "ray"
+    sections = ("session", "placement", "exchange", "fault_tolerance")
+    summary = "one peer per Ray Train worker"
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         import ray
@@ -46,8 +50,8 @@ class RayEngine(Engine):
             worker_resources,
         )
         from kdray.engines.ray_worker import train_worker
-        from kdray.exchange.actor import create_signal_store
         from kdray.methods import METHODS
+        from kdray.registry import EXCHANGES
 
         cfg, eng = self.cfg, self.cfg.engine
         t0 = time.time()
@@ -64,9 +68,7 @@ class RayEngine(Engine):
             marks["placement_ready"] = time.time()
             namespace = ray.get_runtime_context().namespace
             board = create_board(namespace)
-            store = None
-            if eng.exchange.name == "actor":
-                store = create_signal_store(f"kdray-signals-{run_name}", namespace)
+            shared_actors = EXCHANGES.lookup(eng.exchange.name).prepare(run_name, namespace)
             loop_config = {
                 "config": worker_config(cfg),
                 "checkpoint_config": cfg.to_dict(),
@@ -75,7 +77,7 @@ class RayEngine(Engine):
                 "out_dir": str(self.out_dir.resolve()),
                 "run_id": self.tracker.run_id,
                 "board": board,
-                "store_name": f"kdray-signals-{run_name}" if store is not None else None,
+                "run_name": run_name,
                 "namespace": namespace,
                 "resume": ray.put(resume) if resume is not None else None,
             }
@@ -106,7 +108,7 @@ class RayEngine(Engine):
             try:
                 outcome = DriverView(self, t0).follow(trainer, board)
             finally:
-                for actor in (store, board):
+                for actor in (*shared_actors, board):
                     if actor is not None:
                         ray.kill(actor)
         outcome["wall_s"] = time.time() - t0
@@ -251,7 +253,7 @@ class DriverView:
             "history": history,
             "best": done.best,
             "peer_params": done.peer_params,
-            "first_step_s": self.first_step_at - self.t0 if self.first_step_at else None,
+            "first_step_after_engine_start_s": self.first_step_at - self.t0 if self.first_step_at else None,
             "steps_per_epoch": done.steps_per_epoch,
             "exchange": exchange,
             "placement": self.placement,

@@ -25,10 +25,14 @@ from kdray.config import validate
 from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
+from kdray.engines.threads import balanced_threads
 from kdray.errors import DivergedError
-from kdray.loop import Progress, Stopped, train_epochs
+from kdray.exchange import DistributedExchange
+from kdray.loop import Progress, Stopped, restore, train_epochs
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from kdray.replicas import exchange_plan
+from kdray.step import StepRunner
 
 LIVE_EVERY_S = 0.5  # a Live event per rank at most this often
 STOP_CHECK_EVERY = 20  # steps between stop checks (each is a small collective)
@@ -72,15 +76,14 @@ class ProcessGroup:
 class WorkerSink:
     """Live progress and per-step rows to the driver's board; Ray Train reports at every checkpoint."""
 
-    def __init__(self, board, rank: int, pop: Population, meta: dict[str, Any]):
-        self.board, self.rank, self.spe, self.pop, self.meta = board, rank, pop.steps_per_epoch, pop, meta
-        log_every = pop.cfg.train.log_every_steps
-        self.window = StepWindow(log_every)
+    def __init__(self, board, rank: int, pop: Population, exchange: DistributedExchange):
+        self.board, self.rank, self.steps_per_epoch = board, rank, pop.steps_per_epoch
+        self.window = StepWindow(pop.cfg.train.log_every_steps)
         self.live = MetricSums()
         self.last_live = time.monotonic()
         self.window_steps = 0  # steps since the last Live event
         self.first_posted = False
-        self.exchange_meter = getattr(pop.exchange, "meter", None)
+        self.exchange_meter = exchange.meter
         self._live_exchange = (0.0, 0)  # (seconds, steps) of the exchange meter at the last Live event
 
     def epoch_started(self, epoch: int, start_step: int, steps: int) -> None:
@@ -98,14 +101,14 @@ class WorkerSink:
         if row is not None:
             self.board.post.remote(StepRow(self.rank, step + 1, row))
         now = time.monotonic()
-        if now - self.last_live >= LIVE_EVERY_S or step_in_epoch + 1 == self.spe:
+        if now - self.last_live >= LIVE_EVERY_S or step_in_epoch + 1 == self.steps_per_epoch:
             step_ms = 1000.0 * (now - self.last_live) / max(self.window_steps, 1)
             self.board.post.remote(
                 Live(
                     self.rank,
                     epoch,
                     step_in_epoch + 1,
-                    self.spe,
+                    self.steps_per_epoch,
                     self.live.means(),
                     self._exchange_ms(),
                     step_ms,
@@ -123,26 +126,16 @@ class WorkerSink:
             1000.0 * (meter.seconds - seconds) / max(meter.steps - steps, 1) if meter.steps >= steps else None
         )
 
-    def checkpointed(self, pop: Population, progress: Progress, path: Path | None) -> None:
-        """Every rank saves its own peer (and where the loop stands) and reports it to Ray Train."""
+    def checkpointed(self, own: dict[str, Any], progress: Progress, path: Path | None) -> None:
+        """Every rank saves its own part (its peer, where the loop stands) and reports it to Ray Train."""
         import ray.train
 
-        done = progress.epoch * self.spe + progress.step_in_epoch
-        payload = {
-            **self.meta,
-            "epoch": progress.epoch,
-            "step": done,
-            "progress": progress.state(),
-            "history": progress.history,
-            "best": progress.best,
-            "rng": torch.get_rng_state(),
-            **pop.state_dict(self.rank),
-        }
+        done = own["step"]
         metrics = {"epoch": progress.epoch, "step": done}
         if progress.step_in_epoch == 0 and progress.history:
             metrics = {**progress.history[-1], **metrics}
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
-            save_checkpoint(Path(folder) / f"rank{self.rank}.pt", payload)
+            save_checkpoint(Path(folder) / f"rank{self.rank}.pt", own)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -159,7 +152,7 @@ class WorkerSink:
         return self.rank == 0 and bool(ray.get(self.board.stop_requested.remote()))
 
 
-def restore(pop: Population, rank: int, train_checkpoint, resume_ref) -> Progress:
+def restore_worker(pop: Population, runner: StepRunner, rank: int, train_checkpoint, resume_ref) -> Progress:
     """From this rank's file in Train's latest checkpoint (a restart), else from ``--resume``'s last.pt."""
     import ray
 
@@ -170,9 +163,7 @@ def restore(pop: Population, rank: int, train_checkpoint, resume_ref) -> Progres
         payload = ray.get(resume_ref)
     else:
         return Progress()
-    pop.load_state_dict(payload, rank)
-    torch.set_rng_state(payload["rng"])
-    return Progress.from_checkpoint(payload)
+    return restore(pop, runner, payload, rank)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -182,7 +173,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from kdray.exchange import make_exchange
+    from kdray.exchange import Wiring, make_exchange
     from kdray.methods import METHODS
 
     for name, cls in ray.get(config["methods"]).items():
@@ -201,18 +192,25 @@ def train_worker(config: dict[str, Any]) -> None:
     object_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     attempt = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(attempt, src=0, group=object_group)
-    exchange = make_exchange(
-        cfg.engine, rank, world, device, object_group=object_group, store_name=config["store_name"],
-        attempt=attempt[0], namespace=config["namespace"],
+    wiring = Wiring(
+        rank, world, device, object_group=object_group, run_name=config["run_name"],
+        namespace=config["namespace"], attempt=attempt[0],
     )  # fmt: skip
-    pop = Population(cfg, local_ids=[rank], device=device, exchange=exchange)
+    exchange = make_exchange(cfg.engine.exchange, wiring)
+    pop = Population(cfg, local_ids=[rank], device=device)
+    if cfg.engine.placement.balance == "threads":
+        torch.set_num_threads(balanced_threads(cfg, pop.spec)[rank])
+    elif cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    exchange.attach(exchange_plan(pop))
+    runner = StepRunner(pop, exchange)
     built = time.time()
     collective = ProcessGroup(rank, world, object_group)
     board = config["board"]
     meta = {"config": config["checkpoint_config"], "mlflow_run_id": config["run_id"]}
-    sink = WorkerSink(board, rank, pop, meta)
-    progress = restore(pop, rank, ray.train.get_checkpoint(), config["resume"])
-    me = {
+    sink = WorkerSink(board, rank, pop, exchange)
+    progress = restore_worker(pop, runner, rank, ray.train.get_checkpoint(), config["resume"])
+    worker = {
         "marks": {"process_start": process_started_at(), "entered": entered, "built": built},
         "rank": rank,
         "peer": cfg.peers[rank].name,
@@ -226,11 +224,11 @@ def train_worker(config: dict[str, Any]) -> None:
         "threads": torch.get_num_threads(),  # train.threads, or this peer's share (engine.placement.balance)
         "listening": listening_addresses(),
     }
-    placement = collective.all_gather(me)
+    placement = collective.all_gather(worker)
     if rank == 0:
         board.post.remote(WorkersStarted(placement))
     try:
-        train_epochs(pop, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
+        train_epochs(pop, runner, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
     except (Stopped, DivergedError) as exc:  # every rank raises it at the same step: end, do not be retried
         if rank == 0:
             ray.get(board.post.remote(Ended(exc)))

@@ -1,7 +1,8 @@
 """Exchanges: how published signals travel between peers that live in different processes.
 
 ``LocalExchange`` (:mod:`kdray.exchange.base`) hands over references inside one process. Between Ray Train workers, one
-peer per worker (rank = peer index), ``engine.exchange`` picks one of:
+peer per worker (rank = peer index), ``engine.exchange`` picks one of the registered exchanges (each file registers
+its class, its config section and its factory; a new exchange is a new file here):
 
 - ``collective`` (:mod:`kdray.exchange.collective`): ``torch.distributed`` all-gather of one flat buffer, or point
   to point along the topology (a ring ships to one neighbour only);
@@ -14,9 +15,7 @@ Each counts the bytes delivered to its peer and the time it spends, per step (``
 
 from __future__ import annotations
 
-import torch
-
-from kdray.config import EngineConfig
+from kdray.config import Section
 from kdray.exchange.base import (
     DistributedExchange,
     Exchange,
@@ -27,37 +26,14 @@ from kdray.exchange.base import (
     Replica,
     SignalLayout,
     Signals,
+    Wiring,
 )
+from kdray.registry import EXCHANGES
 
-EXCHANGES = ("collective", "actor", "stale")
 
-
-def make_exchange(
-    engine: EngineConfig,
-    rank: int,
-    world: int,
-    device: torch.device,
-    *,
-    group=None,
-    object_group=None,
-    store_name: str | None = None,
-    attempt: str = "",
-    namespace: str | None = None,
-) -> DistributedExchange:
-    """The exchange ``engine.exchange`` names, for the rank-th of ``world`` processes (one peer per process)."""
-    cfg = engine.exchange
-    common = {"rank": rank, "world": world, "device": device, "group": group, "object_group": object_group}
-    if cfg.name == "collective":
-        from kdray.exchange.collective import CollectiveExchange
-
-        return CollectiveExchange(split_wait=cfg.split_wait, **common)
-    if cfg.name == "actor":
-        from kdray.exchange.actor import ActorExchange
-
-        return ActorExchange(store_name=store_name, attempt=attempt, namespace=namespace, **common)
-    from kdray.exchange.stale import StaleExchange
-
-    return StaleExchange(every=cfg.every, burn_in=cfg.burn_in, **common)
+def make_exchange(cfg: Section, wiring: Wiring) -> DistributedExchange:
+    """The exchange that the config section ``engine.exchange`` names, for one worker."""
+    return EXCHANGES.lookup(cfg.name).create(cfg, wiring)
 
 
 __all__ = [
@@ -71,5 +47,6 @@ __all__ = [
     "Replica",
     "SignalLayout",
     "Signals",
+    "Wiring",
     "make_exchange",
 ]

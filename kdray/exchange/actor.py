@@ -14,12 +14,14 @@ consumers has fetched it, and anything older than ``window`` rounds is dropped r
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from kdray.exchange.base import DistributedExchange, SignalLayout, Signals
+from kdray.config import Section
+from kdray.exchange.base import DistributedExchange, SignalLayout, Signals, Wiring
+from kdray.registry import EXCHANGES
 from kdray.topology import Topology
 
 
@@ -75,8 +77,31 @@ def create_signal_store(name: str, namespace: str | None = None):
     return cls.options(name=name, namespace=namespace, lifetime=None).remote()
 
 
+class ActorExchangeConfig(Section):
+    """``engine.exchange: actor``: ``ray.put`` + a named actor holding the object references."""
+
+    name: Literal["actor"]
+
+
+def store_name(run_name: str) -> str:
+    return f"kdray-signals-{run_name}"
+
+
+@EXCHANGES.register
 class ActorExchange(DistributedExchange):
     name = "actor"
+    Config = ActorExchangeConfig
+
+    @classmethod
+    def create(cls, cfg: ActorExchangeConfig, wiring: Wiring) -> ActorExchange:
+        return cls(
+            wiring.rank, wiring.world, wiring.device, wiring.group, wiring.object_group,
+            store_name=store_name(wiring.run_name), attempt=wiring.attempt, namespace=wiring.namespace,
+        )  # fmt: skip
+
+    @classmethod
+    def prepare(cls, run_name: str, namespace: str | None) -> list[Any]:
+        return [create_signal_store(store_name(run_name), namespace)]
 
     def __init__(self, *args, store_name: str, attempt: str, namespace: str | None = None, **kwargs):
         import ray

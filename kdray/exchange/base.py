@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kdray.config import Section
 from kdray.errors import KdrayError
 from kdray.topology import Topology
 
@@ -230,14 +231,47 @@ class LocalExchange(Exchange):
         return {k: {s: published[s] for s in topology.sources_of(k) if s in published} for k in published}
 
 
+@dataclass
+class Wiring:
+    """Where one worker's exchange sits: its rank among ``world`` workers (one peer per rank), its device, the
+    process group of the signals (gloo on CPU, nccl on GPU; None: the default group), a gloo group for small Python
+    objects, and the run (its name and Ray namespace, and the attempt: a fresh id after every restart)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    group: Any = None
+    object_group: Any = None
+    run_name: str = ""
+    namespace: str | None = None
+    attempt: str = ""
+
+
 class DistributedExchange(Exchange):
     """An exchange between the ranks of a ``torch.distributed`` group: one peer per rank (rank = peer index).
 
     ``group``: the process group of the signals (gloo on CPU, nccl on GPU); ``object_group``: a gloo group for
     small Python objects (layouts). Shared-module gradients are always summed over ``group``.
+
+    A subclass is one ``engine.exchange`` choice: it registers itself (``@EXCHANGES.register``) under its
+    ``name``, carries its config section as ``Config`` (a :class:`~kdray.config.Section` whose ``name`` is the
+    exchange's), and builds itself from that section (:meth:`create`). The driver may set up what the workers
+    share before they start (:meth:`prepare`, e.g. the actor exchange's signal store).
     """
 
     name = "distributed"
+    Config: type[Section] = Section
+
+    @classmethod
+    def create(cls, cfg: Section, wiring: Wiring) -> DistributedExchange:
+        """This worker's exchange from its config section (``engine.exchange``)."""
+        return cls(wiring.rank, wiring.world, wiring.device, wiring.group, wiring.object_group)
+
+    @classmethod
+    def prepare(cls, run_name: str, namespace: str | None) -> list[Any]:
+        """On the driver, before the workers start: what the workers' exchanges will look up (Ray actors); the
+        driver keeps the handles for the run and kills them at its end."""
+        return []
 
     def __init__(self, rank: int, world: int, device: torch.device, group=None, object_group=None):
         self.rank, self.world, self.device = rank, world, device

@@ -9,24 +9,53 @@ Layouts are agreed once per phase (the first step) with a small object all-gathe
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
-from kdray.exchange.base import DistributedExchange, ExchangeError, SignalLayout, Signals
+from kdray.config import Section
+from kdray.exchange.base import DistributedExchange, ExchangeError, SignalLayout, Signals, Wiring
+from kdray.registry import EXCHANGES
 from kdray.topology import Topology
 
 
+class CollectiveExchangeConfig(Section):
+    """``engine.exchange: collective`` (the default)."""
+
+    name: Literal["collective"] = "collective"
+    split_wait: bool = Field(
+        False,
+        description="a timed barrier before each round splits waiting for the slowest peer "
+        "(exchange/wait_ms_per_step) from moving bytes (diagnostic; one more small collective per round)",
+    )
+
+
+@EXCHANGES.register
 class CollectiveExchange(DistributedExchange):
     """``split_wait``: a barrier before each exchange round, timed apart, splits the exchange's time into waiting
     for the slowest peer (``wait_ms_per_step``) and moving the bytes (the rest of ``ms_per_step``). A diagnostic: the
     barrier is one more small collective per round."""
 
     name = "collective"
+    Config = CollectiveExchangeConfig
 
     def __init__(self, *args, split_wait: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.split_wait = split_wait
         self._layouts: dict[str, list[SignalLayout | None]] = {}
+
+    @classmethod
+    def create(cls, cfg: CollectiveExchangeConfig, wiring: Wiring) -> CollectiveExchange:
+        return cls(
+            wiring.rank,
+            wiring.world,
+            wiring.device,
+            wiring.group,
+            wiring.object_group,
+            split_wait=cfg.split_wait,
+        )
 
     def exchange(self, phase: str, topology: Topology, step: int, published: dict[int, Signals], inputs=None):
         if set(published) - {self.rank}:

@@ -17,17 +17,37 @@ run equals the collective exchange's (a test holds this).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
-from kdray.exchange.base import DistributedExchange, ExchangePlan, Replica, SignalLayout, Signals
+from kdray.config import Section
+from kdray.exchange.base import DistributedExchange, ExchangePlan, Replica, SignalLayout, Signals, Wiring
+from kdray.registry import EXCHANGES
 from kdray.topology import Topology
 
 
+class StaleExchangeConfig(Section):
+    """``engine.exchange: stale`` (codistillation)."""
+
+    name: Literal["stale"]
+    every: int = Field(50, ge=1, description="ship weights every N steps")
+    burn_in: int = Field(0, ge=0, description="steps of task-only training before distillation starts")
+
+
+@EXCHANGES.register
 class StaleExchange(DistributedExchange):
     name = "stale"
+    Config = StaleExchangeConfig
+
+    @classmethod
+    def create(cls, cfg: StaleExchangeConfig, wiring: Wiring) -> StaleExchange:
+        return cls(
+            wiring.rank, wiring.world, wiring.device, wiring.group, wiring.object_group,
+            every=cfg.every, burn_in=cfg.burn_in,
+        )  # fmt: skip
 
     def __init__(self, *args, every: int, burn_in: int = 0, **kwargs):
         super().__init__(*args, **kwargs)

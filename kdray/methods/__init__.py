@@ -1,5 +1,5 @@
 """Distillation methods, one file each; each registers itself (``@register``). ``METHODS`` maps a config's
-``method.name`` to its class. Every module of this package is imported here, so a new method is a new file."""
+``method.name`` to its class. Every module of this package is imported with it, so a new method is a new file."""
 
 from __future__ import annotations
 

@@ -357,7 +357,7 @@ def _truncate_history(path: Path, trial_id: str, checkpoint) -> None:
 def _timing(entered: float, reporter: TuneReporter, summary: dict[str, Any]) -> dict[str, Any]:
     """Seconds from entering the trial to the first training step (config, data, models, MLflow run). The engine
     times its first step from its own start and stops its clock right after the last epoch callback returns."""
-    wall, first = summary.get("wall_s"), summary.get("first_step_s")
+    wall, first = summary.get("wall_s"), summary.get("first_step_after_engine_start_s")
     if wall is None or first is None or reporter.engine_done_at is None:
         return {}
     engine_start = reporter.engine_done_at - wall

@@ -15,6 +15,7 @@ from kdray.config import load_config
 from kdray.methods import METHODS
 from kdray.methods.dml import DML
 from kdray.population import Population
+from kdray.step import StepRunner
 from tests.helpers import train_until_stopped
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
@@ -41,7 +42,7 @@ def test_dml_step_equals_hand_written_loop(tiny_raw, k):
     cfg = load_config(tiny_raw)
     pop = Population(cfg)
     for i, batch in enumerate(pop.batches(0)):
-        pop.train_step(batch, 0, i)
+        StepRunner(pop).step(batch, 0, i)
     nets = train_reference(cfg, pop.data, 4, dtype=torch.float64)
     for peer, net in zip(pop.peers, nets):
         ref = dict(net.named_parameters())

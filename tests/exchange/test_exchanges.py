@@ -160,24 +160,27 @@ def _generator_grads(raw: dict | None, ranks: list[int] | None) -> list[torch.Te
     if raw is None:
         return None
     from kdray.config import load_config
-    from kdray.exchange import make_exchange
+    from kdray.exchange import Wiring, make_exchange
     from kdray.population import Population
+    from kdray.replicas import exchange_plan
+    from kdray.step import StepRunner
 
     cfg = load_config(raw)
-    exchange = None
+    proc = Population(cfg, local_ids=ranks)
+    runner = StepRunner(proc)
     if ranks is not None:
-        exchange = make_exchange(cfg.engine, ranks[0], WORLD, torch.device("cpu"))
-    proc = Population(cfg, local_ids=ranks, exchange=exchange)
+        runner.exchange = make_exchange(cfg.engine.exchange, Wiring(ranks[0], WORLD, torch.device("cpu")))
+        runner.exchange.attach(exchange_plan(proc))
     captured = []
-    reduce = proc.exchange.reduce_shared_grads
+    reduce = runner.exchange.reduce_shared_grads
 
     def spy(params):
         reduce(params)
         captured.append([q.grad.clone() for q in params])
 
-    proc.exchange.reduce_shared_grads = spy
+    runner.exchange.reduce_shared_grads = spy
     batch = next(iter(proc.batches(0)))
-    proc.runner.step(batch, 0, 0)
+    runner.step(batch, 0, 0)
     assert len(captured) == 1
     return captured[0]
 
@@ -231,18 +234,20 @@ def test_shared_gradients_are_summed_over_ranks(three_ranks):
 # --------------------------------------------------------------------------------------------- stale weights
 def _stale_scenario(rank: int, raw: dict) -> dict:
     from kdray.config import load_config
-    from kdray.exchange import make_exchange
+    from kdray.exchange import Wiring, make_exchange
     from kdray.population import Population
+    from kdray.replicas import exchange_plan
+    from kdray.step import StepRunner
 
     cfg = load_config(raw)
-    proc = Population(
-        cfg, local_ids=[rank], exchange=make_exchange(cfg.engine, rank, WORLD, torch.device("cpu"))
-    )
-    ex = proc.exchange
+    proc = Population(cfg, local_ids=[rank])
+    ex = make_exchange(cfg.engine.exchange, Wiring(rank, WORLD, torch.device("cpu")))
+    ex.attach(exchange_plan(proc))
+    runner = StepRunner(proc, ex)
     every = cfg.engine.exchange.every
     snapshots = {}
     for local_step, batch in enumerate(proc.batches(0)):
-        proc.train_step(batch, 0, local_step)
+        runner.step(batch, 0, local_step)
         if local_step % every == every - 1:
             # the weights this peer will ship at the start of the next step
             snapshots[local_step + 1] = {
@@ -319,20 +324,23 @@ def test_burn_in_trains_on_the_task_terms_only(tiny_raw):
     from kdray.config import load_config
     from kdray.exchange import LocalExchange
     from kdray.population import Population
+    from kdray.step import StepRunner
 
     class BurningIn(LocalExchange):
         def distilling(self, step: int) -> bool:
             return step >= 2
 
     tiny_raw["train"]["steps_per_epoch"] = 3
-    burn = Population(load_config(tiny_raw), exchange=BurningIn())
+    burn = Population(load_config(tiny_raw))
+    burn_runner = StepRunner(burn, BurningIn())
     ce_only = copy.deepcopy(tiny_raw)
     ce_only["method"]["weights"] = {"ce": 1.0, "kl": 0.0}
     ref = Population(load_config(ce_only))
+    ref_runner = StepRunner(ref)
     logged = []
     for step, (b1, b2) in enumerate(zip(burn.batches(0), ref.batches(0))):
-        m_burn = burn.train_step(b1, 0, step).means()
-        ref.train_step(b2, 0, step)
+        m_burn = burn_runner.step(b1, 0, step).means()
+        ref_runner.step(b2, 0, step)
         logged.append(m_burn["peer0/loss_kl"])
         if step == 1:
             break
@@ -341,8 +349,8 @@ def test_burn_in_trains_on_the_task_terms_only(tiny_raw):
             assert torch.equal(a, b)
     assert all(v > 0 for v in logged)  # computed and logged during the burn-in
     # from step 2 on the method's weights apply again: the third step differs from a CE-only one
-    burn.train_step(next(iter(burn.batches(0, 2))), 0, 2)
-    ref.train_step(next(iter(ref.batches(0, 2))), 0, 2)
+    burn_runner.step(next(iter(burn.batches(0, 2))), 0, 2)
+    ref_runner.step(next(iter(ref.batches(0, 2))), 0, 2)
     assert any(
         not torch.equal(a, b) for a, b in zip(burn.peers[0].net.parameters(), ref.peers[0].net.parameters())
     )

@@ -12,6 +12,7 @@ from kdray.methods.acn import perturbation_rms
 from kdray.methods.base import PeerContext
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from kdray.step import StepRunner
 
 
 def _proc(tiny_raw, k=2, **method):
@@ -26,7 +27,7 @@ def test_perturbation_bound_holds_after_every_generator_step(tiny_raw):
     x = next(iter(proc.data.eval_batches("val"))).x
     for i, batch in enumerate(proc.data.train_batches(0, max_steps=5)):
         before = [t.clone() for t in gen.parameters()]
-        proc.runner.step(batch, 0, i)
+        StepRunner(proc).step(batch, 0, i)
         assert any(not torch.equal(a, b) for a, b in zip(before, gen.parameters()))  # the generator moved
         with torch.no_grad():
             rms = perturbation_rms(proc.method.perturb(x, gen) - x)
@@ -71,7 +72,7 @@ def test_generator_maximises_disagreement(tiny_raw):
     batch = next(iter(proc.data.train_batches(0)))
     first = last = None
     for i in range(6):
-        m = proc.runner.step(batch, 0, i).means()
+        m = StepRunner(proc).step(batch, 0, i).means()
         value = m["peer0/div_gen"]
         first = value if first is None else first
         last = value
@@ -81,7 +82,7 @@ def test_generator_maximises_disagreement(tiny_raw):
 def test_penalty_switch_adds_a_bound_term(tiny_raw):
     proc = _proc(tiny_raw, restrict="penalty", eps=1.0, radius=0.01)
     batch = next(iter(proc.data.train_batches(0)))
-    m = proc.runner.step(batch, 0, 0).means()
+    m = StepRunner(proc).step(batch, 0, 0).means()
     assert m["shared/loss_bound"] > 0
 
 
@@ -90,7 +91,7 @@ def test_logged_generator_loss_is_the_objective(tiny_raw):
     it equals minus the ``div_gen`` diagnostic that each peer computes from all the outputs."""
     proc = _proc(tiny_raw, k=3)
     batch = next(iter(proc.data.train_batches(0)))
-    m = proc.runner.step(batch, 0, 0).means()
+    m = StepRunner(proc).step(batch, 0, 0).means()
     assert m["shared/loss_gen"] == pytest.approx(-m["peer0/div_gen"], rel=1e-5)
     assert m["peer0/div_gen"] == pytest.approx(m["peer2/div_gen"], rel=1e-5)
 
@@ -140,6 +141,8 @@ def test_generator_phase_leaves_batchnorm_statistics_alone(tiny_raw, bn_stats):
         p.train_mode()
     before = [t.clone() for p in proc.peers for n, t in p.net.model.named_buffers() if "running_mean" in n]
     batch = next(iter(proc.data.train_batches(0)))
-    proc.runner._run_phase(phase, (0, 0), batch, 0, 0, torch.Generator().manual_seed(0), None, MetricSums())
+    StepRunner(proc)._run_phase(
+        phase, (0, 0), batch, 0, 0, torch.Generator().manual_seed(0), None, MetricSums()
+    )
     after = [t for p in proc.peers for n, t in p.net.model.named_buffers() if "running_mean" in n]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) == (bn_stats == "keep")

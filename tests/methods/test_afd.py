@@ -14,6 +14,7 @@ from kdray.methods.base import PeerContext
 from kdray.metrics import MetricSums
 from kdray.models.discriminators import FeatureDiscriminator
 from kdray.population import Population
+from kdray.step import StepRunner
 
 HETERO = [
     {"arch": "resnet8", "arch_kwargs": {"width": 4}},  # layer3: 16 channels
@@ -44,7 +45,7 @@ def _changed(a, b):
 
 def test_each_update_touches_only_its_own_parameters(tiny_raw):
     proc = _proc(tiny_raw, HETERO)
-    runner = proc.runner
+    runner = StepRunner(proc)
     phases = {ph.name: ph for ph in proc.method.phases()}
     batch = next(iter(proc.data.train_batches(0)))
     rng = torch.Generator().manual_seed(0)
@@ -102,7 +103,7 @@ def test_ring_of_four_discriminator_k_sees_peer_k_minus_1(tiny_raw, monkeypatch,
 
         monkeypatch.setattr(disc, "forward", spy)
     batch = next(iter(proc.data.train_batches(0)))
-    proc.runner.step(batch, 0, 0)
+    StepRunner(proc).step(batch, 0, 0)
     for k in range(4):
         real, fake = float((k - 1) % 4), float(k)
         if disc_batch == "separate":
@@ -128,7 +129,7 @@ def test_transfer_layers_heterogeneous_pair_trains_and_off_is_refused(tiny_raw):
     proc = _proc(tiny_raw, HETERO)
     assert proc.method.common_shape == (32, 3, 3)
     batch = next(iter(proc.data.train_batches(0)))
-    metrics = proc.runner.step(batch, 0, 0).means()
+    metrics = StepRunner(proc).step(batch, 0, 0).means()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     out = proc.peers[0].state["transfer"](torch.randn(2, 16, 3, 3))
     assert out.shape == (2, 32, 3, 3)
@@ -142,8 +143,8 @@ def test_bce_switch_changes_the_adversarial_loss(tiny_raw):
     lsgan = _proc(tiny_raw, None)
     bce = _proc(tiny_raw, None, gan="bce")
     batch = next(iter(lsgan.data.train_batches(0)))
-    m1 = lsgan.runner.step(batch, 0, 0).means()
-    m2 = bce.runner.step(batch, 0, 0).means()
+    m1 = StepRunner(lsgan).step(batch, 0, 0).means()
+    m2 = StepRunner(bce).step(batch, 0, 0).means()
     # Same initial weights; the discriminators differ only in the loss: BCE(0.5-ish logit) ~ log 2, LSGAN ~ (1-D)^2.
     assert m1["peer0/loss_adv"] != pytest.approx(m2["peer0/loss_adv"])
     assert m2["peer0/loss_disc"] == pytest.approx(2 * 0.693, abs=0.5)
@@ -155,7 +156,7 @@ def test_step_ratios_keep_the_discriminator_on_adversarial_steps(tiny_raw):
     assert (adv.every, disc.every) == (2, 6)
     batches = list(proc.data.train_batches(0, max_steps=3))
     for step, batch in enumerate(batches):  # steps 0, 1, 2: adversarial on 0 and 2, discriminator on 0
-        metrics = proc.runner.step(batch, 0, step).sums
+        metrics = StepRunner(proc).step(batch, 0, step).sums
         assert ("peer0/loss_adv" in metrics) == (step % 2 == 0)
         assert ("peer0/loss_disc" in metrics) == (step % 6 == 0)
 
@@ -203,7 +204,7 @@ def test_one_adversarial_step_makes_the_discriminator_call_the_map_more_real(tin
     """After the adversarial update, D's score of the network's own (fake) map rises and the adversarial loss
     falls, on the same batch: the network cooperates with the peer's distribution, not with its discriminator."""
     proc = _proc(tiny_raw, None, adv_optimizer={"lr": 0.05})
-    runner, method = proc.runner, proc.method
+    runner, method = StepRunner(proc), proc.method
     phases = {ph.name: ph for ph in method.phases()}
     batch = next(iter(proc.data.train_batches(0)))
     rng = torch.Generator().manual_seed(0)
@@ -270,12 +271,12 @@ def test_adversarial_forward_leaves_batchnorm_statistics_to_the_training_batch(t
     full = _proc(tiny_raw, None, adv_bn_stats=bn_stats)
     logit_only = _proc(tiny_raw, None, adv_bn_stats=bn_stats)
     batch = next(iter(full.data.train_batches(0)))
-    full.runner.step(batch, 0, 0)
+    StepRunner(full).step(batch, 0, 0)
     phases = {ph.name: ph for ph in logit_only.method.phases()}
     for p in logit_only.peers:
         p.train_mode()
     rng = torch.Generator().manual_seed(0)
-    logit_only.runner._run_phase(phases["logit"], (0, 0), batch, 0, 0, rng, None, MetricSums())
+    StepRunner(logit_only)._run_phase(phases["logit"], (0, 0), batch, 0, 0, rng, None, MetricSums())
 
     def stats(proc):
         return {

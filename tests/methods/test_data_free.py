@@ -24,6 +24,7 @@ from kdray.methods.base import PeerContext
 from kdray.methods.dfad import sample_diagnostics
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from kdray.step import StepRunner
 
 SMALL = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
 GEN = {"nz": 8, "ngf": 4}  # a tiny generator: the maths does not depend on its size
@@ -89,7 +90,7 @@ def _run_phase(pop: Population, name: str, step: int = 0) -> MetricSums:
     i, phase = _phase(pop, name)
     metrics = MetricSums()
     rng = torch.Generator().manual_seed(step)
-    pop.runner._run_phase(phase, (i, 0), None, 0, step, rng, None, metrics)
+    StepRunner(pop)._run_phase(phase, (i, 0), None, 0, step, rng, None, metrics)
     return metrics
 
 
@@ -228,7 +229,7 @@ def test_student_updates_draw_fresh_noise_deterministically(tiny_raw, teacher_ck
             return x
 
         pop.method.phase_inputs = spy
-        pop.train_step(None, 0, step)
+        StepRunner(pop).step(None, 0, step)
         return seen
 
     raw = _raw(tiny_raw, teacher_ckpt, student_steps=3)
@@ -308,7 +309,7 @@ def test_logged_generator_loss_is_the_objective(tiny_raw, teacher_ckpt):
     """``shared/loss_gen`` is -J = -(1/S) sum_k L1(s_k, t), which the teacher's diagnostic computes from every
     output: not twice it (each term is in two parts), not S times it."""
     pop = _pop(_raw(tiny_raw, teacher_ckpt, students=2))
-    m = pop.train_step(None, 0, 0).means()
+    m = StepRunner(pop).step(None, 0, 0).means()
     assert m["shared/loss_gen"] == pytest.approx(-m["teacher/gen_discrepancy"], rel=1e-6)
     assert m["teacher/gen_discrepancy"] > 0
     for key in ("gen_diversity", "gen_entropy", "gen_top_share", "collapse"):
@@ -327,7 +328,7 @@ def test_mad_ema_update_is_exact_and_outside_every_optimizer(tiny_raw, teacher_c
     assert optimised == {id(p) for p in shared["gen"].parameters()}
     assert all(not p.requires_grad for p in ema.parameters())
     before = _state(ema)
-    pop.train_step(None, 0, 0)
+    StepRunner(pop).step(None, 0, 0)
     after, gen = _state(ema), _state(shared["gen"])
     assert not _same(before, after)
     for k, v in after.items():
@@ -440,7 +441,7 @@ def _generator_grads(raw: dict, ranks: list[int] | None) -> list[torch.Tensor]:
         captured.append([q.grad.clone() if q.grad is not None else None for q in params])
 
     pop.exchange.reduce_shared_grads = spy
-    pop.train_step(None, 0, 0)
+    StepRunner(pop).step(None, 0, 0)
     assert len(captured) == 1
     return captured[0]
 

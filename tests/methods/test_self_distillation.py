@@ -17,6 +17,7 @@ from kdray.methods.base import PeerContext
 from kdray.methods.pskd import progressive_alpha
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from kdray.step import StepRunner
 from tests.helpers import train_until_stopped
 
 
@@ -81,7 +82,7 @@ def test_pskd_memory_is_written_at_the_batch_rows_after_the_step(tiny_raw):
         before = {k: v.clone() for k, v in net.model.state_dict().items()}
         expected = net(batch.x)["logits"].softmax(1)
         net.model.load_state_dict(before)
-    pop.train_step(batch, 0, 0)
+    StepRunner(pop).step(batch, 0, 0)
     assert torch.allclose(memory[batch.index], expected, atol=1e-6)
     others = torch.ones(len(memory), dtype=torch.bool)
     others[batch.index] = False
@@ -91,7 +92,7 @@ def test_pskd_memory_is_written_at_the_batch_rows_after_the_step(tiny_raw):
 def test_pskd_inside_dml(tiny_raw):
     pop = _pop(tiny_raw, {"name": "pskd", "weights": {"kl": 1.0}})
     assert pop.method.topology.sources_of(0) == (1,)
-    metrics = pop.train_step(next(iter(pop.batches(0))), 0, 0).means()
+    metrics = StepRunner(pop).step(next(iter(pop.batches(0))), 0, 0).means()
     assert metrics["peer0/loss_kl"] > 0 and "peer0/loss_soft_ce" in metrics
 
 
@@ -118,7 +119,7 @@ def test_cskd_loss_by_hand(tiny_raw, pair_forward):
 def test_cskd_pair_forward_carries_no_gradient(tiny_raw):
     pop = _pop(tiny_raw, {"name": "cskd"}, tiny_raw["peers"][:1])
     assert [ph.optimizer for ph in pop.method.phases()] == [None, "net"]
-    metrics = pop.train_step(next(iter(pop.batches(0))), 0, 0).means()
+    metrics = StepRunner(pop).step(next(iter(pop.batches(0))), 0, 0).means()
     assert metrics["peer0/loss_cls"] >= 0 and "peer0/train_acc" in metrics
 
 
@@ -186,7 +187,7 @@ def test_aikd_updates_touch_only_their_own_parameters_and_the_student_fools_the_
     """The student step lowers the adversarial loss on a fixed batch and raises D's "real" score of the student's
     distribution; the discriminator step changes the discriminator only."""
     pop = _aikd(tiny_raw, tmp_path, weights={"ce": 0.0, "kd": 0.0, "adv": 1.0}, progressive=False)
-    runner = pop.runner
+    runner = StepRunner(pop)
     student, pre = pop.peers[1], pop.peers[0]
     disc = student.state["disc"]
     phases = {ph.name: ph for ph in pop.method.phases()}
@@ -243,7 +244,7 @@ def test_aikd_loss_by_hand(tiny_raw, tmp_path):
 )
 def test_aikd_ablations_are_configs(tiny_raw, tmp_path, switches, terms):
     pop = _aikd(tiny_raw, tmp_path, **switches)
-    metrics = pop.train_step(next(iter(pop.batches(0))), 0, 0).means()
+    metrics = StepRunner(pop).step(next(iter(pop.batches(0))), 0, 0).means()
     assert {k.split("loss_")[1] for k in metrics if k.startswith("s/loss_") and k != "s/loss_disc"} == terms
     assert ("memory" in pop.peers[1].buffers) == switches.get("progressive", True)
     assert (pop.peers[1].state is not None) == switches.get("adversarial", True)

@@ -18,9 +18,11 @@ from kdray.engines.display import (
     report_epoch,
     write_step_row,
 )
-from kdray.loop import InProcess, Progress, train_epochs
+from kdray.loop import InProcess, Progress, restore, train_epochs
 from kdray.metrics import MetricSums
 from kdray.population import Population
+from kdray.registry import ENGINES
+from kdray.step import StepRunner
 
 
 class LocalSink:
@@ -31,7 +33,7 @@ class LocalSink:
         self.bar = EpochBar(self.cfg, live_listeners(engine.callbacks))
         self.window = StepWindow(self.cfg.train.log_every_steps)
         self.live = MetricSums()  # the bar's running means (since the last postfix)
-        self.first_step_s: float | None = None
+        self.first_step_s: float | None = None  # from the engine's start to the end of the first step
 
     def epoch_started(self, epoch: int, start_step: int, steps: int) -> None:
         self.bar.start(epoch, start_step, steps)
@@ -48,7 +50,7 @@ class LocalSink:
         if row is not None:
             write_step_row(self.engine.tracker, self.engine.out_dir, step + 1, row)
 
-    def checkpointed(self, pop: Population, progress: Progress, path: Path | None) -> None:
+    def checkpointed(self, own: dict[str, Any], progress: Progress, path: Path | None) -> None:
         pass
 
     def epoch_done(self, metrics: dict[str, float], progress: Progress, path: Path | None) -> None:
@@ -59,21 +61,22 @@ class LocalSink:
         return self.engine.stop()
 
 
+@ENGINES.register
 class LocalEngine(Engine):
     name = "local"
+    summary = "every peer in this process"
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        pop = Population(self.cfg)
-        progress = Progress()
-        if resume is not None:
-            pop.load_state_dict(resume)
-            torch.set_rng_state(resume["rng"])
-            progress = Progress.from_checkpoint(resume)
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        pop = Population(self.cfg, data=self.data)
+        runner = StepRunner(pop)
+        progress = restore(pop, runner, resume) if resume is not None else Progress()
         sink = LocalSink(self, t0)
         meta = {"config": self.cfg.to_dict(), "mlflow_run_id": self.tracker.run_id}
         try:
-            train_epochs(pop, progress, InProcess(), sink, self.out_dir / "checkpoints", meta)
+            train_epochs(pop, runner, progress, InProcess(), sink, self.out_dir / "checkpoints", meta)
         finally:
             sink.bar.close()
         return {
@@ -81,6 +84,6 @@ class LocalEngine(Engine):
             "best": progress.best,
             "peer_params": {p.name: pop.spec.peers[p.index].num_params for p in pop.peers},
             "wall_s": time.perf_counter() - t0,
-            "first_step_s": sink.first_step_s,
+            "first_step_after_engine_start_s": sink.first_step_s,
             "steps_per_epoch": pop.steps_per_epoch,
         }
