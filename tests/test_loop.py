@@ -37,7 +37,7 @@ class RecordingSink:
     def step_done(self, epoch, step_in_epoch, step, metrics: MetricSums):
         self.steps.append(metrics.means())
 
-    def checkpointed(self, pop, progress, path):
+    def checkpointed(self, own, progress, path):
         pass
 
     def epoch_done(self, metrics, progress, path):
@@ -53,7 +53,7 @@ def test_a_term_reported_every_third_step_is_logged_at_its_true_mean(tiny_raw, t
     tiny_raw["method"] = {"name": "afd", "adv_every": 3, "disc_every": 2}
     pop = Population(load_config(tiny_raw))
     sink = RecordingSink()
-    train_epochs(pop, Progress(), InProcess(), sink, tmp_path, {"config": {}})
+    train_epochs(pop, StepRunner(pop), Progress(), InProcess(), sink, tmp_path, {"config": {}})
     adv = [s["peer0/loss_adv"] for s in sink.steps if "peer0/loss_adv" in s]
     disc = [s["peer0/loss_disc"] for s in sink.steps if "peer0/loss_disc" in s]
     assert len(sink.steps) == 6 and len(adv) == 2 and len(disc) == 1

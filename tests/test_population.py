@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdray.config import load_config
-from kdray.engines.threads import balanced_threads
+from kdray.engines.threads import balanced_threads, worker_threads
 from kdray.errors import ConfigError
 from kdray.models import count_flops, create_model
 from kdray.population import Population
@@ -36,10 +36,7 @@ def test_balance_shares_the_cpus_out_in_proportion_to_cost(tiny_raw):
     # shares 0.47 and 7.53 of 8 CPUs: the small peer keeps one thread (it waits at the exchange most of each step)
     # and the large one gets all eight
     assert threads == [1, 8]
-    import torch
-
-    assert torch.get_num_threads() == 8  # the worker of peer 1 runs with its share
-    torch.set_num_threads(1)
+    assert worker_threads(cfg, pop.spec, 1) == 8  # the worker of peer 1 runs with its share
     with pytest.raises(ConfigError, match="train.threads"):
         load_config(tiny_raw, ["train.threads=2"])
 

@@ -25,7 +25,7 @@ from kdray.config import validate
 from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
-from kdray.engines.threads import balanced_threads
+from kdray.engines.threads import worker_threads
 from kdray.errors import DivergedError
 from kdray.exchange import DistributedExchange
 from kdray.loop import Progress, Stopped, restore, train_epochs
@@ -198,10 +198,9 @@ def train_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     exchange = make_exchange(cfg.engine.exchange, wiring)
     pop = Population(cfg, local_ids=[rank], device=device)
-    if cfg.engine.placement.balance == "threads":
-        torch.set_num_threads(balanced_threads(cfg, pop.spec)[rank])
-    elif cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = worker_threads(cfg, pop.spec, rank)
+    if threads:
+        torch.set_num_threads(threads)
     exchange.attach(exchange_plan(pop))
     runner = StepRunner(pop, exchange)
     built = time.time()

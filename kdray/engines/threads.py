@@ -25,3 +25,11 @@ def balanced_threads(cfg: ExperimentConfig, spec: PopulationSpec) -> list[int]:
         k = max(range(len(shares)), key=lambda i: shares[i] - threads[i])
         threads[k] += 1
     return threads
+
+
+def worker_threads(cfg: ExperimentConfig, spec: PopulationSpec, rank: int) -> int | None:
+    """The torch threads of the Ray worker of peer ``rank``: its balanced share (``balance: threads``), else
+    ``train.threads``; None leaves torch's default."""
+    if cfg.engine.placement.balance == "threads":
+        return balanced_threads(cfg, spec)[rank]
+    return cfg.train.threads

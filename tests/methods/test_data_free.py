@@ -426,22 +426,24 @@ def _dist_raw(ckpt: str) -> dict:
 def _generator_grads(raw: dict, ranks: list[int] | None) -> list[torch.Tensor]:
     """The shared generator's gradients as the step hands them to its optimizer (after the all-reduce), after the
     student updates of step 0: the whole population in one process (``ranks=None``), or one peer per process."""
-    from kdray.exchange import make_exchange
+    from kdray.exchange import Wiring, make_exchange
+    from kdray.replicas import exchange_plan
 
     cfg = load_config(raw)
-    exchange = None
+    pop = Population(cfg, local_ids=ranks)
+    runner = StepRunner(pop)
     if ranks is not None:
-        exchange = make_exchange(cfg.engine, ranks[0], WORLD, torch.device("cpu"))
-    pop = Population(cfg, local_ids=ranks, exchange=exchange)
+        runner.exchange = make_exchange(cfg.engine.exchange, Wiring(ranks[0], WORLD, torch.device("cpu")))
+        runner.exchange.attach(exchange_plan(pop))
     captured = []
-    reduce = pop.exchange.reduce_shared_grads
+    reduce = runner.exchange.reduce_shared_grads
 
     def spy(params):
         reduce(params)
         captured.append([q.grad.clone() if q.grad is not None else None for q in params])
 
-    pop.exchange.reduce_shared_grads = spy
-    StepRunner(pop).step(None, 0, 0)
+    runner.exchange.reduce_shared_grads = spy
+    runner.step(None, 0, 0)
     assert len(captured) == 1
     return captured[0]
 
