@@ -137,6 +137,44 @@ def test_cskd_joint_pair_half_carries_no_gradient_by_hand(tiny_raw):
     assert float(terms["cls"].detach()) == pytest.approx(4 * kl(pair, own, 2.0), rel=1e-6)
 
 
+def test_cskd_pairs_forwarded_first_change_only_the_running_statistics(tiny_raw):
+    """kdray forwards the pairs x' before the batch x; the authors' code forwards x (with gradient), then x' (no_grad).
+    In train mode BatchNorm normalises each forward with its own batch's statistics, so the step's weights equal the
+    authors' order (by hand, plain SGD); only the order of the two running-statistics updates differs: kdray's
+    running means are those of x' then x, not x then x'."""
+    tiny_raw["train"]["optimizer"] = {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0}
+    pop = _pop(tiny_raw, {"name": "cskd"}, tiny_raw["peers"][:1])
+    peer = pop.peers[0]
+    peer.train_mode()
+    batch = next(iter(pop.batches(0)))
+
+    def by_hand(order):
+        model = copy.deepcopy(peer.net.model).train()
+        outs = {}
+        for part in order:
+            with torch.set_grad_enabled(part == "x"):
+                outs[part] = model(batch.x if part == "x" else batch.pair.x)
+        loss = F.cross_entropy(outs["x"], batch.y) + 16 * F.kl_div(
+            F.log_softmax(outs["x"] / 4, 1), F.softmax(outs["pair"] / 4, 1), reduction="batchmean"
+        )
+        loss.backward()
+        with torch.no_grad():
+            for q in model.parameters():
+                q -= 0.5 * q.grad
+        return model.state_dict()
+
+    authors, pairs_first = by_hand(["x", "pair"]), by_hand(["pair", "x"])
+    pop.train_step(batch, 0, 0)
+    kdray = peer.net.model.state_dict()
+    for key, value in kdray.items():
+        if "running" in key:
+            assert torch.allclose(value, pairs_first[key], atol=1e-6), key
+        elif value.is_floating_point():
+            assert torch.allclose(value, authors[key], atol=1e-5), key
+    moved = [k for k in kdray if "running_mean" in k and not torch.allclose(kdray[k], authors[k], atol=1e-6)]
+    assert moved  # the order is visible in the running statistics, and only there
+
+
 def test_cskd_pair_forward_carries_no_gradient(tiny_raw):
     pop = _pop(tiny_raw, {"name": "cskd"}, tiny_raw["peers"][:1])
     assert [ph.optimizer for ph in pop.method.phases()] == [None, "net"]
