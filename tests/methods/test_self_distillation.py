@@ -212,6 +212,31 @@ def test_tfkd_reg_teacher_and_loss_by_hand(tiny_raw):
     assert float(terms["reg"]) == pytest.approx(float(published), rel=1e-6)
 
 
+def test_tfkd_reg_defaults_are_the_authors_resnet18_values(tiny_raw):
+    """Mode reg, nothing else given: a = 0.1 (ce 0.9, reg 0.1), T = 20, and a reg term equal to the authors'
+    ``nn.KLDivLoss()`` x100 as it is on 100 classes, i.e. the legacy mean x C (here C = 4); mode self keeps kdray's
+    a = 0.9, T = 4. A partial weights mapping keeps the mode's other defaults."""
+    pop = _pop(tiny_raw, {"name": "tfkd", "mode": "reg"}, tiny_raw["peers"][:1])
+    cfg = pop.method.cfg
+    assert (cfg.temperature, cfg.weights, cfg.multiplier) == (20.0, {"ce": 0.9, "reg": 0.1}, 1.0)
+    batch = next(iter(pop.batches(0)))
+    student = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    terms = pop.method.loss(pop.method.phases()[0], _ctx(pop, 0, {"logits": student}, batch))
+    q = torch.full((16, 4), 0.01 / 3)
+    q[torch.arange(16), batch.y] = 0.99
+    legacy = torch.nn.KLDivLoss()(F.log_softmax(student, 1), F.softmax(q / 20, 1))
+    assert float(terms["reg"]) == pytest.approx(float(legacy) * 100 * 4 / 100, rel=1e-6)
+    partial = _pop(tiny_raw, {"name": "tfkd", "mode": "reg", "weights": {"reg": 0.3}}, tiny_raw["peers"][:1])
+    assert partial.method.cfg.weights == {"ce": 0.9, "reg": 0.3}
+    teacher = [
+        {"name": "t", "arch": "resnet8", "arch_kwargs": {"width": 4}, "frozen": True, "checkpoint": "x.pt"}
+    ]
+    self_cfg = load_config(
+        {**tiny_raw, "peers": teacher + tiny_raw["peers"][:1], "method": {"name": "tfkd"}}
+    ).method
+    assert (self_cfg.temperature, self_cfg.weights) == (4.0, {"ce": 0.1, "kd": 0.9})
+
+
 def test_tfkd_self_needs_one_frozen_teacher(tiny_raw):
     with pytest.raises(ConfigError, match="exactly one frozen teacher"):
         _pop(tiny_raw, {"name": "tfkd", "mode": "self"}, tiny_raw["peers"][:1])
