@@ -389,6 +389,9 @@ def run_one(
 ) -> dict[str, Any]:
     import kdray
 
+    sys.path.insert(0, str(REPO))  # run as a script: the repository root is not on the path
+    from benchmarks.step_timing import machine_name
+
     raw = config(row, seed, args, tuned["values"] if tuned else None)
     if row.teacher_from:
         teacher_row = next(
@@ -414,6 +417,8 @@ def run_one(
         "val_curve": {p["name"]: [h.get(f"{p['name']}/val_acc") for h in s["history"]] for p in s["peers"]
                       if not p["frozen"]},
         "wall_s": round(time.time() - t0, 1),
+        "machine": machine_name(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": raw,
     }  # fmt: skip
     if "staged" in s and s["staged"].get("generations"):
