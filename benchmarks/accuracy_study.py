@@ -389,6 +389,9 @@ def run_one(
 ) -> dict[str, Any]:
     import kdray
 
+    sys.path.insert(0, str(REPO))  # run as a script: the repository root is not on the path
+    from benchmarks.step_timing import machine_name
+
     raw = config(row, seed, args, tuned["values"] if tuned else None)
     if row.teacher_from:
         teacher_row = next(
@@ -410,9 +413,12 @@ def run_one(
                   for p in s["peers"] if not p["frozen"]},
         "ensemble_test_acc": s.get("ensemble_test_acc"),
         "best_epoch": s["best"]["epoch"],
+        "selection_score": s["best"]["metric"],
         "val_curve": {p["name"]: [h.get(f"{p['name']}/val_acc") for h in s["history"]] for p in s["peers"]
                       if not p["frozen"]},
         "wall_s": round(time.time() - t0, 1),
+        "machine": machine_name(),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": raw,
     }  # fmt: skip
     if "staged" in s and s["staged"].get("generations"):
@@ -535,6 +541,16 @@ def fmt(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def selection_score(record: dict[str, Any]) -> float:
+    """The number the run selected its epoch on: the trainable peers' mean validation accuracy at the selected epoch
+    (``summary['best']['metric']``; recomputed from the curves for records written before it was kept). Not the mean
+    of each peer's own best epoch, which two peers rarely reach together."""
+    if record.get("selection_score") is not None:
+        return record["selection_score"]
+    epoch = record["best_epoch"]
+    return statistics.mean(curve[epoch - 1] for curve in record["val_curve"].values())
+
+
 def load(path: Path) -> list[dict[str, Any]]:
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -556,7 +572,7 @@ def report(args: argparse.Namespace) -> str:
                 arch[peer["name"]] += f", width {width}"
         head = " | ".join(f"{n} ({arch[n]})" for n in names) if len(names) > 1 else "test acc"
         lines += [f"\n**{regime}** ({describe(regime, group[0]['config'])})\n",
-                  f"| row | {head} | peer mean | ensemble | ECE (peer mean) | best val acc | seeds |",
+                  f"| row | {head} | peer mean | ensemble | ECE (peer mean) | selected val acc | seeds |",
                   "|---" * (len(names) + 6) + "|"]  # fmt: skip
         for label in labels:
             runs = [r for r in group if r["label"] == label]
@@ -565,7 +581,7 @@ def report(args: argparse.Namespace) -> str:
             mean_peer = fmt([statistics.mean(p["test_acc"] for p in r["peers"].values()) for r in runs])
             ens = fmt([r["ensemble_test_acc"] for r in runs]) if len(peers) > 1 else "-"
             ece = fmt([statistics.mean(p["test_ece"] for p in r["peers"].values()) for r in runs])
-            val = fmt([statistics.mean(p["best_val_acc"] for p in r["peers"].values()) for r in runs])
+            val = fmt([selection_score(r) for r in runs])
             lines.append(
                 f"| {label} | {' | '.join(cells)} | {mean_peer} | {ens} | {ece} | {val} | {len(runs)} |"
             )

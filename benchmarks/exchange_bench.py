@@ -218,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                 extra.setdefault("stale_reduction_dml", {})[f"{peers}p-{size}"] = by["collective"][
                     "bytes_per_step"
                 ] / max(by["stale"]["bytes_per_step"], 1)
+    sys.path.insert(0, str(REPO))  # run as a script: the repository root is not on the path
+    from benchmarks.step_timing import machine_name
+
     report = {
         "machine": {
+            "name": machine_name(),
             "cores": CORES,
             "platform": platform.platform(),
             "python": platform.python_version(),

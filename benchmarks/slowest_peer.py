@@ -173,7 +173,11 @@ def main() -> int:
             f"(exchange {ray['exchange_ms']:.0f}, waiting {ray['wait_ms'] or 0:.0f}) | ratio {row['ratio']:.3f}",
             flush=True,
         )
-    meta = {"cores": CORES, "machine": platform.processor() or platform.machine(), "steps": args.steps,
+    sys.path.insert(0, str(REPO))  # run as a script: the repository root is not on the path
+    from benchmarks.step_timing import machine_name
+
+    meta = {"cores": CORES, "machine": platform.processor() or platform.machine(), "machine_name": machine_name(),
+            "steps": args.steps,
             "load_avg": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

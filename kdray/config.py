@@ -118,6 +118,11 @@ class PeerConfig(Section):
         description="load this peer's weights from an earlier stage of the same run (its final weights; "
         "checkpoint_peer says which peer of it)",
     )
+    from_stage_checkpoint: Literal["last", "best"] = Field(
+        "last",
+        description="with from_stage: that stage's final weights (last.pt) or its selected epoch's (best.pt: the "
+        "best score on that stage's data.select_on split)",
+    )
     frozen: bool = Field(False, description="never updated (e.g. a KD teacher); evaluated, never trained")
     lr: float | None = Field(None, gt=0, description="this peer's learning rate (default train.optimizer.lr)")
     init_seed: int | None = Field(
@@ -138,6 +143,11 @@ class PeerConfig(Section):
     def _one_source(self) -> PeerConfig:
         if self.checkpoint and self.from_stage:
             raise ValueError("give either checkpoint or from_stage, not both")
+        if self.from_stage_checkpoint != "last" and not self.from_stage:
+            raise ValueError(
+                f"from_stage_checkpoint: {self.from_stage_checkpoint} applies with from_stage only (with "
+                "checkpoint:, name the file, e.g. <run>/checkpoints/best.pt)"
+            )
         return self
 
 

@@ -18,8 +18,9 @@ A staged config is a base config plus a list of stages; each stage is a partial 
           - {name: student, arch: resnet8}
 
 A peer's ``from_stage`` names an earlier stage; it loads that stage's final weights (``checkpoints/last.pt``;
-``checkpoint_peer`` picks the peer when the stage had several). Frozen, it is a teacher; trainable, it starts from
-those weights (a same-architecture copy). Every stage is validated before anything is written.
+``from_stage_checkpoint: best`` loads its selected epoch's, ``best.pt``; ``checkpoint_peer`` picks the peer when the
+stage had several). Frozen, it is a teacher; trainable, it starts from those weights (a same-architecture copy).
+Every stage is validated before anything is written.
 
 ``generations:`` (born-again networks, :mod:`kdray.generations`) is a staged config written for you.
 
@@ -101,9 +102,14 @@ def _resolved(cfg: ExperimentConfig, out_dir: Path, tracking_uri: str) -> Experi
     run's tracking store (a stage's run nests under the staged run's, in the same store)."""
     raw = cfg.to_dict()
     raw["tracking"]["uri"] = tracking_uri
-    for peer in raw["peers"]:
+    for i, peer in enumerate(raw["peers"]):
         if peer.get("from_stage"):
-            peer["checkpoint"] = str(out_dir / "stages" / peer.pop("from_stage") / "checkpoints" / "last.pt")
+            which = peer.pop("from_stage_checkpoint", "last")
+            path = out_dir / "stages" / peer.pop("from_stage") / "checkpoints" / f"{which}.pt"
+            if which == "best" and not path.is_file():
+                raise ConfigError(f"peers.{i}.from_stage_checkpoint", which,
+                                  f"'last': {path} was not written (no epoch of that stage was scored)")  # fmt: skip
+            peer["checkpoint"] = str(path)
             peer["from_stage"] = None
     return validate(raw)
 

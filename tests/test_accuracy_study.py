@@ -83,3 +83,15 @@ def test_the_committed_tuned_winners_are_read_back_without_tuning_again(tmp_path
     for key, entry in winners.items():
         assert study.tuned_values(rows[key], args) == entry["best"], key
     assert (tmp_path / kept.name).read_text() == kept.read_text()  # nothing rewritten
+
+
+def test_the_selected_val_acc_is_the_selection_score_not_each_peers_best() -> None:
+    """Two peers that peak at different epochs: the run selected epoch 2 (mean 0.75), not the 0.8 of averaging each
+    peer's own best (0.9 at epoch 3 and 0.7 at epoch 2). A record that kept ``selection_score`` is read as is."""
+    record = {
+        "best_epoch": 2,
+        "val_curve": {"a": [0.5, 0.8, 0.9], "b": [0.5, 0.7, 0.5]},
+        "peers": {"a": {"best_val_acc": 0.9}, "b": {"best_val_acc": 0.7}},
+    }
+    assert study.selection_score(record) == 0.75
+    assert study.selection_score({**record, "selection_score": 0.6}) == 0.6

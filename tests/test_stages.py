@@ -131,3 +131,43 @@ def test_a_stage_killed_before_its_first_checkpoint_leaves_no_run_running(tiny_r
         ("tiny-teacher", "FINISHED", None),
     ]
     assert parent.info.status == "FINISHED"
+
+
+def test_from_stage_checkpoint_best_loads_the_stages_selected_epoch(tiny_raw, tmp_path):
+    """``from_stage_checkpoint: best`` resolves to the earlier stage's ``best.pt`` (``last``, the default, to
+    ``last.pt``), and the frozen teacher of stage 2 holds exactly those weights; a missing best.pt is refused with
+    the key; the key means nothing without from_stage and is refused there."""
+    from kdray.config import validate
+    from kdray.stages import _resolved, stage_configs
+
+    raw = _staged(tiny_raw)
+    raw["tracking"] = {"enabled": False}
+    raw["stages"][1]["peers"][0]["from_stage_checkpoint"] = "best"
+    (_, _), (_, student) = stage_configs(raw)
+    folder = tmp_path / "fake" / "stages" / "teacher" / "checkpoints"
+    with pytest.raises(ConfigError, match=r"peers\.0\.from_stage_checkpoint.*best.*'last'"):
+        _resolved(student, tmp_path / "fake", "file:/unused")
+    folder.mkdir(parents=True)
+    (folder / "best.pt").write_bytes(b"")
+    assert _resolved(student, tmp_path / "fake", "file:/unused").peers[0].checkpoint == str(
+        folder / "best.pt"
+    )
+    raw_last = copy.deepcopy(raw)
+    del raw_last["stages"][1]["peers"][0]["from_stage_checkpoint"]
+    (_, _), (_, student_last) = stage_configs(raw_last)
+    assert _resolved(student_last, tmp_path / "fake", "file:/u").peers[0].checkpoint == str(
+        folder / "last.pt"
+    )
+
+    kdray.train(raw, out=tmp_path / "run")
+    stage1 = tmp_path / "run" / "stages" / "teacher" / "checkpoints"
+    best = load_checkpoint(stage1 / "best.pt")["peers"]["net"]["net"]
+    frozen = load_checkpoint(tmp_path / "run" / "stages" / "student" / "checkpoints" / "last.pt")["peers"][
+        "teacher"
+    ]["net"]
+    assert all(torch.equal(best[k], frozen[k]) for k in best)
+
+    plain = copy.deepcopy(tiny_raw)
+    plain["peers"][0]["from_stage_checkpoint"] = "best"
+    with pytest.raises(ConfigError, match="from_stage_checkpoint: best applies with from_stage only"):
+        validate(plain)

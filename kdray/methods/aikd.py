@@ -1,5 +1,8 @@
-"""AI-KD: Adversarial learning and Implicit regularization for self-Knowledge Distillation (Kim, Jang, Kang, Lee,
-Kim; Knowledge-Based Systems 2022; arXiv 2211.10938). No code was published; this is the first open implementation.
+"""AI-KD: Adversarial learning and Implicit regularization for self-Knowledge Distillation (H. Kim, S. Suh, S. Baek,
+D. Kim, D. Jeong, H. Cho, J. Kim; Knowledge-Based Systems 293, 111692, 2024; arXiv 2211.10938, 2022). No code was
+published; this is the first open implementation. Only the abstract was read: the stored copies of the full text
+(arXiv HTML, ar5iv) could be searched only as far as the introduction, so nothing below was checked against the
+paper's method section.
 
 From the abstract (METHODS.md [abstract]): one network learns from (a) a frozen *pre-trained* network of the same
 architecture ("deterministic" knowledge), (b) its own predictions of the previous epoch ("progressive" knowledge,

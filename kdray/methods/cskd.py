@@ -6,10 +6,18 @@ predictions on x', computed without gradient:
 
     L_k = w_ce CE(y, p_k(x)) + w_cls T^2 KL(p_k(x')^T || p_k(x)^T),       T = 4, w_cls = 1 (3 on fine-grained sets)
 
-What follows the authors' code (alinlab/cs-kd, METHODS.md [code]): the class-wise pairing, CE on the first half
-only, the pair's prediction under ``no_grad``, T = 4 and the T^2 factor, the KL summed over classes and divided by
-the batch size. By default the pairs are forwarded as in that code: the batch x with gradient, then the pairs x'
-in a second forward under ``no_grad`` (both in train mode: both move the BatchNorm statistics).
+What follows the authors' code (alinlab/cs-kd, METHODS.md [code]): the class-wise pairing, CE on the first
+half only, the pair's prediction under ``no_grad``, T = 4 and the T^2 factor, the KL summed over classes and
+divided by the batch size. By default (``pair_forward: separate``) the pairs are forwarded as in that code, in
+a second forward of their own under ``no_grad``, both forwards in train mode (both move the BatchNorm
+statistics) -- but in the other order: kdray forwards the pairs x' first (an observing phase whose outputs the
+loss phase reads), then the batch x with gradient; the authors' code forwards x, then x'. Train-mode BatchNorm
+normalises each forward with its own batch's statistics, so the outputs, losses, gradients and weights are the
+same in either order (tested against the authors' order by hand); only the order of the two running-statistics
+updates per step differs, and with them the eval-time statistics, slightly: with BatchNorm momentum m, kdray's
+running statistics after a step differ from the authors' by m^2 (s(x) - s(x')), s a batch's per-channel
+statistic, a difference that then decays by (1 - m)^2 per step. Not a switch: forwarding x' after x would need
+the loss phase to run before the pairs' forward.
 ``pair_forward: joint`` forwards [x, x'] as one batch of 2B instead (one BatchNorm batch) and detaches the second
 half, a common reimplementation; it is not the authors' choice.
 """

@@ -28,6 +28,12 @@ are learned, gathered for G at y and for G~ at y' (``conditional``, off by defau
 - with ``conditional: true``, the labels y, y' are uniform, and the generator also minimises the teacher's
   cross-entropy ``CE(T(G(z + e_y)), y)`` (weight ``gen_label``), so that e_y means class y.
 
+**Not implemented**: the generator pre-training of the paper's appendix. Its table of hyper-parameters names a
+"number of steps for pretraining G" (seen only in a search snippet of the supplementary material), but what G is
+pre-trained to do and for how many steps were not retrieved: a switch would have to guess its objective. G and the
+students start the game together, as in DFAD. (A pre-training phase would also need the step runner to run a phase
+only before a given step, which it cannot today.)
+
 The generator's gradient is split per peer exactly as DFAD's (see there): the label term involves the teacher
 only, so it is the teacher's part alone (the students' parts report 0 for it, so the logged value is the term).
 """

@@ -3,8 +3,8 @@
 - :class:`FeatureDiscriminator` -- AFD (Chung et al., ICML 2020), one per peer, tells the peer's (transferred) feature map
   ("real") from its own network's ("fake"). Reconstructed as "a few conv-LeakyReLU layers then a pooled linear scalar";
   depth, width and normalisation are arguments so a user holding the paper can set them.
-- :class:`ProbDiscriminator` -- AI-KD (Kim et al., KBS 2022), tells the pre-trained model's predictive distribution
-  ("real") from the student's ("fake"). Reconstructed as an MLP on the C-dim probability vector.
+- :class:`ProbDiscriminator` -- AI-KD (H. Kim et al., KBS 293, 2024), tells the pre-trained model's predictive
+  distribution ("real") from the student's ("fake"). Reconstructed as an MLP on the C-dim probability vector.
 
 Both return one raw score per sample, shape (B,): LSGAN or BCE-with-logits is the method's choice.
 """

@@ -340,6 +340,37 @@ def test_mad_ema_update_is_exact_and_outside_every_optimizer(tiny_raw, teacher_c
             assert torch.equal(v, gen[k]), k
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_mad_second_half_is_g_tilde_output_for_the_second_draw(tiny_raw, teacher_ckpt, conditional):
+    """A student update's inputs are ``[G(z [+ e_y]), G~(z' [+ e_y'])]``: z (and y) drawn first from the step's
+    generator, then z' (and y'). Recomputed here from the same draws, with G~ set far from G so that sampling G twice
+    (or G~ twice, or swapping the halves) cannot pass; ``ema_batch: half`` gives batch_size / 2 of each."""
+    pop = _pop(_raw(tiny_raw, teacher_ckpt, "mad", conditional=conditional, ema_batch="half"), float64=True)
+    method, shared = pop.method, pop.shared.module
+    with torch.no_grad():
+        for p in shared["ema"].parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=p.dtype))
+    _, student_phase = _phase(pop, "student")
+    x = method.phase_inputs(student_phase, None, shared, torch.Generator().manual_seed(3))
+    n = 8  # batch_size 16, ema_batch: half
+    assert x.shape[0] == 2 * n
+
+    rng = torch.Generator().manual_seed(3)
+
+    def draw():
+        z = torch.randn(n, GEN["nz"], generator=rng).double()  # drawn in float32, as the method does
+        if conditional:
+            z = z + shared["embed"](torch.randint(4, (n,), generator=rng))
+        return z
+
+    z, z2 = draw(), draw()
+    with torch.no_grad():
+        assert torch.allclose(x[:n], shared["gen"](z), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(x[n:], shared["ema"](z2), rtol=1e-12, atol=1e-12)
+        # G~ and G differ here, so the check bites
+        assert not torch.allclose(x[n:], shared["gen"](z2), atol=1e-3)
+
+
 def test_mad_resumes_exactly_mid_epoch(tiny_raw, teacher_ckpt, tmp_path):
     """Stopped after 4 of 6 steps and resumed: the generator, its EMA copy, the embeddings and every network equal an
     uninterrupted run's, bit for bit."""

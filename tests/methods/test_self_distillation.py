@@ -4,6 +4,8 @@ fails), memories at the right rows, the legacy TF-KD multiplier, AI-KD's two upd
 from __future__ import annotations
 
 import copy
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,6 +118,64 @@ def test_cskd_loss_by_hand(tiny_raw, pair_forward):
     )  # T^2 KL(p(x')^T || p(x)^T)
 
 
+def test_cskd_joint_pair_half_carries_no_gradient_by_hand(tiny_raw):
+    """``pair_forward: joint``: the 2B logits [own, pair] get the gradient of CE + T^2 KL(p(x')^T || p(x)^T) on their
+    first half only, ``d cls / d own = T (p_own^T - p_pair^T) / B`` (and CE's ``(softmax(own) - onehot) / B``); the
+    pair half is a target, exactly 0 gradient. B = 2, C = 3, T = 2, by hand."""
+    pop = _pop(tiny_raw, {"name": "cskd", "pair_forward": "joint", "temperature": 2.0}, tiny_raw["peers"][:1])
+    (phase,) = pop.method.phases()
+    own = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    pair = torch.tensor([[0.0, 2.0, 0.0], [-1.0, 0.0, 1.0]])
+    y = torch.tensor([0, 2])
+    logits = torch.cat([own, pair]).requires_grad_(True)
+    ctx = PeerContext(0, "main", {"logits": logits}, {}, {}, SimpleNamespace(y=y), None, None, None, 0, 0)
+    terms = pop.method.loss(phase, ctx)
+    (terms["ce"] + terms["cls"]).backward()
+    p_own, p_pair = (own / 2).softmax(1), (pair / 2).softmax(1)
+    expected_own = (own.softmax(1) - F.one_hot(y, 3).float()) / 2 + 2 * (p_own - p_pair) / 2
+    assert torch.allclose(logits.grad[:2], expected_own, atol=1e-6)
+    assert torch.equal(logits.grad[2:], torch.zeros(2, 3))  # the pair half: a target, no gradient
+    assert float(terms["cls"].detach()) == pytest.approx(4 * kl(pair, own, 2.0), rel=1e-6)
+
+
+def test_cskd_pairs_forwarded_first_change_only_the_running_statistics(tiny_raw):
+    """kdray forwards the pairs x' before the batch x; the authors' code forwards x (with gradient), then x' (no_grad).
+    In train mode BatchNorm normalises each forward with its own batch's statistics, so the step's weights equal the
+    authors' order (by hand, plain SGD); only the order of the two running-statistics updates differs: kdray's
+    running means are those of x' then x, not x then x'."""
+    tiny_raw["train"]["optimizer"] = {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0}
+    pop = _pop(tiny_raw, {"name": "cskd"}, tiny_raw["peers"][:1])
+    peer = pop.peers[0]
+    peer.train_mode()
+    batch = next(iter(pop.batches(0)))
+
+    def by_hand(order):
+        model = copy.deepcopy(peer.net.model).train()
+        outs = {}
+        for part in order:
+            with torch.set_grad_enabled(part == "x"):
+                outs[part] = model(batch.x if part == "x" else batch.pair.x)
+        loss = F.cross_entropy(outs["x"], batch.y) + 16 * F.kl_div(
+            F.log_softmax(outs["x"] / 4, 1), F.softmax(outs["pair"] / 4, 1), reduction="batchmean"
+        )
+        loss.backward()
+        with torch.no_grad():
+            for q in model.parameters():
+                q -= 0.5 * q.grad
+        return model.state_dict()
+
+    authors, pairs_first = by_hand(["x", "pair"]), by_hand(["pair", "x"])
+    pop.train_step(batch, 0, 0)
+    kdray = peer.net.model.state_dict()
+    for key, value in kdray.items():
+        if "running" in key:
+            assert torch.allclose(value, pairs_first[key], atol=1e-6), key
+        elif value.is_floating_point():
+            assert torch.allclose(value, authors[key], atol=1e-5), key
+    moved = [k for k in kdray if "running_mean" in k and not torch.allclose(kdray[k], authors[k], atol=1e-6)]
+    assert moved  # the order is visible in the running statistics, and only there
+
+
 def test_cskd_pair_forward_carries_no_gradient(tiny_raw):
     pop = _pop(tiny_raw, {"name": "cskd"}, tiny_raw["peers"][:1])
     assert [ph.optimizer for ph in pop.method.phases()] == [None, "net"]
@@ -151,6 +211,31 @@ def test_tfkd_reg_teacher_and_loss_by_hand(tiny_raw):
     teacher = F.softmax(q / 20, 1)  # the authors' code: a softmax over probabilities / T
     published = torch.nn.KLDivLoss()(F.log_softmax(student, 1), teacher) * 100
     assert float(terms["reg"]) == pytest.approx(float(published), rel=1e-6)
+
+
+def test_tfkd_reg_defaults_are_the_authors_resnet18_values(tiny_raw):
+    """Mode reg, nothing else given: a = 0.1 (ce 0.9, reg 0.1), T = 20, and a reg term equal to the authors'
+    ``nn.KLDivLoss()`` x100 as it is on 100 classes, i.e. the legacy mean x C (here C = 4); mode self keeps kdray's
+    a = 0.9, T = 4. A partial weights mapping keeps the mode's other defaults."""
+    pop = _pop(tiny_raw, {"name": "tfkd", "mode": "reg"}, tiny_raw["peers"][:1])
+    cfg = pop.method.cfg
+    assert (cfg.temperature, cfg.weights, cfg.multiplier) == (20.0, {"ce": 0.9, "reg": 0.1}, 1.0)
+    batch = next(iter(pop.batches(0)))
+    student = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    terms = pop.method.loss(pop.method.phases()[0], _ctx(pop, 0, {"logits": student}, batch))
+    q = torch.full((16, 4), 0.01 / 3)
+    q[torch.arange(16), batch.y] = 0.99
+    legacy = torch.nn.KLDivLoss()(F.log_softmax(student, 1), F.softmax(q / 20, 1))
+    assert float(terms["reg"]) == pytest.approx(float(legacy) * 100 * 4 / 100, rel=1e-6)
+    partial = _pop(tiny_raw, {"name": "tfkd", "mode": "reg", "weights": {"reg": 0.3}}, tiny_raw["peers"][:1])
+    assert partial.method.cfg.weights == {"ce": 0.9, "reg": 0.3}
+    teacher = [
+        {"name": "t", "arch": "resnet8", "arch_kwargs": {"width": 4}, "frozen": True, "checkpoint": "x.pt"}
+    ]
+    self_cfg = load_config(
+        {**tiny_raw, "peers": teacher + tiny_raw["peers"][:1], "method": {"name": "tfkd"}}
+    ).method
+    assert (self_cfg.temperature, self_cfg.weights) == (4.0, {"ce": 0.1, "kd": 0.9})
 
 
 def test_tfkd_self_needs_one_frozen_teacher(tiny_raw):
@@ -232,6 +317,55 @@ def test_aikd_loss_by_hand(tiny_raw, tmp_path):
     assert float(terms["kd"]) == pytest.approx(4 * kl(zp, z, 2.0), rel=1e-5)
     d = pop.peers[1].state["disc"](z.softmax(1))
     assert float(terms["adv"]) == pytest.approx(float((1 - d.detach()).pow(2).mean()), rel=1e-6)
+
+
+class _FirstProb(torch.nn.Module):
+    """A discriminator computable by hand: D(p) = p_0."""
+
+    def forward(self, p):
+        return p[:, 0]
+
+
+@pytest.mark.parametrize("gan", ["lsgan", "bce"])
+def test_aikd_discriminator_calls_the_pretrained_distribution_real_by_hand(tiny_raw, tmp_path, gan):
+    """L_D = L_real(D(p_pre)) + L_fake(D(p_s)) with D(p) = p_0: the pre-trained network's distribution (0.25 on
+    class 0) is real, the student's (0.7) fake. LSGAN: (1 - 0.25)^2 + 0.7^2 = 1.0525 (swapped: 0.1525); BCE on raw
+    scores: -log sigmoid(0.25) - log(1 - sigmoid(0.7))."""
+    pop = _aikd(tiny_raw, tmp_path, gan=gan)
+    disc_phase = next(ph for ph in pop.method.phases() if ph.name == "disc")
+    pre = torch.zeros(1, 4)  # uniform: p_0 = 0.25
+    student = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).log()  # p_0 = 0.7
+    state = torch.nn.ModuleDict({"disc": _FirstProb()})
+    ctx = PeerContext(1, "disc", {"logits": student}, {0: {"logits": pre}}, {}, None, None, state, None, 0, 0)
+    loss = float(pop.method.loss(disc_phase, ctx)["disc"])
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected = 0.75**2 + 0.7**2 if gan == "lsgan" else -math.log(sig(0.25)) - math.log(1 - sig(0.7))
+    assert loss == pytest.approx(expected, rel=1e-6)
+    if gan == "lsgan":
+        assert float(ctx.metrics["disc_acc_real"]) == 0.0 and float(ctx.metrics["disc_acc_fake"]) == 0.0
+
+
+def test_aikd_memory_rows_are_the_students_predictions_after_the_step(tiny_raw, tmp_path):
+    """Progressive knowledge: after a step, the student's memory at the batch's rows holds that step's softmax (the
+    forward's, before the update), every other row its one-hot initialisation; the loss asked for exactly that."""
+    pop = _aikd(tiny_raw, tmp_path)
+    student = pop.peers[1]
+    memory = student.buffers["memory"]
+    labels = F.one_hot(pop.data.train_labels(), 4).float()
+    assert torch.equal(memory, labels)
+    batch = next(iter(pop.batches(0)))
+    for p in pop.peers:
+        p.train_mode()
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in student.net.model.state_dict().items()}
+        expected = student.net(batch.x)["logits"].softmax(1)
+        student.net.model.load_state_dict(before)
+    pop.train_step(batch, 0, 0)
+    assert torch.allclose(memory[batch.index], expected, atol=1e-6)
+    assert not torch.allclose(memory[batch.index], labels[batch.index], atol=1e-3)
+    others = torch.ones(len(memory), dtype=torch.bool)
+    others[batch.index] = False
+    assert torch.equal(memory[others], labels[others])
 
 
 @pytest.mark.parametrize(
