@@ -165,7 +165,7 @@ def test_cskd_pairs_forwarded_first_change_only_the_running_statistics(tiny_raw)
         return model.state_dict()
 
     authors, pairs_first = by_hand(["x", "pair"]), by_hand(["pair", "x"])
-    pop.train_step(batch, 0, 0)
+    StepRunner(pop).step(batch, 0, 0)
     kdray = peer.net.model.state_dict()
     for key, value in kdray.items():
         if "running" in key:
@@ -360,7 +360,7 @@ def test_aikd_memory_rows_are_the_students_predictions_after_the_step(tiny_raw, 
         before = {k: v.clone() for k, v in student.net.model.state_dict().items()}
         expected = student.net(batch.x)["logits"].softmax(1)
         student.net.model.load_state_dict(before)
-    pop.train_step(batch, 0, 0)
+    StepRunner(pop).step(batch, 0, 0)
     assert torch.allclose(memory[batch.index], expected, atol=1e-6)
     assert not torch.allclose(memory[batch.index], labels[batch.index], atol=1e-3)
     others = torch.ones(len(memory), dtype=torch.bool)
