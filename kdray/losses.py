@@ -37,10 +37,23 @@ def kl_divergence(
     No ``T^2`` factor here: the method multiplies by it where the paper does (it keeps gradient magnitudes
     comparable across temperatures).
     """
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
     log_p = F.log_softmax(target_logits / temperature, dim=1)
-    per_sample = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return _kl(log_p.exp(), log_p, student_logits, temperature, reduction)
+
+
+def _kl(p: Tensor, log_p: Tensor, student_logits: Tensor, temperature: float, reduction: Reduction) -> Tensor:
+    """``sum_c p_c (log p_c - log softmax(s/T)_c)`` per sample, a class of probability 0 adding 0, then reduced."""
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    per_sample = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
     return _reduce(per_sample, reduction, student_logits.shape[1])
+
+
+def soft_target_kl(student_logits: Tensor, target_logits: list[Tensor], temperature: float = 1.0) -> Tensor:
+    """Hinton's soft-target term over one or several targets (teachers, peers):
+    ``T^2 * mean_j KL(softmax(z_j/T) || softmax(s/T))``. The ``T^2`` keeps the gradient's magnitude comparable
+    across temperatures (Hinton et al. 2015, section 2)."""
+    kl = sum(kl_divergence(student_logits, z, temperature) for z in target_logits) / len(target_logits)
+    return (temperature * temperature) * kl
 
 
 def kl_to_probs(
@@ -50,10 +63,8 @@ def kl_to_probs(
     reduction: Reduction = "batchmean",
 ) -> Tensor:
     """``KL(p || softmax(s/T))`` for a target already given as probabilities (memories, hand-made teachers)."""
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
     p = target_probs.clamp_min(0)
-    per_sample = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), torch.zeros_like(p)).sum(dim=1)
-    return _reduce(per_sample, reduction, student_logits.shape[1])
+    return _kl(p, p.clamp_min(1e-30).log(), student_logits, temperature, reduction)
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

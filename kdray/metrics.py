@@ -8,7 +8,9 @@ before dividing.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -62,3 +64,21 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, float]:
 
 def non_finite(metrics: dict[str, float]) -> list[str]:
     return sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+
+
+STEPS_FILE = "steps.jsonl"  # the run folder's per-step rows (running means every train.log_every_steps)
+
+
+def read_step_rows(out_dir: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The per-step rows, one per step (a row written again after a resume replaces the earlier one)."""
+    rows: dict[int, dict[str, Any]] = {}
+    path = Path(out_dir) / STEPS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.setdefault(row["step"], {}).update(row)
+    return [rows[s] for s in sorted(rows) if upto is None or s <= upto]

@@ -31,11 +31,10 @@ def plot_curves(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from kdray.engines.display import read_step_rows
+    from kdray.metrics import read_step_rows
 
     epochs = [h["epoch"] for h in history]
     rows = read_step_rows(run_dir) if run_dir is not None and steps_per_epoch else []
-    spe = steps_per_epoch
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for p in cfg.peers:
         pts = [(h["epoch"], h[f"{p.name}/val_acc"]) for h in history if f"{p.name}/val_acc" in h]
@@ -44,9 +43,9 @@ def plot_curves(
         terms = sorted({k for h in history for k in h if k.startswith(f"{p.name}/loss_")})
         for term in terms:
             per_step = [(r["step"], r[term]) for r in rows if term in r]
-            if per_step and spe:
+            if per_step and steps_per_epoch:
                 xs, ys = zip(*per_step)
-                ax_loss.plot([x / spe for x in xs], ys, lw=1, label=term)
+                ax_loss.plot([x / steps_per_epoch for x in xs], ys, lw=1, label=term)
             else:
                 ax_loss.plot(epochs, [h.get(term) for h in history], marker=".", label=term)
     ens = [(h["epoch"], h["ensemble/val_acc"]) for h in history if "ensemble/val_acc" in h]
@@ -54,7 +53,7 @@ def plot_curves(
         ax_acc.plot(*zip(*ens), "k--", marker="s", label="ensemble")
     split = "validation" if cfg.data.select_on == "val" else "test (selection split)"
     ax_acc.set(xlabel="epoch", ylabel=f"{split} accuracy", title=f"{cfg.name}: {cfg.method.name}")
-    per = "running mean per logged step" if rows and spe else "epoch mean"
+    per = "running mean per logged step" if rows and steps_per_epoch else "epoch mean"
     ax_loss.set(xlabel="epoch", ylabel=f"training loss ({per})", title="loss terms per peer")
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(alpha=0.3)

@@ -84,3 +84,27 @@ def test_gan_terms_hand_computed():
     assert losses.bce_fake(logits) == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2, abs=1e-6)
     assert losses.gan_real(d, "lsgan") == losses.lsgan_real(d)
     assert losses.gan_fake(logits, "bce") == losses.bce_fake(logits)
+
+
+def test_soft_target_kl_is_t_squared_times_the_mean_kl_over_targets_by_hand():
+    """Two targets at T = 2: T^2 * (KL(p1 || q) + KL(p2 || q)) / 2, each KL written out from the softmaxes."""
+    import math
+
+    from kdray.losses import soft_target_kl
+
+    s = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    t1 = torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    t2 = torch.tensor([[4.0, 0.0]], dtype=torch.float64)
+
+    def softmax(z, t):
+        e = [math.exp(v / t) for v in z]
+        return [v / sum(e) for v in e]
+
+    q = softmax([1.0, 0.0], 2.0)
+    kls = [
+        sum(p_c * math.log(p_c / q_c) for p_c, q_c in zip(softmax(z, 2.0), q))
+        for z in ([0.0, 2.0], [4.0, 0.0])
+    ]
+    assert soft_target_kl(s, [t1, t2], 2.0).item() == pytest.approx(4.0 * sum(kls) / 2, rel=1e-12)
+    # the student is the second argument of KL: swapping student and target changes the value
+    assert soft_target_kl(t1, [s], 2.0).item() != pytest.approx(soft_target_kl(s, [t1], 2.0).item(), rel=1e-6)

@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from kdray.config import ExperimentConfig
-from kdray.metrics import MetricSums
+from kdray.metrics import STEPS_FILE, MetricSums
 from kdray.tracking import Tracker
 
 if TYPE_CHECKING:
     from kdray.engines.base import Engine
 
-STEPS_FILE = "steps.jsonl"
 # Libraries whose INFO lines say nothing a user can act on (MLflow creating or migrating its tables, alembic).
 CHATTY_LOGGERS = ("mlflow", "alembic")
 
@@ -101,21 +100,6 @@ def write_step_row(tracker: Tracker, out_dir: Path, step: int, row: dict[str, fl
     tracker.log_metrics({f"step/{k}": v for k, v in row.items()}, step=step)
     with (out_dir / STEPS_FILE).open("a") as fh:
         fh.write(json.dumps({"step": step, **row}) + "\n")
-
-
-def read_step_rows(out_dir: Path, upto: int | None = None) -> list[dict[str, Any]]:
-    """The per-step rows, one per step (a row written again after a resume replaces the earlier one)."""
-    rows: dict[int, dict[str, Any]] = {}
-    path = Path(out_dir) / STEPS_FILE
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.setdefault(row["step"], {}).update(row)
-    return [rows[s] for s in sorted(rows) if upto is None or s <= upto]
 
 
 class StepWindow:

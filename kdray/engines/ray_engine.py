@@ -62,7 +62,7 @@ class RayEngine(Engine):
             storage = str(Path(storage_path or self.out_dir / "ray_storage").resolve())
         run_name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         marks = {"process_start": process_started_at(), "engine_start": t0}
-        with ray_session(eng, cfg.num_peers) as how:
+        with ray_session(eng, cfg.num_peers) as ray_found:
             marks["ray_ready"] = time.time()
             require_placement(eng, cfg.num_peers)
             marks["placement_ready"] = time.time()
@@ -89,7 +89,7 @@ class RayEngine(Engine):
                 autoscaler_requests=not loopback_cluster(),
                 # the job ends with this run where kdray started or attached to Ray: Ray then removes its placement
                 # groups, and Train's cleaner actor would only add a process to the start
-                placement_group_cleaner=how == "existing",
+                placement_group_cleaner=ray_found == "existing",
                 scaling_config=ScalingConfig(
                     num_workers=cfg.num_peers,
                     use_gpu=eng.placement.gpus_per_peer > 0,
@@ -114,7 +114,7 @@ class RayEngine(Engine):
         outcome["wall_s"] = time.time() - t0
         outcome["ray"] = {
             "run_name": run_name,
-            "session": how,  # how Ray was found: local (started here), attached, existing
+            "session": ray_found,  # how Ray was found: local (started here), attached, existing
             "storage_path": storage,
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
@@ -122,7 +122,7 @@ class RayEngine(Engine):
         outcome["ray"]["startup_s"] = startup_breakdown(
             marks, outcome.pop("first_placement"), outcome["ray"]["first_step_at"]
         )
-        if how == "local" and LAST_LOCAL_START.get("started_at") and marks["process_start"]:
+        if ray_found == "local" and LAST_LOCAL_START.get("started_at") and marks["process_start"]:
             # the local Ray's start, in its own thread from this point of the launch (api.run_population)
             outcome["ray"]["local_ray_start"] = {
                 "began_s": round(LAST_LOCAL_START["started_at"] - marks["process_start"], 3),
@@ -159,13 +159,13 @@ class DriverView:
         """Run ``trainer.fit()`` in a thread; meanwhile handle the workers' events in this thread."""
         import ray
 
-        box: dict[str, Any] = {}
+        fit_outcome: dict[str, Any] = {}  # "result" or "error", set by the fit thread
 
         def fit() -> None:
             try:
-                box["result"] = trainer.fit()
+                fit_outcome["result"] = trainer.fit()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
-                box["error"] = exc
+                fit_outcome["error"] = exc
 
         thread = threading.Thread(target=fit, name="kdray-ray-fit", daemon=True)
         thread.start()
@@ -181,8 +181,8 @@ class DriverView:
                 self.handle(event)
         finally:
             self.bar.close()
-        if "error" in box:
-            error = user_error(box["error"])
+        if "error" in fit_outcome:
+            error = user_error(fit_outcome["error"])
             if isinstance(error, KdrayError):
                 raise error from None
             raise WorkerFailed(describe_failure(error, self.cfg)) from None

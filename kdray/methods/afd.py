@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from kdray.config import AuxOptimizerConfig, MethodConfig
 from kdray.errors import ConfigError
-from kdray.losses import gan_fake, gan_real, kl_divergence
+from kdray.losses import gan_fake, gan_real, soft_target_kl
 from kdray.methods.base import Method, PeerContext, Phase
 from kdray.methods.registry import register
 from kdray.topology import Topology, all_to_all, ring
@@ -157,13 +157,11 @@ class AFD(Method):
         if phase.name == "logit":
             t = cfg.temperature
             logits = ctx.out["logits"]
-            kl = sum(kl_divergence(logits, z, t) for z in ctx.from_sources("logits")) / len(ctx.received)
-            return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": (t * t) * kl}
+            kl = soft_target_kl(logits, ctx.from_sources("logits"), t)
+            return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": kl}
         disc = ctx.state["disc"]
         (real,) = ctx.from_sources("feat")  # peer k-1's transferred map, detached
-        fake = ctx.published[
-            "feat"
-        ]  # own transferred map: with grad in the adversarial phase, detached after
+        fake = ctx.published["feat"]  # own transferred map: with grad in the adversarial phase, detached after
         if phase.name == "adv":  # the network wants D to call its map real
             d_fake = self.score(disc, real, fake)[1] if cfg.disc_batch == "joint" else disc(fake)
             return {"adv": gan_real(d_fake, cfg.gan)}

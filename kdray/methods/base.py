@@ -32,7 +32,7 @@ What a method may declare besides its losses:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -300,6 +300,3 @@ class Method:
         space), or None. The engine saves them as a grid in the run folder (``samples/``) and in MLflow."""
         return None
 
-
-def describe(method: type[Method]) -> dict[str, Any]:
-    return {"name": method.name, "terms": list(method.terms), "min_peers": method.min_peers}

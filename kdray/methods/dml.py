@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdray.config import MethodConfig
-from kdray.losses import kl_divergence
+from kdray.losses import soft_target_kl
 from kdray.methods.base import Method, PeerContext, Phase
 from kdray.methods.registry import register
 from kdray.topology import Topology, all_to_all
@@ -38,5 +38,4 @@ class DML(Method):
         t = self.cfg.temperature
         logits = ctx.out["logits"]
         others = ctx.from_sources("logits")
-        kl = sum(kl_divergence(logits, z, t) for z in others) / len(others)
-        return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": (t * t) * kl}
+        return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": soft_target_kl(logits, others, t)}

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdray.config import MethodConfig
-from kdray.losses import kl_divergence
+from kdray.losses import soft_target_kl
 from kdray.methods.base import Method, PeerContext, Phase
 from kdray.methods.registry import register
 from kdray.topology import Topology, teacher_student
@@ -40,5 +40,4 @@ class HintonKD(Method):
         t = self.cfg.temperature
         logits = ctx.out["logits"]
         teachers = ctx.from_sources("logits")
-        kd = sum(kl_divergence(logits, z, t) for z in teachers) / len(teachers)
-        return {"ce": F.cross_entropy(logits, ctx.batch.y), "kd": (t * t) * kd}
+        return {"ce": F.cross_entropy(logits, ctx.batch.y), "kd": soft_target_kl(logits, teachers, t)}

@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from kdray.engines.ports import PortPicker
-from kdray.methods import METHODS
 
 # Real multi-node clusters on a shared 2-core machine can miss Ray's node-registration deadline: one rerun.
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.flaky(reruns=1)]
@@ -119,8 +118,6 @@ def loopback_cluster():
 
 
 def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_raw, tmp_path):
-    if "afd" not in METHODS:
-        pytest.skip("method 'afd' is not in kdray.methods.METHODS yet")
     address, env, start_log, ray_worker_ports = loopback_cluster
     raw = tiny_raw
     raw["peers"] = [
