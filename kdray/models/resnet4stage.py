@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdray.models.init import init_weights
+
 
 class Block(nn.Module):
     """BasicBlock: conv-BN-ReLU-conv-BN plus the (projected) shortcut, ReLU after the sum."""
@@ -82,9 +84,7 @@ class ResNet4(nn.Module):
         self.bn_final = nn.BatchNorm2d(in_planes) if preact else nn.Identity()
         self.relu_final = nn.ReLU() if preact else nn.Identity()
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
