@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from kdray.errors import ConfigError, KdrayError
+from kdray.plots import save_figure
 
 DEFAULT_METHOD = {"name": "kd", "temperature": 1.0, "weights": {"ce": 1.0, "kd": 1.0}}
 PREDICTIONS = "predictions.pt"
@@ -199,7 +200,4 @@ def plot_generations(report: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

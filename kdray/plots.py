@@ -60,10 +60,22 @@ def plot_curves(
     ax_loss.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
     ax_loss.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay ``fig`` out, write it as a PNG atomically (a killed run never leaves half a picture), close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from kdray.checkpoint import write_atomic
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 def save_image_grid(images, path: Path, columns: int = 8) -> Path:

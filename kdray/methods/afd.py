@@ -161,7 +161,9 @@ class AFD(Method):
             return {"ce": F.cross_entropy(logits, ctx.batch.y), "kl": kl}
         disc = ctx.state["disc"]
         (real,) = ctx.from_sources("feat")  # peer k-1's transferred map, detached
-        fake = ctx.published["feat"]  # own transferred map: with grad in the adversarial phase, detached after
+        fake = ctx.published[
+            "feat"
+        ]  # own transferred map: with grad in the adversarial phase, detached after
         if phase.name == "adv":  # the network wants D to call its map real
             d_fake = self.score(disc, real, fake)[1] if cfg.disc_batch == "joint" else disc(fake)
             return {"adv": gan_real(d_fake, cfg.gan)}

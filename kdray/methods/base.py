@@ -299,4 +299,3 @@ class Method:
         """Images worth looking at after each epoch (a generator's samples, N x C x H x W in the network's input
         space), or None. The engine saves them as a grid in the run folder (``samples/``) and in MLflow."""
         return None
-

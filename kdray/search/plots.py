@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kdray.plots import save_figure
+
 STATUS_COLOURS = {"finished": "tab:blue", "stopped": "tab:orange", "diverged": "tab:red", "failed": "tab:red"}
 
 
@@ -26,10 +28,7 @@ def _finish(plt, fig, ax, study: dict[str, Any], trials: list, xlabel: str, titl
     ax.set(xlabel=xlabel, ylabel=f"objective ({study['metric']})", title=f"{study['name']}: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_history(study: dict[str, Any], path: Path) -> Path | None:
@@ -95,10 +94,7 @@ def plot_importances(study: dict[str, Any], path: Path) -> Path | None:
         title=f"{study['name']}: parameter importances",
     )
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pbt_schedule(study: dict[str, Any], key: str, path: Path) -> Path | None:
@@ -122,10 +118,7 @@ def plot_pbt_schedule(study: dict[str, Any], key: str, path: Path) -> Path | Non
     ax.set(xlabel="epoch", ylabel=key, title=f"{study['name']}: PBT schedule of {key} (* = exploit)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pareto(study: dict[str, Any], path: Path) -> Path | None:
