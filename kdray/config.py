@@ -108,6 +108,20 @@ class DataConfig(Section):
 class PeerConfig(Section):
     arch: str
     name: str | None = None
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="data-parallel Ray Train workers of this peer (engine.name: ray): each takes 1/workers of "
+        "every global batch (data.batch_size), gradients averaged over the peer's group; null: "
+        "engine.placement.workers_per_peer",
+    )
+    sync_bn: bool | None = Field(
+        None,
+        description="with workers > 1: BatchNorm statistics over the whole global batch, summed over the peer's "
+        "workers (the maths of one worker); false: each worker normalises its shard alone; null: "
+        "engine.placement.sync_bn",
+    )
     arch_kwargs: dict[str, Any] = {}
     checkpoint: str | None = Field(None, description="load this peer's weights from a kdray checkpoint")
     checkpoint_peer: str | int | None = Field(
@@ -241,6 +255,18 @@ class PlacementConfig(Section):
     cpus_per_peer: float = Field(1.0, gt=0)
     gpus_per_peer: float = Field(0.0, ge=0)
     timeout_s: float = Field(60.0, gt=0, description="give up (with a clear error) if not placed by then")
+    workers_per_peer: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="data-parallel workers of every peer without its own peers[i].workers (K peers x M workers)",
+    )
+    sync_bn: bool = Field(
+        True,
+        description="a data-parallel peer's BatchNorm statistics come from the whole global batch (summed over "
+        "its workers), so a run's maths does not change with its number of workers; false saves two small "
+        "all-reduces per BatchNorm layer per forward and normalises each worker's shard alone",
+    )
     balance: Literal["none", "threads"] = Field(
         "none",
         description="threads: share the workers' CPUs out as torch threads in proportion to each peer's forward "
@@ -446,10 +472,63 @@ class ExperimentConfig(Section):
         METHODS.lookup(self.method.name).check_population(self)
         return self
 
+    @model_validator(mode="after")
+    def _data_parallel_peers(self) -> ExperimentConfig:
+        """Peers of several workers: each worker takes an equal shard of every global batch."""
+        workers = self.peer_workers
+        for i, m in enumerate(workers):
+            if m > 1 and self.engine.name != "ray":
+                raise ConfigError(
+                    f"peers.{i}.workers", m,
+                    "applies only to engine.name: ray (the local engine runs every peer in one process); set "
+                    "engine.name: ray or workers: 1",
+                )  # fmt: skip
+            if m > 1 and self.data.batch_size % m:
+                raise ConfigError(
+                    "data.batch_size", self.data.batch_size,
+                    f"a multiple of peers.{i}.workers = {m} (every worker takes an equal shard of the global "
+                    "batch, so that the run's maths does not depend on the number of workers)",
+                )  # fmt: skip
+        if max(workers) > 1 and len(set(workers)) > 1:
+            raise ConfigError(
+                "peers.*.workers", workers,
+                "the same number of workers for every peer (shard m of every peer exchanges with shard m of the "
+                "others; peers of unequal workers are not supported yet)",
+            )  # fmt: skip
+        if max(workers) > 1 and self.engine.exchange.name != "collective":
+            raise ConfigError(
+                "engine.exchange.name", self.engine.exchange.name,
+                "collective, with peers of several workers (the actor and stale exchanges move one peer's "
+                "signals per worker; with data-parallel peers they are not supported yet)",
+            )  # fmt: skip
+        if max(workers) > 1:
+            METHODS.lookup(self.method.name).check_data_parallel(self)
+        return self
+
     # ---- conveniences
     @property
     def num_peers(self) -> int:
         return len(self.peers)
+
+    @property
+    def peer_workers(self) -> list[int]:
+        """Each peer's data-parallel workers (``peers[i].workers``, else ``engine.placement.workers_per_peer``)."""
+        default = self.engine.placement.workers_per_peer
+        return [p.workers or default for p in self.peers]
+
+    @property
+    def num_workers(self) -> int:
+        """The Ray Train workers a RayEngine run of this population asks for: every peer's workers."""
+        return sum(self.peer_workers)
+
+    def worker_layout(self) -> list[tuple[int, int]]:
+        """Ray Train rank -> (peer, shard): ranks laid out peer by peer, a peer's workers contiguous (so Ray's
+        packing keeps them together and the peer's gradient all-reduce local)."""
+        return [(k, m) for k, count in enumerate(self.peer_workers) for m in range(count)]
+
+    def peer_sync_bn(self, k: int) -> bool:
+        own = self.peers[k].sync_bn
+        return self.engine.placement.sync_bn if own is None else own
 
     def to_dict(self) -> dict[str, Any]:
         # serialize_as_any: `method` is declared as MethodConfig; without it pydantic drops the method's own keys

@@ -40,7 +40,10 @@ def expected_calibration_error(sums: Tensor) -> float:
 @torch.no_grad()
 def evaluate(pop: Population, split: str) -> dict[str, Any]:
     """Each local peer's summed correct count and CE over ``split`` ("val" or "test"), plus the sum of the
-    trainable peers' softmax outputs (for the ensemble). Sums, so that processes can add them up."""
+    trainable peers' softmax outputs (for the ensemble). Sums, so that processes can add them up. The first worker
+    of a data-parallel peer evaluates it; its other workers add nothing."""
+    if pop.shard[0] != 0:
+        return {"n": 0, "correct": {}, "loss": {}, "calibration": {}, "probs_sum": None, "labels": None}
     modes = [p.net.training for p in pop.peers]
     for p in pop.peers:
         p.net.eval()

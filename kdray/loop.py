@@ -199,7 +199,8 @@ def train_epochs(
 
     def checkpoint(improved: bool = False) -> Path | None:
         mine = process_state(pop, runner, collective.rank)
-        parts = collective.gather(mine)
+        # a data-parallel peer's first worker writes it into the population's file (its workers hold the same)
+        parts = collective.gather(mine if pop.shard[0] == 0 else {**mine, "peers": {}})
         path = None
         if parts is not None:
             payload = checkpoint_payload(meta, progress, steps_per_epoch, merge_population(parts))

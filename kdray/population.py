@@ -230,7 +230,8 @@ class Population:
     exchange is theirs, and it holds no reference back to either.
 
     ``local_ids``: which peers (all of them by default); ``data``: the dataset's splits (built from ``cfg.data``
-    when not given: an engine passes the one it loaded)."""
+    when not given: an engine passes the one it loaded); ``shard``: (m, M) for the m-th of a data-parallel
+    peer's M workers, which trains on the m-th slice of every global batch."""
 
     def __init__(
         self,
@@ -238,8 +239,10 @@ class Population:
         local_ids: list[int] | None = None,
         device: torch.device | None = None,
         data: DataModule | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.cfg = cfg
+        self.shard = shard
         self.device = device or resolve_device(cfg.train.device)
         self.dtype = DTYPES[cfg.train.dtype]
         method_cls = method_class(cfg.method.name)
@@ -272,7 +275,7 @@ class Population:
         for batch in self.data.train_batches(
             epoch, start_step=start_step, max_steps=self.steps_per_epoch - start_step, pairs=self.pairs
         ):
-            yield batch.to(self.device, self.dtype)
+            yield batch.shard(*self.shard).to(self.device, self.dtype)
 
     def learning_rates(self) -> dict[str, float]:
         """Each local trainable peer's current network learning rate."""

@@ -100,7 +100,7 @@ def run_population(
     from kdray.engines.ray_runtime import early_local_ray
 
     # a private local Ray starts now, in a thread, while MLflow and the engine's imports take their seconds
-    with early_local_ray(cfg.engine, cfg.num_peers):
+    with early_local_ray(cfg.engine, cfg.num_workers):
         return _run_tracked(cfg, out_dir, data, payload, callbacks, parent_run_id)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -80,13 +81,23 @@ class PhaseRun:
     published: dict[int, Signals]
 
 
+class GradientAverage(Protocol):
+    """The workers of a data-parallel peer: their gradients are averaged before every optimizer step."""
+
+    def average(self, params: list[Tensor]) -> None: ...
+
+
 class StepRunner:
     """Runs training steps of the method's phases for the peers of one :class:`Population`; signals to and from
-    peers in other processes go through ``exchange`` (default: every peer is here, :class:`LocalExchange`)."""
+    peers in other processes go through ``exchange`` (default: every peer is here, :class:`LocalExchange`).
+    ``data_parallel``: this process is one of a peer's several workers (its gradients are averaged with theirs)."""
 
-    def __init__(self, pop: Population, exchange: Exchange | None = None):
+    def __init__(
+        self, pop: Population, exchange: Exchange | None = None, data_parallel: GradientAverage | None = None
+    ):
         self.pop = pop
         self.exchange = exchange or LocalExchange()
+        self.data_parallel = data_parallel
         self.cfg, self.method, self.peers, self.shared = pop.cfg, pop.method, pop.peers, pop.shared
         self.device = pop.device
         self.phases = self.method.phases()
@@ -220,7 +231,10 @@ class StepRunner:
         else:
             for p in participants:
                 opt = p.optimizers[phase.optimizer]
-                self._clip(q for g in opt.param_groups for q in g["params"])
+                params = [q for g in opt.param_groups for q in g["params"]]
+                if self.data_parallel is not None:
+                    self.data_parallel.average(params)
+                self._clip(params)
                 opt.step()
         with torch.no_grad():
             for p, ctx in zip(participants, contexts):

@@ -44,6 +44,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.y)
 
+    def shard(self, m: int, count: int) -> Batch:
+        """The m-th of ``count`` equal, contiguous slices (a data-parallel worker's part of a global batch)."""
+        if count == 1:
+            return self
+        n = len(self.y) // count
+        part = slice(m * n, (m + 1) * n)
+        pair = self.pair.shard(m, count) if self.pair is not None else None
+        return Batch(self.x[part], self.y[part], self.index[part], pair)
+
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from a tuple such as ``("shuffle", seed, epoch)``.

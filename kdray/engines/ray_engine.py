@@ -1,5 +1,6 @@
-"""RayEngine: one peer per Ray Train worker, rank = peer index (Train V2: ``PopulationTrainer``, a
-``DataParallelTrainer`` with kdray's torch backend).
+"""RayEngine: every peer on its own Ray Train workers, one each or M each (data-parallel peers,
+:mod:`kdray.engines.data_parallel`); Train V2's ``PopulationTrainer``, a ``DataParallelTrainer`` with kdray's
+torch backend.
 
 The workers (:mod:`kdray.engines.ray_worker`) run the same loop as the LocalEngine; signals move through
 ``engine.exchange`` (:mod:`kdray.exchange`). This module is the driver: it finds Ray (:mod:`ray_runtime`), checks
@@ -62,9 +63,9 @@ class RayEngine(Engine):
             storage = str(Path(storage_path or self.out_dir / "ray_storage").resolve())
         run_name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         marks = {"process_start": process_started_at(), "engine_start": t0}
-        with ray_session(eng, cfg.num_peers) as ray_found:
+        with ray_session(eng, cfg.num_workers) as ray_found:
             marks["ray_ready"] = time.time()
-            require_placement(eng, cfg.num_peers)
+            require_placement(eng, cfg.num_workers)
             marks["placement_ready"] = time.time()
             namespace = ray.get_runtime_context().namespace
             board = create_board(namespace)
@@ -91,7 +92,7 @@ class RayEngine(Engine):
                 # groups, and Train's cleaner actor would only add a process to the start
                 placement_group_cleaner=ray_found == "existing",
                 scaling_config=ScalingConfig(
-                    num_workers=cfg.num_peers,
+                    num_workers=cfg.num_workers,
                     use_gpu=eng.placement.gpus_per_peer > 0,
                     resources_per_worker=worker_resources(eng),
                     placement_strategy=STRATEGIES[eng.placement.strategy],
@@ -297,8 +298,9 @@ def describe_failure(error: BaseException, cfg: ExperimentConfig) -> str:
     if not failures:
         return f"the Ray run failed: {type(error).__name__}: {error}"
     parts = []
+    layout = cfg.worker_layout()
     for rank, exc in sorted(failures.items()):
-        peer = cfg.peers[rank].name if 0 <= rank < len(cfg.peers) else "?"
+        peer = cfg.peers[layout[rank][0]].name if 0 <= rank < len(layout) else "?"
         parts.append(f"worker rank {rank} (peer {peer}) failed: {type(exc).__name__}: {exc}")
     return "\n".join(parts)
 

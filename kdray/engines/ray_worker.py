@@ -22,6 +22,7 @@ import torch
 
 from kdray.checkpoint import load_checkpoint, save_checkpoint
 from kdray.config import validate
+from kdray.engines.data_parallel import create_groups
 from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
@@ -30,6 +31,7 @@ from kdray.errors import DivergedError
 from kdray.exchange import DistributedExchange
 from kdray.loop import Progress, Stopped, restore, train_epochs
 from kdray.metrics import MetricSums
+from kdray.models.sync_bn import convert_batchnorm
 from kdray.population import Population
 from kdray.replicas import exchange_plan
 from kdray.step import StepRunner
@@ -76,8 +78,10 @@ class ProcessGroup:
 class WorkerSink:
     """Live progress and per-step rows to the driver's board; Ray Train reports at every checkpoint."""
 
-    def __init__(self, board, rank: int, pop: Population, exchange: DistributedExchange):
-        self.board, self.rank, self.steps_per_epoch = board, rank, pop.steps_per_epoch
+    def __init__(self, board, rank: int, peer: int, pop: Population, exchange: DistributedExchange):
+        # the live view shows one bar per peer: a data-parallel peer's first worker speaks for it
+        self.board, self.rank, self.peer, self.steps_per_epoch = board, rank, peer, pop.steps_per_epoch
+        self.posts = pop.shard[0] == 0
         self.window = StepWindow(pop.cfg.train.log_every_steps)
         self.live = MetricSums()
         self.last_live = time.monotonic()
@@ -87,7 +91,8 @@ class WorkerSink:
         self._live_exchange = (0.0, 0)  # (seconds, steps) of the exchange meter at the last Live event
 
     def epoch_started(self, epoch: int, start_step: int, steps: int) -> None:
-        self.board.post.remote(Live(self.rank, epoch, start_step, steps, {}, None))
+        if self.posts:
+            self.board.post.remote(Live(self.peer, epoch, start_step, steps, {}, None))
         self.last_live, self.window_steps = time.monotonic(), 0  # the evaluation is not a step
 
     def step_done(self, epoch: int, step_in_epoch: int, step: int, metrics: MetricSums) -> None:
@@ -95,17 +100,19 @@ class WorkerSink:
             self.first_posted = True
             if self.rank == 0:
                 self.board.post.remote(FirstStep(time.time()))
+        if not self.posts:
+            return
         self.live.merge(metrics)
         self.window_steps += 1
         row = self.window.add(step, metrics)
         if row is not None:
-            self.board.post.remote(StepRow(self.rank, step + 1, row))
+            self.board.post.remote(StepRow(self.peer, step + 1, row))
         now = time.monotonic()
         if now - self.last_live >= LIVE_EVERY_S or step_in_epoch + 1 == self.steps_per_epoch:
             step_ms = 1000.0 * (now - self.last_live) / max(self.window_steps, 1)
             self.board.post.remote(
                 Live(
-                    self.rank,
+                    self.peer,
                     epoch,
                     step_in_epoch + 1,
                     self.steps_per_epoch,
@@ -167,7 +174,8 @@ def restore_worker(pop: Population, runner: StepRunner, rank: int, train_checkpo
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs (rank = peer index)."""
+    """The function every Ray Train worker runs: rank -> (peer, shard) by ``cfg.worker_layout()``; with one
+    worker per peer, rank = peer index."""
     entered = time.time()
     import ray
     import ray.train
@@ -192,27 +200,35 @@ def train_worker(config: dict[str, Any]) -> None:
     object_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     attempt = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(attempt, src=0, group=object_group)
+    groups = create_groups(cfg, rank, object_group)
+    peer, workers = groups.peer, cfg.peer_workers[groups.peer]
     wiring = Wiring(
-        rank, world, device, object_group=object_group, run_name=config["run_name"],
-        namespace=config["namespace"], attempt=attempt[0],
+        peer, cfg.num_peers, device, group=groups.shard_group, object_group=groups.shard_object_group,
+        run_name=config["run_name"], namespace=config["namespace"], attempt=attempt[0],
+        global_ranks=groups.shard_ranks,
     )  # fmt: skip
     exchange = make_exchange(cfg.engine.exchange, wiring)
-    pop = Population(cfg, local_ids=[rank], device=device)
-    threads = worker_threads(cfg, pop.spec, rank)
+    pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
+    if groups.peer_group is not None and cfg.peer_sync_bn(peer):
+        for module in (pop.peers[0].net, pop.peers[0].state):
+            if module is not None:
+                convert_batchnorm(module, groups.peer_group.group)
+    threads = worker_threads(cfg, pop.spec, peer)
     if threads:
         torch.set_num_threads(threads)
     exchange.attach(exchange_plan(pop))
-    runner = StepRunner(pop, exchange)
+    runner = StepRunner(pop, exchange, groups.peer_group)
     built = time.time()
     collective = ProcessGroup(rank, world, object_group)
     board = config["board"]
     meta = {"config": config["checkpoint_config"], "mlflow_run_id": config["run_id"]}
-    sink = WorkerSink(board, rank, pop, exchange)
+    sink = WorkerSink(board, rank, peer, pop, exchange)
     progress = restore_worker(pop, runner, rank, ray.train.get_checkpoint(), config["resume"])
     worker = {
         "marks": {"process_start": process_started_at(), "entered": entered, "built": built},
         "rank": rank,
-        "peer": cfg.peers[rank].name,
+        "peer": cfg.peers[peer].name,
+        "shard": f"{groups.shard + 1}/{workers}",
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "hostname": socket.gethostname(),

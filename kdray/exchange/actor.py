@@ -95,8 +95,8 @@ class ActorExchange(DistributedExchange):
     @classmethod
     def create(cls, cfg: ActorExchangeConfig, wiring: Wiring) -> ActorExchange:
         return cls(
-            wiring.rank, wiring.world, wiring.device, wiring.group, wiring.object_group,
-            store_name=store_name(wiring.run_name), attempt=wiring.attempt, namespace=wiring.namespace,
+            *wiring.where(), store_name=store_name(wiring.run_name), attempt=wiring.attempt,
+            namespace=wiring.namespace,
         )  # fmt: skip
 
     @classmethod

@@ -233,9 +233,10 @@ class LocalExchange(Exchange):
 
 @dataclass
 class Wiring:
-    """Where one worker's exchange sits: its rank among ``world`` workers (one peer per rank), its device, the
-    process group of the signals (gloo on CPU, nccl on GPU; None: the default group), a gloo group for small Python
-    objects, and the run (its name and Ray namespace, and the attempt: a fresh id after every restart)."""
+    """Where one worker's exchange sits: its peer index (``rank``) among ``world`` peers, its device, the process
+    group of the signals (gloo on CPU, nccl on GPU; None: the default group; with data-parallel peers, the group of
+    shard m of every peer), a gloo group for small Python objects, and the run (its name and Ray namespace, and the
+    attempt: a fresh id after every restart)."""
 
     rank: int
     world: int
@@ -245,6 +246,13 @@ class Wiring:
     run_name: str = ""
     namespace: str | None = None
     attempt: str = ""
+    global_ranks: list[int] | None = (
+        None  # peer -> global rank of its worker in ``group`` (None: the identity)
+    )
+
+    def where(self) -> tuple:
+        """The positional arguments of :class:`DistributedExchange`."""
+        return (self.rank, self.world, self.device, self.group, self.object_group, self.global_ranks)
 
 
 class DistributedExchange(Exchange):
@@ -265,7 +273,7 @@ class DistributedExchange(Exchange):
     @classmethod
     def create(cls, cfg: Section, wiring: Wiring) -> DistributedExchange:
         """This worker's exchange from its config section (``engine.exchange``)."""
-        return cls(wiring.rank, wiring.world, wiring.device, wiring.group, wiring.object_group)
+        return cls(*wiring.where())
 
     @classmethod
     def prepare(cls, run_name: str, namespace: str | None) -> list[Any]:
@@ -273,9 +281,20 @@ class DistributedExchange(Exchange):
         driver keeps the handles for the run and kills them at its end."""
         return []
 
-    def __init__(self, rank: int, world: int, device: torch.device, group=None, object_group=None):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        device: torch.device,
+        group=None,
+        object_group=None,
+        global_ranks: list[int] | None = None,
+    ):
         self.rank, self.world, self.device = rank, world, device
         self.group, self.object_group = group, object_group
+        # peer -> the global rank of its worker in this group (point-to-point calls take global ranks); the
+        # identity with one worker per peer, shard m of every peer with data-parallel peers
+        self.global_ranks = global_ranks or list(range(world))
         self.meter = ExchangeMeter()
 
     def all_gather_objects(self, obj: Any) -> list[Any]:

@@ -48,14 +48,7 @@ class CollectiveExchange(DistributedExchange):
 
     @classmethod
     def create(cls, cfg: CollectiveExchangeConfig, wiring: Wiring) -> CollectiveExchange:
-        return cls(
-            wiring.rank,
-            wiring.world,
-            wiring.device,
-            wiring.group,
-            wiring.object_group,
-            split_wait=cfg.split_wait,
-        )
+        return cls(*wiring.where(), split_wait=cfg.split_wait)
 
     def exchange(self, phase: str, topology: Topology, step: int, published: dict[int, Signals], inputs=None):
         if set(published) - {self.rank}:
@@ -121,11 +114,14 @@ class CollectiveExchange(DistributedExchange):
         ops, buffers = [], {}
         if mine is not None and topo.sinks_of(self.rank):
             send = layouts[self.rank].pack(mine)
-            ops += [dist.P2POp(dist.isend, send, dst, self.group) for dst in topo.sinks_of(self.rank)]
+            ops += [
+                dist.P2POp(dist.isend, send, self.global_ranks[dst], self.group)
+                for dst in topo.sinks_of(self.rank)
+            ]
         for src in topo.sources_of(self.rank):
             if layouts[src] is not None:
                 buffers[src] = torch.empty(layouts[src].nbytes, dtype=torch.uint8, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, buffers[src], src, self.group))
+                ops.append(dist.P2POp(dist.irecv, buffers[src], self.global_ranks[src], self.group))
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()

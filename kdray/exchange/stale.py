@@ -45,8 +45,7 @@ class StaleExchange(DistributedExchange):
     @classmethod
     def create(cls, cfg: StaleExchangeConfig, wiring: Wiring) -> StaleExchange:
         return cls(
-            wiring.rank, wiring.world, wiring.device, wiring.group, wiring.object_group,
-            every=cfg.every, burn_in=cfg.burn_in,
+            *wiring.where(), every=cfg.every, burn_in=cfg.burn_in,
         )  # fmt: skip
 
     def __init__(self, *args, every: int, burn_in: int = 0, **kwargs):
@@ -81,11 +80,11 @@ class StaleExchange(DistributedExchange):
                 if s not in sent:
                     weights = self.live_weights(s)
                     sent[s] = SignalLayout.of(weights).pack(weights)
-                ops.append(dist.P2POp(dist.isend, sent[s], r, self.group))
+                ops.append(dist.P2POp(dist.isend, sent[s], self.global_ranks[r], self.group))
             elif r in self.local and s not in self.local and s not in received:
                 layout = SignalLayout.of(self.copies[s].weights())
                 received[s] = (layout, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device))
-                ops.append(dist.P2POp(dist.irecv, received[s][1], s, self.group))
+                ops.append(dist.P2POp(dist.irecv, received[s][1], self.global_ranks[s], self.group))
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()

@@ -173,18 +173,18 @@ def plan_resources(
         # The trial (Train driver) holds a sliver of a CPU, so each worker gets 99 % of engine.placement.cpus_per_peer:
         # K workers at 1 CPU then fit beside their driver on K CPUs (RAY_NOTES.md, Tune with Train V2).
         worker_cpus = round(cfg.engine.placement.cpus_per_peer * WORKER_CPU_SHARE, 4)
-        need = cfg.num_peers * worker_cpus + DRIVER_CPUS
-        need_gpu = cfg.num_peers * cfg.engine.placement.gpus_per_peer
+        need = cfg.num_workers * worker_cpus + DRIVER_CPUS
+        need_gpu = cfg.num_workers * cfg.engine.placement.gpus_per_peer
         fits = int((cpus + 1e-6) // need)
         if need_gpu:
             fits = min(fits, int((gpus + 1e-6) // need_gpu))
         if fits < 1:
             raise PlacementError(
-                f"one population needs {need:g} CPU(s) and {need_gpu:g} GPU(s) ({cfg.num_peers} peers x "
+                f"one population needs {need:g} CPU(s) and {need_gpu:g} GPU(s) ({cfg.num_workers} workers x "
                 f"engine.placement.cpus_per_peer/gpus_per_peer); the cluster has {cpus:g} CPU(s), {gpus:g} GPU(s)"
             )
         concurrent = min(max_concurrent or fits, fits)
-        note = f"{concurrent} trial(s) at once, each a Train driver with {cfg.num_peers} workers"
+        note = f"{concurrent} trial(s) at once, each a Train driver with {cfg.num_workers} workers"
         if max_concurrent and max_concurrent > fits:
             note += f" (asked {max_concurrent}; the cluster hosts {fits})"
         return TrialResources({"cpu": DRIVER_CPUS}, concurrent, None, note, worker_cpus)
@@ -216,7 +216,7 @@ def study_ray(cfg: ExperimentConfig, address: str | None = None):
     if address is not None:
         update["address"] = address
     engine = engine.model_copy(update={"session": engine.session.model_copy(update=update)})
-    with ray_session(engine, cfg.num_peers) as how:
+    with ray_session(engine, cfg.num_workers) as how:
         yield how
 
 

@@ -1,0 +1,89 @@
+"""Peers that are themselves data-parallel (K peers x M workers) on one Ray Train worker group.
+
+A population of K peers with M workers each is one worker group of K x M ranks, laid out peer by peer
+(``ExperimentConfig.worker_layout``: rank -> (peer, shard)). Two kinds of process group, created on every rank in
+the same order, once, at start (a torch.distributed rule):
+
+- a **peer group** per peer: its M workers. The gradients of everything the peer trains (network, private method
+  state) are averaged over it after every backward (what ``DistributedDataParallel`` does, written out so that a
+  step's several phases and optimizers each average their own parameters), and its BatchNorm layers sum their
+  statistics over it (``sync_bn``, :mod:`kdray.models.sync_bn`);
+- a **shard group** per shard index m: shard m of every peer, in peer order (group rank = peer index). The exchange
+  runs on it, so shard m's logits and feature maps go to shard m of the peers that learn from them, and nothing is
+  gathered to one worker.
+
+Worker m of a peer trains on the m-th slice of every global batch (``data.batch_size`` split in M): the epoch's
+permutation and the augmentation are those of the whole batch, as with one worker. Losses are means over the
+shard; the average over the peer group of the shards' gradients is the gradient of the global batch's mean, so a
+step of K x M equals a step of K x 1 (exactly in float64 with ``sync_bn``; ``tests/engines/test_data_parallel.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kdray.config import ExperimentConfig
+
+
+@dataclass
+class PeerGroup:
+    """The workers of one data-parallel peer: ``size`` ranks, this worker being ``shard``."""
+
+    group: object
+    size: int
+    shard: int
+    bytes: int = field(default=0)  # bytes all-reduced so far (gradients), for the benchmarks
+
+    def average(self, params: list[Tensor]) -> None:
+        """Average the gradients of ``params`` over the peer's workers (one flat all-reduce). Every worker runs
+        the same code on the same parameters, so a parameter has a gradient on all of them or on none."""
+        params = [p for p in params if p.grad is not None]
+        if self.size == 1 or not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        flat.div_(self.size)
+        self.bytes += flat.numel() * flat.element_size()
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
+@dataclass
+class Groups:
+    """This rank's place in a K x M worker group, and the process groups it needs."""
+
+    peer: int
+    shard: int
+    peer_group: PeerGroup | None  # None: every peer has one worker (K x 1)
+    shard_group: object  # the exchange's group (None: the default group, K x 1)
+    shard_object_group: object  # gloo group of the same ranks, for small Python objects
+    shard_ranks: list[int]  # global rank of shard ``shard`` of every peer, in peer order
+
+
+def create_groups(cfg: ExperimentConfig, rank: int, object_group) -> Groups:
+    """Every rank creates every group, in the same order (peer groups, then shard groups)."""
+    layout = cfg.worker_layout()
+    peer, shard = layout[rank]
+    workers = cfg.peer_workers
+    if max(workers) == 1:
+        return Groups(peer, shard, None, None, object_group, list(range(len(workers))))
+    ranks_of = [[r for r, (k, _) in enumerate(layout) if k == p] for p in range(len(workers))]
+    peer_groups = [dist.new_group(ranks) for ranks in ranks_of]
+    shards = workers[0]  # equal workers per peer (the config refuses unequal ones)
+    shard_ranks = [[ranks_of[p][m] for p in range(len(workers))] for m in range(shards)]
+    shard_groups = [dist.new_group(ranks) for ranks in shard_ranks]
+    gloo = dist.get_backend() == "gloo"
+    shard_object_groups = [
+        g if gloo else dist.new_group(r, backend="gloo") for g, r in zip(shard_groups, shard_ranks)
+    ]
+    return Groups(
+        peer, shard, PeerGroup(peer_groups[peer], workers[peer], shard),
+        shard_groups[shard], shard_object_groups[shard], shard_ranks[shard],
+    )  # fmt: skip

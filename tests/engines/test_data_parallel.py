@@ -1,0 +1,198 @@
+"""K peers x M workers equals K peers x 1 worker at the same global batch (the spec of data-parallel peers).
+
+Each case runs the RayEngine worker's wiring without Ray: K x M gloo processes (forked), each building the process
+groups of :mod:`kdray.engines.data_parallel`, its peer's shard of the population, the collective exchange on its
+shard group, synced BatchNorm over its peer group, and the same StepRunner as every engine; the reference is the
+whole population in one process (K x 1). After the steps, every peer's network, private state (AFD's
+discriminators and transfer layers) and BatchNorm statistics must agree.
+
+The bound, float64: the two sides differ only in summation order (a global batch's mean computed as the mean of
+two shard means; BatchNorm statistics as sums of per-shard sums, and E[x^2] - E[x]^2 against torch's kernel), each
+~1e-16 relative. The tiny networks (parameters O(1)) amplify such differences by far less than 1e4 over four SGD
+steps at lr 0.1 (measured: see the test's assertion message), so 1e-9 has orders of magnitude of margin on any x86
+CPU, while a wrong shard, a missing gradient average (a 2x gradient) or unsynced statistics move parameters by
+1e-3 or more in the first step.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kdray.config import load_config
+from kdray.population import Population
+from kdray.step import StepRunner
+
+TOL = 1e-9
+STEPS = 4
+
+
+def _raw(tiny_raw: dict, method: str, peers: int, workers: int, sync_bn: bool = True) -> dict:
+    raw = copy.deepcopy(tiny_raw)
+    small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
+    raw["peers"] = [copy.deepcopy(small) for _ in range(peers)]
+    raw["method"] = {"name": method}
+    if method == "afd":  # a heterogeneous ring: the maps differ in channels, transfer layers bridge them
+        raw["peers"][1] = {"arch": "resnet14", "arch_kwargs": {"width": 8}}
+        raw["method"]["transfer"] = "auto"
+    raw["train"].update({"epochs": 1, "threads": 1, "dtype": "float64", "steps_per_epoch": STEPS})
+    raw["engine"] = {"name": "ray", "placement": {"workers_per_peer": workers, "sync_bn": sync_bn}}
+    return raw
+
+
+def _state(pop: Population) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in pop.peers:
+        for part, module in (("net", p.net.model), ("state", p.state)):
+            if module is not None:
+                out.update(
+                    {f"{p.name}.{part}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+                )
+    return out
+
+
+def _reference(raw: dict) -> dict[str, torch.Tensor]:
+    one = copy.deepcopy(raw)
+    one["engine"] = {"name": "local"}
+    pop = Population(load_config(one))
+    runner = StepRunner(pop)
+    for step, batch in enumerate(pop.batches(0)):
+        runner.step(batch, 0, step)
+    return _state(pop)
+
+
+def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
+    from kdray.engines.data_parallel import create_groups
+    from kdray.exchange import Wiring, make_exchange
+    from kdray.models.sync_bn import convert_batchnorm
+    from kdray.replicas import exchange_plan
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = load_config(raw)
+    groups = create_groups(cfg, rank, None)
+    workers = cfg.peer_workers[groups.peer]
+    pop = Population(cfg, local_ids=[groups.peer], shard=(groups.shard, workers))
+    if cfg.peer_sync_bn(groups.peer):
+        for module in (pop.peers[0].net, pop.peers[0].state):
+            if module is not None:
+                convert_batchnorm(module, groups.peer_group.group)
+    wiring = Wiring(
+        groups.peer, cfg.num_peers, torch.device("cpu"), group=groups.shard_group,
+        object_group=groups.shard_object_group, global_ranks=groups.shard_ranks,
+    )  # fmt: skip
+    exchange = make_exchange(cfg.engine.exchange, wiring)
+    exchange.attach(exchange_plan(pop))
+    runner = StepRunner(pop, exchange, groups.peer_group)
+    for step, batch in enumerate(pop.batches(0)):
+        runner.step(batch, 0, step)
+    results[rank] = (groups.peer, groups.shard, len(next(iter(pop.batches(0))).y), _state(pop))
+    dist.destroy_process_group()
+
+
+def _k_by_m(raw: dict) -> dict:
+    world = load_config(raw).num_workers
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        # fork: the children inherit the imported modules; every process runs one torch thread
+        mp.start_processes(
+            _worker, args=(world, os.path.join(tmp, "pg"), raw, results), nprocs=world, join=True,
+            start_method="fork",
+        )  # fmt: skip
+        got = dict(results)
+        manager.shutdown()
+    return got
+
+
+def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    mine = {k: v for k, v in want.items() if k.split(".")[0] in {k2.split(".")[0] for k2 in got}}
+    assert set(got) == set(mine)
+    worst = 0.0
+    for k, v in mine.items():
+        if v.is_floating_point():
+            worst = max(worst, (got[k] - v).abs().max().item())
+        else:
+            assert torch.equal(got[k], v), k
+    return worst
+
+
+CASES = {
+    "dml-2x2": ("dml", 2, 2),
+    "afd-ring3-hetero-3x2": ("afd", 3, 2),
+    "kd-teacher-frozen-2x2": ("kd", 2, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory) -> str:
+    """A ResNet-8 trained for 2 steps alone: the frozen teacher of the KD case."""
+    import kdray
+    from tests.conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["peers"] = [{"name": "net", "arch": "resnet8", "arch_kwargs": {"width": 4}}]
+    raw["method"] = {"name": "independent"}
+    raw["train"].update({"epochs": 1, "steps_per_epoch": 2, "threads": 1, "dtype": "float64"})
+    raw["tracking"] = {"enabled": False}
+    return str(kdray.train(raw, out=tmp_path_factory.mktemp("teacher") / "run").checkpoint)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
+    method, peers, workers = CASES[case]
+    raw = _raw(tiny_raw, method, peers, workers)
+    if method == "kd":  # a frozen teacher and a student, each on two workers (the teacher only forwards)
+        raw["peers"][0].update(
+            frozen=True, checkpoint=request.getfixturevalue("teacher_checkpoint"), checkpoint_peer="net"
+        )
+    torch.set_num_threads(1)
+    want = _reference(raw)
+    got = _k_by_m(raw)
+    assert len(got) == peers * workers
+    global_batch = raw["data"]["batch_size"]
+    for rank, (peer, shard, batch, state) in sorted(got.items()):
+        assert rank == peer * workers + shard  # ranks laid out peer by peer
+        assert batch == global_batch // workers  # each worker trains on its shard of the global batch
+        worst = _worst(state, want)
+        assert worst <= TOL, f"rank {rank} (peer {peer}, shard {shard}): {worst:.3g}"
+    # the workers of one peer hold the same network, statistics included (synced BatchNorm, averaged gradients)
+    moved = max((state[k] - want[k]).abs().max().item() for _, _, _, state in got.values() for k in state)
+    print(f"{case}: largest difference from K x 1 after {STEPS} steps: {moved:.3g}")
+
+
+def test_without_sync_bn_the_workers_normalise_their_shards_alone(tiny_raw):
+    """The control that shows what the test above measures: with ``sync_bn: false`` the BatchNorm statistics of
+    a shard differ from the global batch's, and the networks drift from K x 1 far past the bound."""
+    raw = _raw(tiny_raw, "dml", 2, 2, sync_bn=False)
+    torch.set_num_threads(1)
+    want = _reference(raw)
+    got = _k_by_m(raw)
+    assert min(_worst(state, want) for _, _, _, state in got.values()) > 1e-4
+
+
+def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
+    from kdray.errors import ConfigError
+
+    raw = _raw(tiny_raw, "dml", 2, 2)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(raw, ["data.batch_size=15"])
+    with pytest.raises(ConfigError, match=r"peers\.\*\.workers.*same number"):
+        load_config(raw, ["peers.0.workers=1"])
+    with pytest.raises(ConfigError, match="engine.exchange.name"):
+        load_config(raw, ["engine.exchange=actor"])
+    with pytest.raises(ConfigError, match="per-sample buffers"):
+        load_config(raw, ["method.name=pskd", "method.weights={}"])
+    with pytest.raises(ConfigError, match="shared generator"):
+        load_config(raw, ["method.name=acn", "method.weights={}"])
+    local = copy.deepcopy(raw)
+    local["engine"] = {"name": "local"}
+    local["peers"][0]["workers"] = 2
+    with pytest.raises(ConfigError, match=r"peers\.0\.workers"):
+        load_config(local)
