@@ -456,7 +456,7 @@ def test_image_folder_without_a_split_tests_on_its_training_images(tmp_path):
     assert (dm.spec.train_len, dm.spec.test_len, dm.spec.image_size) == (4, 4, 64)
     from types import SimpleNamespace
 
-    from kdray.api import selection_note
+    from kdray.run import selection_note
 
     cfg = SimpleNamespace(data=SimpleNamespace(select_on="test", val_split=None))
     assert selection_note(cfg, dm)["note"].endswith("its test split is the training images")  # summary.json
