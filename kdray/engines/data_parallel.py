@@ -20,6 +20,7 @@ step of K x M equals a step of K x 1 (exactly in float64 with ``sync_bn``; ``tes
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,8 @@ class PeerGroup:
     group: object
     size: int
     shard: int
-    bytes: int = field(default=0)  # bytes all-reduced so far (gradients), for the benchmarks
+    bytes: int = field(default=0)  # gradient bytes all-reduced so far (benchmarks/data_parallel.py)
+    seconds: float = field(default=0.0)  # time spent in those all-reduces
 
     def average(self, params: list[Tensor]) -> None:
         """Average the gradients of ``params`` over the peer's workers (one flat all-reduce). Every worker runs
@@ -44,10 +46,12 @@ class PeerGroup:
         params = [p for p in params if p.grad is not None]
         if self.size == 1 or not params:
             return
+        start = time.perf_counter()
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         flat.div_(self.size)
         self.bytes += flat.numel() * flat.element_size()
+        self.seconds += time.perf_counter() - start
         offset = 0
         for p in params:
             n = p.numel()

@@ -406,3 +406,38 @@ def test_an_unexpected_worker_error_names_its_rank_and_peer_in_full(tiny_raw):
     text = describe_failure(WorkerGroupError("failed", {1: RuntimeError(trace)}), cfg)
     assert text.startswith("worker rank 1 (peer peer1) failed: RuntimeError: Traceback")
     assert "ZeroDivisionError: division by zero" in text  # the worker's traceback, whole
+
+
+def test_data_parallel_peers_on_ray_match_one_worker_per_peer_across_a_killed_worker(
+    tiny_raw, tmp_path, ray_local
+):
+    """K = 2 peers x M = 2 workers on the RayEngine (synced BatchNorm, the collective exchange per shard group)
+    against the LocalEngine's K x 1 at the same global batch; the second worker of the first peer is killed from
+    outside after epoch 1 and the group resumes from its last checkpoint. Equal to 1e-9 in float64."""
+    raw = _population(tiny_raw, "dml")
+    raw["peers"] = raw["peers"][:2]
+    raw["train"]["checkpoint_every_steps"] = 2
+    local = kdray.train(raw, out=tmp_path / "local")
+    ray_raw = copy.deepcopy(raw)
+    ray_raw["peers"][0]["workers"] = 2
+    ray_raw["peers"][1]["workers"] = 2
+    ray_raw["engine"] = {
+        "name": "ray", "placement": {"cpus_per_peer": 0.5}, "fault_tolerance": {"max_failures": 1},
+    }  # fmt: skip
+    ray = kdray.train(
+        ray_raw, out=tmp_path / "ray", callbacks=[_kill_rank_at_epoch_end(tmp_path / "ray", rank=1)]
+    )
+    assert _compare_states(load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)) <= TOL
+    for got, want in zip(
+        _peer_metrics(ray.summary["history"]), _peer_metrics(local.summary["history"]), strict=True
+    ):
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-7, abs=1e-9), k
+    assert ray.summary["test"]["peers"] == pytest.approx(local.summary["test"]["peers"], abs=1e-12)
+    run_info = json.loads((ray.out_dir / "ray_run.json").read_text())
+    assert run_info["attempts"] == 2  # restarted once, resumed from the last checkpoint
+    names = [p["name"] for p in ray.summary["peers"]]
+    assert [(w["rank"], w["peer"], w["shard"]) for w in run_info["placement"]] == [
+        (0, names[0], "1/2"), (1, names[0], "2/2"), (2, names[1], "1/2"), (3, names[1], "2/2"),
+    ]  # fmt: skip
+    assert ray.summary["exchange"]["bytes_per_step"] > 0
