@@ -81,10 +81,13 @@ class PhaseRun:
     published: dict[int, Signals]
 
 
-class GradientAverage(Protocol):
-    """The workers of a data-parallel peer: their gradients are averaged before every optimizer step."""
+class PeerWorkers(Protocol):
+    """The workers of a data-parallel peer: their gradients are averaged before every optimizer step, and the
+    rows each writes into a per-sample buffer reach every worker (one table per peer, whatever the shuffling)."""
 
     def average(self, params: list[Tensor]) -> None: ...
+
+    def gather_rows(self, index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class StepRunner:
@@ -93,7 +96,7 @@ class StepRunner:
     ``data_parallel``: this process is one of a peer's several workers (its gradients are averaged with theirs)."""
 
     def __init__(
-        self, pop: Population, exchange: Exchange | None = None, data_parallel: GradientAverage | None = None
+        self, pop: Population, exchange: Exchange | None = None, data_parallel: PeerWorkers | None = None
     ):
         self.pop = pop
         self.exchange = exchange or LocalExchange()
@@ -240,7 +243,10 @@ class StepRunner:
             for p, ctx in zip(participants, contexts):
                 for name, values in ctx.writes.items():
                     buf = p.buffers[name]
-                    buf[ctx.batch.index] = values.detach().to(buf.dtype)
+                    index, values = ctx.batch.index, values.detach().to(buf.dtype)
+                    if self.data_parallel is not None:
+                        index, values = self.data_parallel.gather_rows(index, values)
+                    buf[index] = values
                 method.after_phase(phase, ctx)
         return PhaseRun(inputs, outs, received, published)
 

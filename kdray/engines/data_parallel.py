@@ -6,8 +6,9 @@ the same order, once, at start (a torch.distributed rule):
 
 - a **peer group** per peer: its M workers. The gradients of everything the peer trains (network, private method
   state) are averaged over it after every backward (what ``DistributedDataParallel`` does, written out so that a
-  step's several phases and optimizers each average their own parameters), and its BatchNorm layers sum their
-  statistics over it (``sync_bn``, :mod:`kdray.models.sync_bn`);
+  step's several phases and optimizers each average their own parameters), its BatchNorm layers sum their
+  statistics over it (``sync_bn``, :mod:`kdray.models.sync_bn`), and the rows it writes into per-sample buffers
+  are all-gathered over it, so its table stays one;
 - a **shard group** per shard index m: shard m of every peer, in peer order (group rank = peer index). The exchange
   runs on it, so shard m's logits and feature maps go to shard m of the peers that learn from them, and nothing is
   gathered to one worker.
@@ -57,6 +58,19 @@ class PeerGroup:
             n = p.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
+
+
+    def gather_rows(self, index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Every worker's (sample indices, rows) of a per-sample buffer write, concatenated in shard order: each
+        worker writes every row of the global batch, so the peer's table is one, identical on all its workers
+        (the PS-KD authors' DDP code gathers its memory the same way)."""
+        if self.size == 1:
+            return index, values
+        indices = [torch.empty_like(index) for _ in range(self.size)]
+        rows = [torch.empty_like(values) for _ in range(self.size)]
+        dist.all_gather(indices, index.contiguous(), group=self.group)
+        dist.all_gather(rows, values.contiguous(), group=self.group)
+        return torch.cat(indices), torch.cat(rows)
 
 
 @dataclass

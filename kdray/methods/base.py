@@ -188,21 +188,19 @@ class Method:
     def check_data_parallel(cls, cfg: ExperimentConfig) -> None:
         """Refuse peers of several workers (``peers[i].workers > 1``) where the method needs what sharding does
         not support yet: a shared module (a generator: its batch would need sharding and its gradient averaging
-        over shards as well as summing over peers), per-sample buffers (one table per peer, written by every
-        worker), or class-pair batches (a pair must stay on the worker of its anchor)."""
+        over shards as well as summing over peers) or class-pair batches (a pair must stay on the worker of its
+        anchor)."""
         missing = []
         if cls.data_source == "generator" or cls.build_shared_state is not Method.build_shared_state:
             missing.append("a shared generator")
-        if cls.buffers is not Method.buffers:
-            missing.append("per-sample buffers")
         if cls.batch_pairs != "none":
             missing.append("class-pair batches")
         if missing:
             raise ConfigError(
                 "peers.*.workers", cfg.peer_workers,
                 f"1 for method '{cls.name}': peers of several workers do not support {' and '.join(missing)} "
-                "yet (supported: methods over one batch, private per-peer state and frozen teachers, e.g. dml, "
-                "afd, kd, independent)",
+                "yet (supported: methods over one batch, private per-peer state, per-sample buffers and frozen "
+                "teachers, e.g. dml, afd, kd, pskd, independent)",
             )  # fmt: skip
 
     @classmethod

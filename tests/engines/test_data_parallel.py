@@ -47,6 +47,7 @@ def _raw(tiny_raw: dict, method: str, peers: int, workers: int, sync_bn: bool = 
 
 
 def _state(pop: Population) -> dict[str, torch.Tensor]:
+    """Every local peer's network, private state and per-sample buffers."""
     out = {}
     for p in pop.peers:
         for part, module in (("net", p.net.model), ("state", p.state)):
@@ -54,16 +55,21 @@ def _state(pop: Population) -> dict[str, torch.Tensor]:
                 out.update(
                     {f"{p.name}.{part}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
                 )
+        out.update({f"{p.name}.buffers.{k}": v.clone() for k, v in p.buffers.items()})
     return out
+
+
+def _train(pop: Population, runner: StepRunner, epochs: int) -> None:
+    for epoch in range(epochs):
+        for i, batch in enumerate(pop.batches(epoch)):
+            runner.step(batch, epoch, epoch * pop.steps_per_epoch + i)
 
 
 def _reference(raw: dict) -> dict[str, torch.Tensor]:
     one = copy.deepcopy(raw)
     one["engine"] = {"name": "local"}
     pop = Population(load_config(one))
-    runner = StepRunner(pop)
-    for step, batch in enumerate(pop.batches(0)):
-        runner.step(batch, 0, step)
+    _train(pop, StepRunner(pop), raw["train"]["epochs"])
     return _state(pop)
 
 
@@ -90,8 +96,7 @@ def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
     exchange = make_exchange(cfg.engine.exchange, wiring)
     exchange.attach(exchange_plan(pop))
     runner = StepRunner(pop, exchange, groups.peer_group)
-    for step, batch in enumerate(pop.batches(0)):
-        runner.step(batch, 0, step)
+    _train(pop, runner, cfg.train.epochs)
     results[rank] = (groups.peer, groups.shard, len(next(iter(pop.batches(0))).y), _state(pop))
     dist.destroy_process_group()
 
@@ -127,6 +132,8 @@ CASES = {
     "dml-2x2": ("dml", 2, 2),
     "afd-ring3-hetero-3x2": ("afd", 3, 2),
     "kd-teacher-frozen-2x2": ("kd", 2, 2),
+    # per-sample memory: two epochs, so that the second reads what the first wrote (rows all-gathered per peer)
+    "pskd-in-dml-2x2": ("pskd", 2, 2),
 }
 
 
@@ -152,6 +159,9 @@ def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
         raw["peers"][0].update(
             frozen=True, checkpoint=request.getfixturevalue("teacher_checkpoint"), checkpoint_peer="net"
         )
+    if method == "pskd":  # PS-KD peers inside DML: memories and an exchange
+        raw["method"]["weights"] = {"kl": 1.0}
+        raw["train"]["epochs"] = 2
     torch.set_num_threads(1)
     want = _reference(raw)
     got = _k_by_m(raw)
@@ -187,8 +197,8 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
         load_config(raw, ["peers.0.workers=1"])
     with pytest.raises(ConfigError, match="engine.exchange.name"):
         load_config(raw, ["engine.exchange=actor"])
-    with pytest.raises(ConfigError, match="per-sample buffers"):
-        load_config(raw, ["method.name=pskd", "method.weights={}"])
+    with pytest.raises(ConfigError, match="class-pair batches"):
+        load_config(raw, ["method.name=cskd", "method.weights={}"])
     with pytest.raises(ConfigError, match="shared generator"):
         load_config(raw, ["method.name=acn", "method.weights={}"])
     local = copy.deepcopy(raw)
