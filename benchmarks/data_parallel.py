@@ -58,9 +58,8 @@ def config(peers: int, workers: int, batch: int, steps: int, width: int, sync_bn
 
 
 def worker(rank: int, world: int, init_file: str, raw: dict, warm: int, results) -> None:
-    from kdray.engines.data_parallel import create_groups
+    from kdray.engines.data_parallel import create_groups, sync_batchnorm
     from kdray.exchange import Wiring, make_exchange
-    from kdray.models.sync_bn import convert_batchnorm
     from kdray.replicas import exchange_plan
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -69,8 +68,8 @@ def worker(rank: int, world: int, init_file: str, raw: dict, warm: int, results)
     groups = create_groups(cfg, rank, None)
     workers = cfg.peer_workers[groups.peer]
     pop = Population(cfg, local_ids=[groups.peer], shard=(groups.shard, workers))
-    if groups.peer_group is not None and cfg.peer_sync_bn(groups.peer):
-        convert_batchnorm(pop.peers[0].net, groups.peer_group.group)
+    if groups.peer_group is not None:
+        sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(groups.peer))
     wiring = Wiring(
         groups.peer, cfg.num_peers, torch.device("cpu"), group=groups.shard_group,
         object_group=groups.shard_object_group, global_ranks=groups.shard_ranks,

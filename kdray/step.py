@@ -226,7 +226,9 @@ class StepRunner:
             total.backward()
         if shared_scope:
             params = list(self.shared.module.parameters())
-            exchange.reduce_shared_grads(params)
+            exchange.reduce_shared_grads(params)  # summed over the peers (of this shard)
+            if self.data_parallel is not None:  # ... and averaged over the shards
+                self.data_parallel.average(params)
             self._clip(params)
             self.shared.optimizer.step()
             with torch.no_grad():

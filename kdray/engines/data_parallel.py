@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdray.config import ExperimentConfig
+from kdray.models.sync_bn import convert_batchnorm
+from kdray.population import Population
 
 
 @dataclass
@@ -58,7 +60,6 @@ class PeerGroup:
             n = p.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
-
 
     def gather_rows(self, index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Every worker's (sample indices, rows) of a per-sample buffer write, concatenated in shard order: each
@@ -105,3 +106,16 @@ def create_groups(cfg: ExperimentConfig, rank: int, object_group) -> Groups:
         peer, shard, PeerGroup(peer_groups[peer], workers[peer], shard),
         shard_groups[shard], shard_object_groups[shard], shard_ranks[shard],
     )  # fmt: skip
+
+
+def sync_batchnorm(pop: Population, peer_group: PeerGroup, peer_sync_bn: bool) -> None:
+    """BatchNorm over the global batch for this worker's modules: its peer's network and private state when the
+    peer's ``sync_bn`` says so, and always a shared module (ACN's generator) fed the worker's shard of the batch:
+    its statistics must be the global batch's on every worker, or the replicas that every peer steps identically
+    would normalise differently."""
+    modules = [pop.peers[0].net, pop.peers[0].state] if peer_sync_bn else []
+    if pop.shared is not None:
+        modules.append(pop.shared.module)
+    for module in modules:
+        if module is not None:
+            convert_batchnorm(module, peer_group.group)

@@ -22,7 +22,7 @@ import torch
 
 from kdray.checkpoint import load_checkpoint, save_checkpoint
 from kdray.config import validate
-from kdray.engines.data_parallel import create_groups
+from kdray.engines.data_parallel import create_groups, sync_batchnorm
 from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
@@ -31,7 +31,6 @@ from kdray.errors import DivergedError
 from kdray.exchange import DistributedExchange
 from kdray.loop import Progress, Stopped, restore, train_epochs
 from kdray.metrics import MetricSums
-from kdray.models.sync_bn import convert_batchnorm
 from kdray.population import Population
 from kdray.replicas import exchange_plan
 from kdray.step import StepRunner
@@ -209,10 +208,8 @@ def train_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     exchange = make_exchange(cfg.engine.exchange, wiring)
     pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
-    if groups.peer_group is not None and cfg.peer_sync_bn(peer):
-        for module in (pop.peers[0].net, pop.peers[0].state):
-            if module is not None:
-                convert_batchnorm(module, groups.peer_group.group)
+    if groups.peer_group is not None:
+        sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(peer))
     threads = worker_threads(cfg, pop.spec, peer)
     if threads:
         torch.set_num_threads(threads)

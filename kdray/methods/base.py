@@ -187,20 +187,20 @@ class Method:
     @classmethod
     def check_data_parallel(cls, cfg: ExperimentConfig) -> None:
         """Refuse peers of several workers (``peers[i].workers > 1``) where the method needs what sharding does
-        not support yet: a shared module (a generator: its batch would need sharding and its gradient averaging
-        over shards as well as summing over peers) or class-pair batches (a pair must stay on the worker of its
+        not support yet: inputs made by a generator (a data-free population: the generated batch and what the
+        method draws with it would need sharding) or class-pair batches (a pair must stay on the worker of its
         anchor)."""
         missing = []
-        if cls.data_source == "generator" or cls.build_shared_state is not Method.build_shared_state:
-            missing.append("a shared generator")
+        if cls.data_source == "generator":
+            missing.append("inputs made by a generator (data-free)")
         if cls.batch_pairs != "none":
             missing.append("class-pair batches")
         if missing:
             raise ConfigError(
                 "peers.*.workers", cfg.peer_workers,
                 f"1 for method '{cls.name}': peers of several workers do not support {' and '.join(missing)} "
-                "yet (supported: methods over one batch, private per-peer state, per-sample buffers and frozen "
-                "teachers, e.g. dml, afd, kd, pskd, independent)",
+                "yet (supported: methods over a data set's batches with private per-peer state, per-sample buffers, "
+                "a shared module such as ACN's generator, or frozen teachers: dml, afd, acn, kd, pskd, ...)",
             )  # fmt: skip
 
     @classmethod

@@ -74,9 +74,8 @@ def _reference(raw: dict) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
-    from kdray.engines.data_parallel import create_groups
+    from kdray.engines.data_parallel import create_groups, sync_batchnorm
     from kdray.exchange import Wiring, make_exchange
-    from kdray.models.sync_bn import convert_batchnorm
     from kdray.replicas import exchange_plan
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -85,10 +84,7 @@ def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
     groups = create_groups(cfg, rank, None)
     workers = cfg.peer_workers[groups.peer]
     pop = Population(cfg, local_ids=[groups.peer], shard=(groups.shard, workers))
-    if cfg.peer_sync_bn(groups.peer):
-        for module in (pop.peers[0].net, pop.peers[0].state):
-            if module is not None:
-                convert_batchnorm(module, groups.peer_group.group)
+    sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(groups.peer))
     wiring = Wiring(
         groups.peer, cfg.num_peers, torch.device("cpu"), group=groups.shard_group,
         object_group=groups.shard_object_group, global_ranks=groups.shard_ranks,
@@ -134,6 +130,9 @@ CASES = {
     "kd-teacher-frozen-2x2": ("kd", 2, 2),
     # per-sample memory: two epochs, so that the second reads what the first wrote (rows all-gathered per peer)
     "pskd-in-dml-2x2": ("pskd", 2, 2),
+    # a shared generator: its gradient summed over the peers of a shard, averaged over the shards; its
+    # BatchNorm over the global batch
+    "acn-2x2": ("acn", 2, 2),
 }
 
 
@@ -199,8 +198,8 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
         load_config(raw, ["engine.exchange=actor"])
     with pytest.raises(ConfigError, match="class-pair batches"):
         load_config(raw, ["method.name=cskd", "method.weights={}"])
-    with pytest.raises(ConfigError, match="shared generator"):
-        load_config(raw, ["method.name=acn", "method.weights={}"])
+    with pytest.raises(ConfigError, match="generator"):
+        load_config(raw, ["method.name=dfad", "method.weights={}", "train.steps_per_epoch=2"])
     local = copy.deepcopy(raw)
     local["engine"] = {"name": "local"}
     local["peers"][0]["workers"] = 2
