@@ -22,6 +22,7 @@ import yaml
 from kdray.checkpoint import check_compatible, load_checkpoint, resolve_checkpoint_path, write_atomic
 from kdray.config import ExperimentConfig, apply_overrides, read_raw, validate
 from kdray.errors import KdrayError
+from kdray.selection import test_last_epoch
 from kdray.tracking import Tracker
 
 
@@ -198,6 +199,7 @@ def _run_tracked(
                 engine = LocalEngine(cfg, out_dir, tracker, callbacks, stop)
             outcome = engine.run(resume=payload)
         outcome["test"] = final_test(cfg, out_dir, outcome, tracker)
+        outcome["test"]["last"] = test_last_epoch(out_dir, outcome, tracker)
         summary = write_summary(cfg, out_dir, outcome, run_id, data)
         _log_artifacts(tracker, out_dir)
         status = "FINISHED"
@@ -241,7 +243,14 @@ def final_test(
 
 
 def selection_note(cfg: ExperimentConfig, data) -> dict[str, Any]:
-    if cfg.data.select_on == "test":
+    if cfg.data.select_on == "last":
+        note = {
+            "split": "last",
+            "samples": data.spec.val_len,
+            "note": "no selection (data.select_on: last): best.pt is the last epoch; the test split is evaluated "
+            "once, at the end",
+        }
+    elif cfg.data.select_on == "test":
         note = {
             "split": "test",
             "samples": data.spec.test_len,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / (
         "compare-" + re.sub(r"[^A-Za-z0-9._-]+", "_", "-vs-".join(study.labels()))[:80]
     )
+    command = ["kdray", "compare", *args.files, *(["--seeds", *map(str, args.seeds)] if args.seeds else [])]
+    for flag, value in (("--baseline", args.baseline), ("--out", str(out)), ("--jobs", args.jobs)):
+        command += [flag, str(value)] if value is not None else []
+    command += [item for kv in args.set for item in ("--set", kv)]
     result = run_compare(study, out, overrides=args.set, jobs=args.jobs, threads=args.threads,
-                         show_progress=not args.no_progress)  # fmt: skip
+                         command=shlex.join(command), show_progress=not args.no_progress)  # fmt: skip
     print(result["table"])
     print(f"trained {len(result['trained'])}, reused {result['reused']}; folder: {out} (table.md, table.json, "
           "compare.png, records.jsonl)")  # fmt: skip
