@@ -188,3 +188,51 @@ def test_jobs_and_threads_share_the_cores() -> None:
         assert (
             jobs * runner.threads_per_job(jobs, cores=16) <= 16 or runner.threads_per_job(jobs, cores=16) == 1
         )
+
+
+def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
+    study = load_study(Path(__file__).resolve().parents[2] / "configs" / "studies" / "online_noisy.yaml")
+    assert study.labels() == ["independent", "dml"] and study.baseline == "independent"
+    for row in study.rows:
+        raw = study.config(row, 0)
+        assert raw["data"]["select_on"] == "last" and raw["data"]["label_noise"]["rate"] == 0.4
+
+
+def test_ctrl_c_stops_the_runs_at_a_safe_point_and_exits_130(tmp_path) -> None:
+    """SIGINT to the process group, as a terminal's Ctrl-C: the running run checkpoints and stops, nothing is
+    recorded as finished, and the command says how to continue."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    files = _configs(tmp_path, epochs=500)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "kdray",
+        "compare",
+        files[0],
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    last = out / "runs" / "independent-s0" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.is_file(), "no checkpoint within 120 s"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "run the same command again to continue" in err.decode()
+    assert "stopped at a safe point" in (out / "logs" / "independent-s0.log").read_text()
+    assert last.is_file() and not (out / "records.jsonl").exists()
