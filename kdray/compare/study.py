@@ -70,7 +70,9 @@ class Study:
             raw = apply_overrides(raw, extra)
             raw["seed"] = seed
             raw["name"] = f"{row.slug}-s{seed}"
-            validate(raw)
+            from kdray.stages import is_staged, stage_configs
+
+            stage_configs(raw) if is_staged(raw) else validate(raw)
         except ConfigError as exc:
             raise ConfigError(
                 exc.key, exc.value, f"{exc.accepted} (row '{row.label}', seed {seed})"
