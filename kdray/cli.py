@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The commands whose runs use Ray in this process; not ``submit`` (its RAY_ADDRESS is the Jobs API's, not the
-# service's GCS) nor ``cluster`` / ``ray`` (they look at clusters, they do not join one).
-RUNS_ON_RAY = ("train", "tune")
+# The commands whose runs use Ray in this process (``compare``: in its child processes, which inherit the
+# environment); not ``submit`` (its RAY_ADDRESS is the Jobs API's, not the service's GCS) nor ``cluster`` / ``ray``
+# (they look at clusters, they do not join one).
+RUNS_ON_RAY = ("train", "tune", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,10 +37,8 @@ def _no_training(*args, **kwargs):
 
 
 def test_two_rows_two_seeds_end_to_end_then_nothing_trained_again(tmp_path, monkeypatch, capsys) -> None:
-    from mlflow.tracking import MlflowClient
-
     out = tmp_path / "out"
-    files = _configs(tmp_path, tracking=True)
+    files = _configs(tmp_path)
     assert (
         main(["compare", *files, "--seeds", "0", "1", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0
     )
@@ -68,12 +66,6 @@ def test_two_rows_two_seeds_end_to_end_then_nothing_trained_again(tmp_path, monk
     assert "| dml |" in (out / "table.md").read_text() and (out / "compare.png").stat().st_size > 1000
     assert "| row - independent |" in capsys.readouterr().out
 
-    parent = json.loads((out / "compare.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'runs' / 'mlflow.db'}")
-    for r in records:
-        assert client.get_run(r["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
-    assert client.get_run(parent).info.status == "FINISHED"
-
     # the same command again: every run reused, none started, the same table
     before = (out / "table.md").read_text()
     monkeypatch.setattr(runner, "_start", _no_training)
@@ -81,6 +73,26 @@ def test_two_rows_two_seeds_end_to_end_then_nothing_trained_again(tmp_path, monk
     assert result["trained"] == [] and result["reused"] == 4 and result["failures"] == []
     assert (out / "table.md").read_text() == before
     assert len((out / "records.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_runs_nest_under_one_mlflow_parent_run_across_invocations(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    files = _configs(tmp_path, tracking=True)
+    out = tmp_path / "out"
+    runner.run_compare(from_configs(files[:1], [0]), out, show_progress=False)
+    parent = json.loads((out / "compare.json").read_text())["mlflow_run_id"]
+    result = runner.run_compare(from_configs(files[:1], [0, 1]), out, show_progress=False)  # one seed more
+    assert json.loads((out / "compare.json").read_text())["mlflow_run_id"] == parent  # reopened, not a second
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'runs' / 'mlflow.db'}")
+    assert [r["seed"] for r in result["records"]] == [0, 1]
+    for r in result["records"]:
+        assert client.get_run(r["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.params["rows"] == "independent"
+    assert run.data.metrics["independent/peer_mean_test_acc"] == pytest.approx(
+        sum(peer_mean(r) for r in result["records"]) / 2
+    )
 
 
 def test_an_interrupted_run_is_resumed_and_a_finished_folder_without_record_reused(
