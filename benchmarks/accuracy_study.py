@@ -532,59 +532,24 @@ def run(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def fmt(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def selection_score(record: dict[str, Any]) -> float:
-    """The number the run selected its epoch on: the trainable peers' mean validation accuracy at the selected epoch
-    (``summary['best']['metric']``; recomputed from the curves for records written before it was kept). Not the mean
-    of each peer's own best epoch, which two peers rarely reach together."""
-    if record.get("selection_score") is not None:
-        return record["selection_score"]
-    epoch = record["best_epoch"]
-    return statistics.mean(curve[epoch - 1] for curve in record["val_curve"].values())
-
-
+# The tables are kdray's (kdray.compare.table, tested); this script adds each study's regime headers and notes.
 def load(path: Path) -> list[dict[str, Any]]:
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     )
 
 
-def report(args: argparse.Namespace) -> str:
-    records = load(Path(args.out) / f"{args.study}.jsonl")
+def tables(study: str, records: list[dict[str, Any]]) -> str:
+    """The markdown of one study's records: per regime, a table of every row (mean ± sample std over seeds), the
+    tuned rows' values, born-again generations; the data-free students' shares."""
+    from kdray.compare.table import STUDY_COLUMNS, generation_lines, markdown_table, share_lines
+
     lines = []
     for regime in dict.fromkeys(r["regime"] for r in records):
         group = [r for r in records if r["regime"] == regime]
-        labels = [row.label for row in ROWS if row.study == args.study and row.regime == regime]
-        labels = [lab for lab in labels if any(r["label"] == lab for r in group)]
-        names = list(dict.fromkeys(n for r in group for n in r["peers"]))  # data-free: teacher, student rows
-        arch = {n: r["peers"][n]["arch"] for r in group for n in r["peers"]}
-        for peer in group[0]["config"].get("peers", []):  # a non-default width is part of the network's name
-            width = (peer.get("arch_kwargs") or {}).get("width")
-            if width is not None and peer.get("name") in arch:
-                arch[peer["name"]] += f", width {width}"
-        head = " | ".join(f"{n} ({arch[n]})" for n in names) if len(names) > 1 else "test acc"
+        labels = [row.label for row in ROWS if row.study == study and row.regime == regime]
         lines += [f"\n**{regime}** ({describe(regime, group[0]['config'])})\n",
-                  f"| row | {head} | peer mean | ensemble | ECE (peer mean) | selected val acc | seeds |",
-                  "|---" * (len(names) + 6) + "|"]  # fmt: skip
-        for label in labels:
-            runs = [r for r in group if r["label"] == label]
-            peers = [n for n in names if n in runs[0]["peers"]]
-            cells = [fmt([r["peers"][n]["test_acc"] for r in runs]) if n in peers else "-" for n in names]
-            mean_peer = fmt([statistics.mean(p["test_acc"] for p in r["peers"].values()) for r in runs])
-            ens = fmt([r["ensemble_test_acc"] for r in runs]) if len(peers) > 1 else "-"
-            ece = fmt([statistics.mean(p["test_ece"] for p in r["peers"].values()) for r in runs])
-            val = fmt([selection_score(r) for r in runs])
-            lines.append(
-                f"| {label} | {' | '.join(cells)} | {mean_peer} | {ens} | {ece} | {val} | {len(runs)} |"
-            )
+                  *markdown_table(group, labels, STUDY_COLUMNS)]  # fmt: skip
         for label in labels:
             tuned_run = next((r for r in group if r["label"] == label and r.get("tuned")), None)
             if tuned_run:
@@ -596,51 +561,23 @@ def report(args: argparse.Namespace) -> str:
                 if tuned_run.get("reused_from"):
                     origin += f"; the method's defaults, so the runs are row {tuned_run['reused_from']}'s"
                 lines.append(f"\n{label}: {values} ({origin})")
-        gens = [r for r in group if r.get("generations")]
-        if gens:
-            k = len(gens[0]["generations"]["test_acc"])
-            lines += ["", "| generation | alone (test) | ensemble of 1..k (test) |", "|---|---|---|"]
-            for i in range(k):
-                alone = fmt([r["generations"]["test_acc"][i] for r in gens])
-                ens = fmt([r["generations"]["ensemble_test_acc"][i] for r in gens])
-                lines.append(f"| {i + 1} | {alone} | {ens} |")
-    if args.study == "generations":
-        plot_generations(records, Path(args.out) / "generations_by_generation.png")
-    if args.study == "datafree":
-        lines += datafree_lines(records)
-        plot_dips(records, Path(args.out) / "datafree_dips.png")
-    plot(records, Path(args.out) / f"{args.study}.png")
+        lines += generation_lines(group)
+    if study == "datafree":
+        lines += share_lines(records, ("DFAD", "MAD"), "student",
+                             {"the teacher": ("teacher", "teacher"),
+                              "KD with real data": ("KD with real data", "student")})  # fmt: skip
     return "\n".join(lines)
 
 
-def largest_drop(curve: list[float]) -> float:
-    """The largest fall of validation accuracy from one evaluation to the next (0 if it never falls)."""
-    return max([0.0, *(a - b for a, b in zip(curve, curve[1:]))])
-
-
-def datafree_lines(records: list[dict[str, Any]]) -> list[str]:
-    """Each data-free student as a share of its seed's teacher and of KD with real data; the dips."""
-    by = {(r["label"], r["seed"]): r for r in records}
-    out = [
-        "",
-        "| student | share of the teacher (test) | share of KD with real data (test) | largest val drop between "
-        "evaluations (points) | evaluations with a drop > 2 points | seeds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label in ("DFAD", "MAD"):
-        runs = [r for r in records if r["label"] == label]
-        teacher = [by.get(("teacher", r["seed"])) for r in runs]
-        kd = [by.get(("KD with real data", r["seed"])) for r in runs]
-        if not runs or None in teacher or None in kd:
-            continue
-        acc = [r["peers"]["student"]["test_acc"] for r in runs]
-        share_t = fmt([a / t["peers"]["teacher"]["test_acc"] for a, t in zip(acc, teacher)])
-        share_kd = fmt([a / k["peers"]["student"]["test_acc"] for a, k in zip(acc, kd)])
-        curves = [r["val_curve"]["student"] for r in runs]
-        drop = fmt([largest_drop(c) for c in curves])
-        big = statistics.mean(sum(a - b > 0.02 for a, b in zip(c, c[1:])) for c in curves)
-        out.append(f"| {label} | {share_t} | {share_kd} | {drop} | {big:.1f} | {len(runs)} |")
-    return out
+def report(args: argparse.Namespace) -> str:
+    records = load(Path(args.out) / f"{args.study}.jsonl")
+    text = tables(args.study, records)
+    if args.study == "generations":
+        plot_generations(records, Path(args.out) / "generations_by_generation.png")
+    if args.study == "datafree":
+        plot_dips(records, Path(args.out) / "datafree_dips.png")
+    plot(records, Path(args.out) / f"{args.study}.png")
+    return text
 
 
 def _pyplot():

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kdray.version import __version__
+
 __all__ = ["ExperimentConfig", "KdrayError", "RunResult", "__version__", "evaluate", "load_config", "train"]
 
 _WHERE = {

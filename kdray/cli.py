@@ -1,4 +1,4 @@
-"""``kdray train | eval | methods | models | tune | cluster | submit``.
+"""``kdray train | eval | compare | methods | models | tune | cluster | submit``.
 
 Bad input (a config key, a missing file, a corrupt checkpoint, an unreachable tracking server) prints one line naming
 what to fix and exits 2; no traceback, nothing half-written.
@@ -23,6 +23,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "cluster": "kdray.cluster:add_parser",
     "submit": "kdray.cluster:add_submit_parser",
     "ray": "kdray.engines.ray_service:add_parser",
+    "compare": "kdray.compare.cli:add_parser",
 }
 
 
@@ -42,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"stage {stage['name']} ({stage['method']}): test_acc {accs}")
         print(f"run folder: {Path(s['staged']['stages'][-1]['run_folder']).parent.parent}")
         return 0
-    selected = "val_acc" if s["selection"]["split"] == "val" else "test_acc (selection split)"
+    selected = "test_acc (selection split)" if s["selection"]["split"] == "test" else "val_acc"
     accs = ", ".join(
         f"{p['name']} ({p['arch']}) {p['val_acc']:.4f}" for p in s["peers"] if p["val_acc"] is not None
     )
@@ -57,6 +58,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(
             f"test split, evaluated once ({test['checkpoint']}, epoch {test['epoch']}): test_acc {accs}{ens}"
         )
+        last = test.get("last")
+        if last and not last.get("same_as_selected"):
+            accs = ", ".join(f"{name} {acc:.4f}" for name, acc in last["peers"].items())
+            ens = f"; ensemble {last['ensemble_acc']:.4f}" if last.get("ensemble_acc") is not None else ""
+            print(f"test split, last epoch (last.pt, epoch {last['epoch']}): test_acc {accs}{ens}")
     print(f"run folder: {result.out_dir}  (summary.json, curves.png, checkpoints/)")
     if s.get("mlflow_run_id"):
         print(f"mlflow run: {s['mlflow_run_id']}")
@@ -156,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The commands whose runs use Ray in this process; not ``submit`` (its RAY_ADDRESS is the Jobs API's, not the
-# service's GCS) nor ``cluster`` / ``ray`` (they look at clusters, they do not join one).
-RUNS_ON_RAY = ("train", "tune")
+# The commands whose runs use Ray in this process (``compare``: in its child processes, which inherit the
+# environment); not ``submit`` (its RAY_ADDRESS is the Jobs API's, not the service's GCS) nor ``cluster`` / ``ray``
+# (they look at clusters, they do not join one).
+RUNS_ON_RAY = ("train", "tune", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ class LabelNoiseConfig(Section):
 
     ``symmetric``: a corrupted label is drawn uniformly from the *other* classes; ``pair``: class c becomes c + 1
     (mod C), the pair-flip noise of Han et al. (Co-teaching, NeurIPS 2018). The corrupted indices are written to the
-    run folder (``label_noise.json``). The carved validation split is noisy too, as it would be in practice."""
+    run folder (``label_noise.json``). The carved validation split is noisy too, as it would be in practice, unless
+    ``data.clean_val`` keeps its true labels."""
 
     kind: Literal["symmetric", "pair"] = "symmetric"
     rate: float = Field(0.2, ge=0, lt=1)
@@ -70,10 +71,18 @@ class DataConfig(Section):
         "from what is trained on): per-epoch evaluation, best.pt and kdray tune select on it. 0/null: none "
         "(then select_on must say test)",
     )
-    select_on: Literal["val", "test"] = Field(
+    select_on: Literal["val", "test", "last"] = Field(
         "val",
-        description="the split that per-epoch evaluation, best.pt and kdray tune use; 'test' only when said "
-        "explicitly (the summary then says so)",
+        description="how best.pt is chosen: 'val' the epoch of the best mean validation accuracy; 'last' no "
+        "selection, best.pt is the last epoch (the validation split, if any, is still evaluated every epoch for the "
+        "curves); 'test' selects on the test split, only when said explicitly (the summary then says so). "
+        "docs/compare.md says when each is right",
+    )
+    clean_val: bool = Field(
+        False,
+        description="with label_noise: the carved validation split keeps its true labels (a clean validation set, "
+        "as much of the noisy-label literature assumes); false (default): it is as noisy as the training labels, as "
+        "it would be in practice",
     )
     test_size: int | None = Field(None, ge=1, description="use only the first N test samples")
     label_noise: LabelNoiseConfig | None = None
@@ -102,6 +111,14 @@ class DataConfig(Section):
                 "(data.val_split: 0.1) or say data.select_on: test to select on the test split knowingly"
             )
         return self
+
+    @property
+    def eval_split(self) -> str | None:
+        """The split evaluated every epoch: the test split when selecting on it, else the validation split (None
+        when there is none: ``select_on: last`` without ``val_split``)."""
+        if self.select_on == "test":
+            return "test"
+        return "val" if self.val_split else None
 
 
 # -------------------------------------------------------------------------------------------------------- peers

@@ -195,7 +195,7 @@ def train_epochs(
     cfg = pop.cfg
     steps_per_epoch, epochs = pop.steps_per_epoch, cfg.train.epochs
     every = cfg.train.checkpoint_every_steps
-    select_split = cfg.data.select_on
+    select_split = cfg.data.eval_split
 
     def checkpoint(improved: bool = False) -> Path | None:
         mine = process_state(pop, runner, collective.rank)
@@ -236,7 +236,7 @@ def train_epochs(
         check_finite(metrics, epoch)
         for lrs in collective.all_gather(pop.learning_rates()):
             metrics.update(lrs)
-        if epoch + 1 == epochs or (epoch + 1) % cfg.train.eval_every == 0:
+        if select_split and (epoch + 1 == epochs or (epoch + 1) % cfg.train.eval_every == 0):
             ev = merge_eval(collective.all_gather(evaluate(pop, select_split)))
             metrics.update(summarise_eval(cfg, ev, "val"))
         ranks = collective.all_gather({**runner.exchange.stats(), "step_ms": step_ms})
@@ -246,7 +246,9 @@ def train_epochs(
         progress.epoch, progress.step_in_epoch, progress.partial = epoch + 1, 0, MetricSums()
         progress.history.append(metrics)
         current = score(cfg, metrics)
-        improved = not math.isnan(current) and current > progress.best["metric"]
+        improved = cfg.data.select_on == "last" or (
+            not math.isnan(current) and current > progress.best["metric"]
+        )
         if improved:
             progress.best = {"metric": current, "epoch": epoch + 1}
         path = checkpoint(improved)

@@ -51,14 +51,15 @@ def plot_curves(
     ens = [(h["epoch"], h["ensemble/val_acc"]) for h in history if "ensemble/val_acc" in h]
     if ens:
         ax_acc.plot(*zip(*ens), "k--", marker="s", label="ensemble")
-    split = "validation" if cfg.data.select_on == "val" else "test (selection split)"
+    split = "test (selection split)" if cfg.data.select_on == "test" else "validation"
     ax_acc.set(xlabel="epoch", ylabel=f"{split} accuracy", title=f"{cfg.name}: {cfg.method.name}")
     per = "running mean per logged step" if rows and steps_per_epoch else "epoch mean"
     ax_loss.set(xlabel="epoch", ylabel=f"training loss ({per})", title="loss terms per peer")
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
+    if ax_acc.get_legend_handles_labels()[0]:  # nothing evaluated (select_on: last, no validation split)
+        ax_acc.legend(fontsize=8)
     ax_loss.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
 

@@ -1,5 +1,17 @@
 """One population's run: its folder, its MLflow run, the engine's training, the test split once, the summary;
-and a saved population read back (evaluate, predict). :mod:`kdray.api` and :mod:`kdray.stages` build on it."""
+and a saved population read back (evaluate, predict). :mod:`kdray.api` and :mod:`kdray.stages` build on it.
+
+Selection. Which epoch a run reports, and the last epoch's test accuracy beside the selected one's.
+
+``data.select_on`` chooses ``best.pt``, the checkpoint the test split is evaluated on at the end:
+
+- ``val`` (default): the epoch of the best mean validation accuracy of the trainable peers;
+- ``last``: no selection: ``best.pt`` is the last epoch (the validation split, if any, is still evaluated every epoch,
+  for the curves);
+- ``test``: the best epoch on the test split (only when said: the test numbers are then not an unbiased estimate).
+
+Whatever selected ``best.pt``, the summary also reports the last epoch's test accuracy (:func:`test_last_epoch`), so
+that a reader sees what selection changed. ``docs/compare.md`` says when each choice is right."""
 
 from __future__ import annotations
 
@@ -135,6 +147,7 @@ def _run_tracked(
             engine = ENGINES.lookup(cfg.engine.name)(cfg, out_dir, tracker, callbacks, stop, data)
             outcome = engine.run(resume=payload)
         outcome["test"] = final_test(cfg, out_dir, outcome, tracker, data)
+        outcome["test"]["last"] = test_last_epoch(out_dir, outcome, tracker)
         summary = write_summary(cfg, out_dir, outcome, run_id, data)
         _log_artifacts(tracker, out_dir)
         status = "FINISHED"
@@ -177,8 +190,45 @@ def final_test(
     }
 
 
+def test_last_epoch(out_dir: Path, outcome: dict[str, Any], tracker: Any) -> dict[str, Any]:
+    """The test split on the last epoch's population (``last.pt``), in the shape of the selected one's
+    (``outcome["test"]``); the same numbers, not evaluated again, when the selected checkpoint is the last epoch.
+    Logged to MLflow as ``<peer>/last_epoch_test_acc`` (and ``_ece``, and the ensemble's)."""
+    test = outcome["test"]
+    history = outcome.get("history") or []
+    last_epoch = history[-1]["epoch"] if history else test["epoch"]
+    if test["checkpoint"] == "last.pt" or test["epoch"] == last_epoch:
+        result = {k: test[k] for k in ("epoch", "peers", "ece", "ensemble_acc", "ensemble_ece")}
+        result.update(checkpoint="last.pt", same_as_selected=True)
+    else:
+        report = evaluate(Path(out_dir) / "checkpoints" / "last.pt", split="test")
+        result = {
+            "checkpoint": "last.pt",
+            "epoch": report["epoch"],
+            "peers": {p["name"]: p["acc"] for p in report["peers"]},
+            "ece": {p["name"]: p["ece"] for p in report["peers"]},
+            "ensemble_acc": report["ensemble_acc"],
+            "ensemble_ece": report["ensemble_ece"],
+            "same_as_selected": False,
+        }
+    logged = {f"{name}/last_epoch_test_acc": acc for name, acc in result["peers"].items()}
+    logged.update({f"{name}/last_epoch_test_ece": ece for name, ece in result["ece"].items()})
+    if result["ensemble_acc"] is not None:
+        logged.update({"ensemble/last_epoch_test_acc": result["ensemble_acc"],
+                       "ensemble/last_epoch_test_ece": result["ensemble_ece"]})  # fmt: skip
+    tracker.log_metrics(logged, step=result["epoch"])
+    return result
+
+
 def selection_note(cfg: ExperimentConfig, data) -> dict[str, Any]:
-    if cfg.data.select_on == "test":
+    if cfg.data.select_on == "last":
+        note = {
+            "split": "last",
+            "samples": data.spec.val_len,
+            "note": "no selection (data.select_on: last): best.pt is the last epoch; the test split is evaluated "
+            "once, at the end",
+        }
+    elif cfg.data.select_on == "test":
         note = {
             "split": "test",
             "samples": data.spec.test_len,

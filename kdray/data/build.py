@@ -2,7 +2,8 @@
 
 Order of operations on the training set: the first ``data.train_size`` samples; then ``data.label_noise`` corrupts
 a seeded share of their labels; then ``data.val_split`` carves a seeded validation split off them (so the
-validation labels are as noisy as the training labels, as they would be in practice); what is left is trained on.
+validation labels are as noisy as the training labels, as they would be in practice; ``data.clean_val: true`` keeps
+the validation split's true labels instead); what is left is trained on.
 The test split is the dataset's own (its first ``data.test_size`` samples) and is never corrupted.
 """
 
@@ -110,11 +111,13 @@ def build_data(cfg: DataConfig, seed: int, with_train: bool = True) -> DataModul
         mean, std = NORMALISATION[name]
     x, y = _first(train, cfg.train_size, "data.train_size", name)
     test = _first(test, cfg.test_size, "data.test_size", name)
+    clean = y
     y, noise = corrupt_labels(y, cfg.label_noise, num_classes, seed)
     train_ids, val_ids = carve_validation(len(y), cfg.val_split, seed, name)
     if not with_train:
         train_ids = train_ids[:0]
-    splits = {"train": (x[train_ids], y[train_ids]), "val": (x[val_ids], y[val_ids]), "test": test}
+    val_y = (clean if cfg.clean_val else y)[val_ids]
+    splits = {"train": (x[train_ids], y[train_ids]), "val": (x[val_ids], val_y), "test": test}
     spec = DataSpec(
         num_classes=num_classes,
         in_channels=x.shape[1],
@@ -147,15 +150,17 @@ def _build_image_folder(cfg: DataConfig, seed: int, with_train: bool) -> ImageFo
     labels, noise = corrupt_labels(
         torch.tensor([label for _, label in train], dtype=torch.int64), cfg.label_noise, len(classes), seed
     )
+    clean = train
     train = [(path, int(label)) for (path, _), label in zip(train, labels)]
     train_ids, val_ids = carve_validation(len(train), cfg.val_split, seed, "imagefolder")
     if not with_train:
         train_ids = train_ids[:0]
     size = cfg.image_size or IMAGEFOLDER_DEFAULT_SIZE
     padding = max(1, size // 8) if cfg.augment else None
+    val = clean if cfg.clean_val else train
     files = {
         "train": _ImageFiles([train[i] for i in train_ids.tolist()], size, padding, seed),
-        "val": _ImageFiles([train[i] for i in val_ids.tolist()], size, None, seed),
+        "val": _ImageFiles([val[i] for i in val_ids.tolist()], size, None, seed),
         "test": _ImageFiles(test, size, None, seed),
     }
     spec = DataSpec(len(classes), 3, size, len(train_ids), len(val_ids), len(test), "imagefolder")

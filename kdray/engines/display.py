@@ -57,7 +57,7 @@ def epoch_line(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
     ]
     ens = metrics.get("ensemble/val_acc")
     tail = f" | ensemble {ens:.4f}" if ens is not None else ""
-    what = "val_acc" if cfg.data.select_on == "val" else "test_acc (selecting on the test split)"
+    what = "test_acc (selecting on the test split)" if cfg.data.select_on == "test" else "val_acc"
     body = f"{what} " + ", ".join(accs) + tail if accs else "(not evaluated)"
     return f"epoch {metrics['epoch']}/{cfg.train.epochs}: {body}"
 
