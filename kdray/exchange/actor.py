@@ -124,12 +124,14 @@ class ActorExchange(DistributedExchange):
                 layout = SignalLayout.of(mine)
                 payload = layout.pack(mine).cpu().numpy()
                 ref = ray.put((layout.describe(), payload))
-                self.store.put.remote((self.attempt, rnd, self.rank), [ref], len(sinks))
+                # keyed by the worker's global rank: shard m of a data-parallel peer posts for shard m of the others
+                self.store.put.remote((self.attempt, rnd, self.global_ranks[self.rank]), [ref], len(sinks))
                 del ref
             sources = list(topo.sources_of(self.rank))
             signals: dict[int, Signals] = {}
             if sources:
-                refs = ray.get(self.store.get.remote([(self.attempt, rnd, s) for s in sources]))
+                keys = [(self.attempt, rnd, self.global_ranks[s]) for s in sources]
+                refs = ray.get(self.store.get.remote(keys))
                 for s, (desc, payload) in zip(sources, ray.get(refs)):
                     buf = torch.from_numpy(np.array(payload)).to(self.device)  # a writable copy
                     signals[s] = SignalLayout.from_description(desc).unpack(buf, f"peer {s}")

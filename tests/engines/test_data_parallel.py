@@ -195,7 +195,7 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
     with pytest.raises(ConfigError, match=r"peers\.\*\.workers.*same number"):
         load_config(raw, ["peers.0.workers=1"])
     with pytest.raises(ConfigError, match="engine.exchange.name"):
-        load_config(raw, ["engine.exchange=actor"])
+        load_config(raw, ["engine.exchange=stale"])
     with pytest.raises(ConfigError, match="class-pair batches"):
         load_config(raw, ["method.name=cskd", "method.weights={}"])
     with pytest.raises(ConfigError, match="generator"):

@@ -408,12 +408,14 @@ def test_an_unexpected_worker_error_names_its_rank_and_peer_in_full(tiny_raw):
     assert "ZeroDivisionError: division by zero" in text  # the worker's traceback, whole
 
 
+@pytest.mark.parametrize("exchange", ["collective", pytest.param("actor", marks=pytest.mark.slow)])
 def test_data_parallel_peers_on_ray_match_one_worker_per_peer_across_a_killed_worker(
-    tiny_raw, tmp_path, ray_local
+    exchange, tiny_raw, tmp_path, ray_local
 ):
-    """K = 2 peers x M = 2 workers on the RayEngine (synced BatchNorm, the collective exchange per shard group)
-    against the LocalEngine's K x 1 at the same global batch; the second worker of the first peer is killed from
-    outside after epoch 1 and the group resumes from its last checkpoint. Equal to 1e-9 in float64."""
+    """K = 2 peers x M = 2 workers on the RayEngine (synced BatchNorm; the collective exchange per shard group, or
+    the actor exchange keyed by worker) against the LocalEngine's K x 1 at the same global batch; the second worker
+    of the first peer is killed from outside after epoch 1 and the group resumes from its last checkpoint. Equal to
+    1e-9 in float64."""
     raw = _population(tiny_raw, "dml")
     raw["peers"] = raw["peers"][:2]
     raw["train"]["checkpoint_every_steps"] = 2
@@ -423,6 +425,7 @@ def test_data_parallel_peers_on_ray_match_one_worker_per_peer_across_a_killed_wo
     ray_raw["peers"][1]["workers"] = 2
     ray_raw["engine"] = {
         "name": "ray", "placement": {"cpus_per_peer": 0.5}, "fault_tolerance": {"max_failures": 1},
+        "exchange": exchange,
     }  # fmt: skip
     ray = kdray.train(
         ray_raw, out=tmp_path / "ray", callbacks=[_kill_rank_at_epoch_end(tmp_path / "ray", rank=1)]
