@@ -198,8 +198,10 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
         load_config(raw, ["engine.exchange=stale"])
     with pytest.raises(ConfigError, match="class-pair batches"):
         load_config(raw, ["method.name=cskd", "method.weights={}"])
-    with pytest.raises(ConfigError, match="generator"):
-        load_config(raw, ["method.name=dfad", "method.weights={}", "train.steps_per_epoch=2"])
+    from kdray.methods import method_class
+
+    with pytest.raises(ConfigError, match="inputs made by a generator"):
+        method_class("dfad").check_data_parallel(load_config(raw))
     local = copy.deepcopy(raw)
     local["engine"] = {"name": "local"}
     local["peers"][0]["workers"] = 2
