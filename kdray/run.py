@@ -322,6 +322,10 @@ def _population_from_checkpoint(checkpoint: str | Path, overrides: list[str] | N
         payload["config"], ["tracking.enabled=false", "train.progress=false", *(overrides or [])]
     )
     raw["engine"] = {"name": "local"}  # evaluation runs here, whatever engine trained it
+    for peer in raw.get("peers") or []:  # ... and in one process, however many workers a peer trained on
+        if isinstance(peer, dict):
+            peer.pop("workers", None)
+            peer.pop("sync_bn", None)
     cfg = validate(raw)
     for peer in cfg.peers:  # the weights come from this checkpoint, not from the files the run started from
         peer.checkpoint = None
