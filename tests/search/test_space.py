@@ -187,6 +187,12 @@ def test_resources_follow_cluster_and_population(tiny_raw):
     assert plan_resources(ray_cfg, {"CPU": 5}, 4, None).max_concurrent == 2
     with pytest.raises(PlacementError, match="needs 1.99 CPU"):
         plan_resources(ray_cfg, {"CPU": 1}, None, None)
+    # K x M: each trial reserves every worker of every peer (2 peers x 2 workers at 0.99 CPU + the driver)
+    kxm = load_config(tiny_raw, ["engine.name=ray", "engine.placement.workers_per_peer=2"])
+    assert plan_resources(kxm, {"CPU": 8}, None, None).max_concurrent == 2  # 3.97 CPUs a trial
+    assert plan_resources(kxm, {"CPU": 7.9}, None, None).max_concurrent == 1
+    with pytest.raises(PlacementError, match=r"needs 3.97 CPU.*4 workers"):
+        plan_resources(kxm, {"CPU": 3}, None, None)
 
 
 SHIPPED = sorted((REPO / "tune_spaces").glob("*.yaml"))
