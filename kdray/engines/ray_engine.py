@@ -30,6 +30,29 @@ from kdray.registry import ENGINES
 DRAIN_EVERY_S = 0.25
 
 
+def make_trainer(
+    loop_config: dict[str, Any], *, autoscaler_requests: bool, placement_group_cleaner: bool, **kwargs
+):
+    """The Train V2 trainer of a population's workers (``kwargs``: ``scaling_config``, ``run_config``). On a Ray
+    release kdray's start-up shortcuts were tested on, :class:`~kdray.engines.ray_private.PopulationTrainer`; on
+    any other (or with ``KDRAY_RAY_PUBLIC=1``), Ray's public ``TorchTrainer`` with kdray's torch backend config
+    (public ``ray.train.backend`` classes): the same workers, the same maths, a slower start."""
+    from ray.train.torch import TorchTrainer
+
+    from kdray.engines import ray_private
+    from kdray.engines.ray_backend import NodeBoundTorchConfig
+    from kdray.engines.ray_worker import train_worker
+
+    if ray_private.available():
+        return ray_private.PopulationTrainer(
+            train_worker, train_loop_config=loop_config, torch_config=NodeBoundTorchConfig(),
+            autoscaler_requests=autoscaler_requests, placement_group_cleaner=placement_group_cleaner, **kwargs,
+        )  # fmt: skip
+    return TorchTrainer(
+        train_worker, train_loop_config=loop_config, torch_config=NodeBoundTorchConfig(), **kwargs
+    )
+
+
 @ENGINES.register
 class RayEngine(Engine):
     name = "ray"
@@ -40,7 +63,6 @@ class RayEngine(Engine):
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-        from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
         from kdray.engines.ray_board import create_board
         from kdray.engines.ray_runtime import (
             LAST_LOCAL_START,
@@ -50,7 +72,6 @@ class RayEngine(Engine):
             require_placement,
             worker_resources,
         )
-        from kdray.engines.ray_worker import train_worker
         from kdray.methods import METHODS
         from kdray.registry import EXCHANGES
 
@@ -82,10 +103,8 @@ class RayEngine(Engine):
                 "namespace": namespace,
                 "resume": ray.put(resume) if resume is not None else None,
             }
-            trainer = PopulationTrainer(
-                train_worker,
-                train_loop_config=loop_config,
-                torch_config=NodeBoundTorchConfig(),
+            trainer = make_trainer(
+                loop_config,
                 # no autoscaler can add machines to a loopback cluster: no coordinator actor, no waiting on it
                 autoscaler_requests=not loopback_cluster(),
                 # the job ends with this run where kdray started or attached to Ray: Ray then removes its placement
@@ -115,6 +134,9 @@ class RayEngine(Engine):
         outcome["wall_s"] = time.time() - t0
         outcome["ray"] = {
             "run_name": run_name,
+            "trainer": type(
+                trainer
+            ).__name__,  # PopulationTrainer (a tested Ray) or TorchTrainer (the public API)
             "session": ray_found,  # how Ray was found: local (started here), attached, existing
             "storage_path": storage,
             "attempts": outcome.pop("attempts"),

@@ -256,7 +256,7 @@ class LocalRayStart:
             num_cpus=cpus,
             object_store_memory=engine.session.object_store_mb * 2**20,
             # only Train's PlacementGroupCleaner reads the dashboard's state API, and the RayEngine does without
-            # it on a Ray it started (ray_backend.PopulationTrainer)
+            # it on a Ray it started (ray_private.PopulationTrainer)
             include_dashboard=dashboard,
             **({"dashboard_host": "127.0.0.1", "dashboard_port": PortPicker().port()} if dashboard else {}),
             _temp_dir=str(self.temp_dir),

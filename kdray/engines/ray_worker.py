@@ -9,7 +9,6 @@ included. Rank 0 also writes the whole population to ``<out>/checkpoints/last.pt
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import tempfile
@@ -22,6 +21,7 @@ import torch
 
 from kdray.checkpoint import load_checkpoint, save_checkpoint
 from kdray.config import validate
+from kdray.engines import ray_private
 from kdray.engines.data_parallel import create_groups, sync_batchnorm
 from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
@@ -37,18 +37,6 @@ from kdray.step import StepRunner
 
 LIVE_EVERY_S = 0.5  # a Live event per rank at most this often
 STOP_CHECK_EVERY = 20  # steps between stop checks (each is a small collective)
-
-
-def quiet_train_reports() -> None:
-    """Ray Train logs one INFO line per report and per checkpoint from every worker. Its ``LoggingConfig`` level
-    (set to WARNING by the driver) filters the ``ray.train`` loggers, but Ray 2.60's report line comes from a logger
-    named after its file (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/context.py``), which
-    no filter reaches: that logger is set to WARNING here. Warnings and errors still pass."""
-    from ray.train.v2._internal.execution import context
-
-    logger = getattr(context, "logger", None)
-    if isinstance(logger, logging.Logger):
-        logger.setLevel(logging.WARNING)
 
 
 class ProcessGroup:
@@ -189,7 +177,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = validate(config["config"])
     if not cfg.train.verbose:
-        quiet_train_reports()
+        ray_private.quiet_train_reports()
     if cfg.engine.placement.gpus_per_peer > 0:
         import ray.train.torch
 

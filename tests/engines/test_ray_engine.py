@@ -444,3 +444,20 @@ def test_data_parallel_peers_on_ray_match_one_worker_per_peer_across_a_killed_wo
         (0, names[0], "1/2"), (1, names[0], "2/2"), (2, names[1], "1/2"), (3, names[1], "2/2"),
     ]  # fmt: skip
     assert ray.summary["exchange"]["bytes_per_step"] > 0
+
+
+def test_the_public_ray_train_path_matches_the_local_engine(tiny_raw, tmp_path, ray_local, monkeypatch):
+    """With KDRAY_RAY_PUBLIC=1 (what any untested Ray release gets) the RayEngine runs on Ray Train's public
+    TorchTrainer with kdray's torch backend config: the same parameters as the LocalEngine, on loopback only."""
+    from kdray.engines import ray_private
+
+    monkeypatch.setenv(ray_private.PUBLIC_ONLY_ENV, "1")
+    raw = _population(tiny_raw, "dml")
+    raw["peers"] = raw["peers"][:2]
+    raw["train"]["epochs"] = 1
+    local, ray = _run_pair(raw, tmp_path, exchange="collective")
+    assert ray.summary["ray"]["trainer"] == "TorchTrainer"
+    assert _compare_states(load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)) <= TOL
+    for worker in json.loads((ray.out_dir / "ray_run.json").read_text())["placement"]:
+        for address in worker["listening"]:
+            assert ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback, (worker["rank"], address)

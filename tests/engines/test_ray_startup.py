@@ -76,7 +76,8 @@ def test_the_backend_config_unpickles_without_torch():
     import subprocess
     import sys
 
-    from kdray.engines.ray_backend import NodeBoundTorchConfig, PopulationTrainer
+    from kdray.engines.ray_backend import NodeBoundTorchConfig
+    from kdray.engines.ray_private import PopulationTrainer
 
     blob = pickle.dumps(NodeBoundTorchConfig(timeout_s=60))
     code = (
@@ -88,7 +89,9 @@ def test_the_backend_config_unpickles_without_torch():
     )
     env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "['kdray.engines', 'kdray.engines.ray_backend']", out.stdout + out.stderr
+    assert out.stdout.strip() == "['kdray.engines', 'kdray.engines.ray_backend', 'kdray.version']", (
+        out.stdout + out.stderr
+    )
     # and the trainer still hands Train V2 that config (the torch process group is set up by it)
     trainer = PopulationTrainer(lambda: None, torch_config=NodeBoundTorchConfig(backend="gloo"))
     assert isinstance(trainer.backend_config, NodeBoundTorchConfig)
@@ -102,7 +105,7 @@ def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
     from ray.train import ScalingConfig
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
 
-    from kdray.engines.ray_backend import FixedScalingWithoutAutoscaler, PopulationTrainer
+    from kdray.engines.ray_private import FixedScalingWithoutAutoscaler, PopulationTrainer
     from kdray.engines.ray_runtime import loopback_cluster
 
     def nodes(*ips):
@@ -140,7 +143,7 @@ def test_train_placement_group_cleaner_only_where_the_job_outlives_the_run():
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from kdray.engines.ray_backend import PopulationTrainer
+    from kdray.engines.ray_private import PopulationTrainer
 
     for cleaner in (True, False):
         trainer = PopulationTrainer(
@@ -171,7 +174,7 @@ def test_workers_start_without_the_controllers_environment(monkeypatch):
     from ray.train import ScalingConfig
     from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
 
-    from kdray.engines.ray_backend import PopulationTrainer, WorkersWithoutControllerEnv
+    from kdray.engines.ray_private import PopulationTrainer, WorkersWithoutControllerEnv
 
     trainer = PopulationTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2))
     assert any(isinstance(c, WorkersWithoutControllerEnv) for c in trainer._create_default_callbacks())
@@ -208,7 +211,7 @@ def test_the_controller_gets_its_settings_as_an_argument_not_a_runtime_env(monke
     from ray.train import ScalingConfig
     from ray.train.v2._internal.execution.controller import TrainController
 
-    from kdray.engines import ray_backend
+    from kdray.engines import ray_private
 
     seen = {}
 
@@ -222,7 +225,7 @@ def test_the_controller_gets_its_settings_as_an_argument_not_a_runtime_env(monke
     monkeypatch.setattr(TrainController, "__init__", init)
     _no_train_settings(monkeypatch)
     settings = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
-    ray_backend.ControllerWithSettings(kdray_settings=settings, callbacks=[])
+    ray_private.ControllerWithSettings(kdray_settings=settings, callbacks=[])
     assert seen == {"env": settings, "kwargs": {"callbacks": []}}
 
     options, created = {}, {}
@@ -242,7 +245,7 @@ def test_the_controller_gets_its_settings_as_an_argument_not_a_runtime_env(monke
         ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n1"})()
     )
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as the RayEngine sets it in the driver
-    trainer = ray_backend.PopulationTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2))
+    trainer = ray_private.PopulationTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2))
     assert trainer._initialize_and_run_controller(callbacks=[]) == "result"
     assert "runtime_env" not in options and options["num_cpus"] == 0
     assert list(options["label_selector"].values()) == ["n1"]  # on the driver's node, as Train places it
@@ -434,3 +437,31 @@ def test_rays_processes_are_told_the_state_apis_address(fake_ray_init, monkeypat
         (kw, address), = seen  # fmt: skip
         assert address == f"http://127.0.0.1:{kw['dashboard_port']}"
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+
+def test_ray_internals_are_used_only_on_a_tested_release(monkeypatch):
+    """kdray's start-up shortcuts (kdray/engines/ray_private.py) subclass Ray Train's internals: on a Ray release
+    they were not tested on, or with KDRAY_RAY_PUBLIC=1, the RayEngine builds Ray's public TorchTrainer instead."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kdray.engines import ray_private
+    from kdray.engines.ray_backend import NodeBoundTorchConfig
+    from kdray.engines.ray_engine import make_trainer
+
+    def trainer():
+        return make_trainer(
+            {}, autoscaler_requests=False, placement_group_cleaner=False,
+            scaling_config=ScalingConfig(num_workers=2), run_config=RunConfig(name="x"),
+        )  # fmt: skip
+
+    monkeypatch.delenv(ray_private.PUBLIC_ONLY_ENV, raising=False)
+    assert ray.__version__.startswith(ray_private.TESTED)
+    assert type(trainer()) is ray_private.PopulationTrainer
+    monkeypatch.setattr(ray, "__version__", "2.99.0")
+    public = trainer()
+    assert type(public) is TorchTrainer and isinstance(public.backend_config, NodeBoundTorchConfig)
+    monkeypatch.undo()
+    monkeypatch.setenv(ray_private.PUBLIC_ONLY_ENV, "1")
+    assert type(trainer()) is TorchTrainer
