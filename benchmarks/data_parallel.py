@@ -153,7 +153,8 @@ def main() -> None:
             f"{r['exchange_ms']:8.2f} {100 * r['exchange_share']:6.1f} {r['exchange_bytes_per_step'] / 1e3:8.1f} "
             f"{r['allreduce_ms']:9.2f} {100 * r['allreduce_share']:8.1f} {r['allreduce_bytes_per_step'] / 1e3:9.1f}"
         )
-    path = write_rows(args.out, "data_parallel_cpu.json", rows)
+    name = "data_parallel_cpu_no_sync_bn.json" if args.no_sync_bn else "data_parallel_cpu.json"
+    path = write_rows(args.out, name, rows)
     print(f"written: {path}")
 
 
