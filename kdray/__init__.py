@@ -11,12 +11,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ExperimentConfig", "KdrayError", "RunResult", "__version__", "evaluate", "load_config", "train"]
+__all__ = [
+    "ExperimentConfig",
+    "KdrayError",
+    "RunResult",
+    "__version__",
+    "evaluate",
+    "export",
+    "load_config",
+    "train",
+]
 
 _WHERE = {
     "RunResult": "kdray.api",
     "evaluate": "kdray.api",
     "train": "kdray.api",
+    "export": "kdray.exporter",  # not kdray/export.py: importing it would shadow the function
     "ExperimentConfig": "kdray.config",
     "load_config": "kdray.config",
     "KdrayError": "kdray.errors",
@@ -26,6 +36,7 @@ if TYPE_CHECKING:
     from kdray.api import RunResult, evaluate, train
     from kdray.config import ExperimentConfig, load_config
     from kdray.errors import KdrayError
+    from kdray.exporter import export
 
 
 def __getattr__(name: str) -> Any:

@@ -200,6 +200,9 @@ def _run_tracked(
         outcome["test"] = final_test(cfg, out_dir, outcome, tracker)
         summary = write_summary(cfg, out_dir, outcome, run_id, data)
         _log_artifacts(tracker, out_dir)
+        from kdray.exporter import log_models  # tracking.log_models: the selected checkpoint's peers
+
+        log_models(tracker, out_dir / "checkpoints" / outcome["test"]["checkpoint"])
         status = "FINISHED"
         return RunResult(out_dir, summary)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""``kdray train | eval | methods | models | tune | cluster | submit``.
+"""``kdray train | eval | export | methods | models | tune | cluster | submit``.
 
 Bad input (a config key, a missing file, a corrupt checkpoint, an unreachable tracking server) prints one line naming
 what to fix and exits 2; no traceback, nothing half-written.
@@ -81,6 +81,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdray.exporter import export
+
+    report = export(
+        args.source,
+        peer=args.peer,
+        format=args.format,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        force=args.force,
+        overrides=args.set,
+        tolerance=args.tolerance,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    meta = report["metadata"]
+    print(
+        f"{report['path']}: peer {report['peer']} ({meta['arch']}, {meta['params']} params) of "
+        f"{report['checkpoint']} (epoch {report['epoch']}), {report['format']}"
+    )
+    if "max_abs_diff" in report:
+        print(
+            f"  checked on {report['checked_on']} test inputs: max |difference from torch| "
+            f"{report['max_abs_diff']:.3g} (tolerance {report['tolerance']:g} of the largest logit)"
+        )
+    norm = meta["normalisation"]
+    shape = "x".join(str(d) for d in meta["input_shape"])
+    how = f"normalised (x / 255 - {norm['mean']}) / {norm['std']}" if norm else "as the run's data gave them"
+    print(f"  input: float32 N x {shape}, {how}; output: N x {meta['num_classes']} logits")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from kdray.data import locate_fashion_mnist
 
@@ -134,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="write one peer as ONNX, TorchScript, safetensors or an MLflow model")
+    p.add_argument(
+        "source", metavar="RUN_OR_CHECKPOINT", help="a run folder, its checkpoints/, or a checkpoint"
+    )
+    p.add_argument("--peer", help="which peer (default: the only trainable one)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors", "mlflow"])
+    p.add_argument("--out", required=True, help="the file (a folder for mlflow) to write; never overwritten")
+    p.add_argument(
+        "--checkpoint", choices=["best", "last"],
+        help="of a run folder: best.pt (the selected epoch; the default when it exists) or last.pt",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4,
+        help="onnx, torchscript: the largest accepted difference from torch, as a share of the largest logit",
+    )  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.root=/data")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("data", help="find (or fetch) Fashion-MNIST, the offline real dataset")
     p.add_argument("dataset", choices=["fashion_mnist"])
