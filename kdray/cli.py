@@ -133,6 +133,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    if args.timm is not None:
+        from kdray.models.timm_models import PREFIX, timm_names
+
+        names = timm_names(args.timm)
+        if not names:
+            raise KdrayError(
+                f"--timm '{args.timm}': no timm model matches (fnmatch wildcards, e.g. 'resnet*')"
+            )
+        for name in names:
+            print(PREFIX + name)
+        return 0
     from kdray.models import list_models
 
     for name in list_models():
@@ -195,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     sub.add_parser("methods", help="list the methods").set_defaults(func=_cmd_methods)
-    sub.add_parser("models", help="list the architectures").set_defaults(func=_cmd_models)
+    p = sub.add_parser("models", help="list the architectures (tv:<name> and timm:<name> are accepted too)")
+    p.add_argument(
+        "--timm", metavar="PATTERN", nargs="?", const="",
+        help="list the timm models matching PATTERN (fnmatch, e.g. 'resnet*'; none: all) as timm:<name>",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_models)
 
     for target in EXTRA_COMMANDS.values():
         module, _, func = target.partition(":")
