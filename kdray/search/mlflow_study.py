@@ -2,8 +2,8 @@
 
 The parent holds the study's settings, its best value, and the artifacts (trials table, best config, best checkpoint,
 plots), and with ``tracking.log_models`` the best trial's peers as MLflow models (``tracking.register`` registers
-one; the trials themselves log none). Trials log their own params (the resolved config) and per-epoch metrics; the trial adds the objective and the
-searched values per epoch (``hp/<key>``: PBT's schedule). A trial stopped by the scheduler never returns from
+one; the trials themselves log none). Trials log their own params (the resolved config) and per-epoch metrics; the
+trial adds the objective and the searched values per epoch (``hp/<key>``: PBT's schedule). A trial stopped by the scheduler never returns from
 ``kdray.train``, so the driver settles every trial run's final status and tags at the end.
 """
 
