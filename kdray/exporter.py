@@ -169,7 +169,7 @@ def check_packages(fmt: str) -> None:
     missing = [p for p in packages if importlib.util.find_spec(p) is None]
     if missing:
         raise ExportError(
-            f"--format {fmt} needs {', '.join(missing)}, which is not installed: pip install 'kdray[{extra}]'"
+            f"--format {fmt} needs {', '.join(missing)} (not installed): pip install 'kdray[{extra}]'"
         )
 
 
