@@ -27,23 +27,21 @@ PREFIX = "timm:"
 INSTALL = "pip install 'kdray[timm]'"
 
 
-def _timm(name: str = "<name>"):
+def _timm(key: str, value: str):
     try:
         import timm
     except ImportError:
-        raise ConfigError(
-            "arch", PREFIX + name, f"timm models need timm, which is not installed: {INSTALL}"
-        ) from None
+        raise ConfigError(key, value, f"timm models need timm, which is not installed: {INSTALL}") from None
     return timm
 
 
 def timm_names(pattern: str = "") -> list[str]:
     """timm's model names matching ``pattern`` (fnmatch wildcards; empty: all)."""
-    return list(_timm().list_models(pattern or ""))
+    return list(_timm("--timm", pattern).list_models(pattern or ""))
 
 
 def check_name(name: str) -> None:
-    timm = _timm(name)
+    timm = _timm("arch", PREFIX + name)
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -68,7 +66,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
             raise ConfigError(f"arch_kwargs.{key}", kwargs[key], "set by kdray from the data; remove it")
     kwargs = {**kwargs, "pretrained": False}
     try:
-        return _timm(name).create_model(name, num_classes=num_classes, in_chans=in_channels, **kwargs)
+        return _timm("arch", PREFIX + name).create_model(
+            name, num_classes=num_classes, in_chans=in_channels, **kwargs
+        )
     except TypeError as err:
         raise ConfigError("arch_kwargs", kwargs, f"not accepted by timm's {name}: {err}") from err
 
