@@ -12,12 +12,22 @@ from typing import TYPE_CHECKING, Any
 
 from kdray.version import __version__
 
-__all__ = ["ExperimentConfig", "KdrayError", "RunResult", "__version__", "evaluate", "load_config", "train"]
+__all__ = [
+    "ExperimentConfig",
+    "KdrayError",
+    "RunResult",
+    "__version__",
+    "evaluate",
+    "export",
+    "load_config",
+    "train",
+]
 
 _WHERE = {
     "RunResult": "kdray.api",
     "evaluate": "kdray.api",
     "train": "kdray.api",
+    "export": "kdray.exporter",  # not kdray/export.py: importing it would shadow the function
     "ExperimentConfig": "kdray.config",
     "load_config": "kdray.config",
     "KdrayError": "kdray.errors",
@@ -27,6 +37,7 @@ if TYPE_CHECKING:
     from kdray.api import RunResult, evaluate, train
     from kdray.config import ExperimentConfig, load_config
     from kdray.errors import KdrayError
+    from kdray.exporter import export
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""``kdray train | eval | compare | methods | models | tune | cluster | submit``.
+"""``kdray train | eval | export | compare | methods | models | tune | cluster | submit``.
 
 Bad input (a config key, a missing file, a corrupt checkpoint, an unreachable tracking server) prints one line naming
 what to fix and exits 2; no traceback, nothing half-written.
@@ -87,6 +87,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdray.exporter import export
+
+    report = export(
+        args.source,
+        peer=args.peer,
+        format=args.format,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        force=args.force,
+        overrides=args.set,
+        tolerance=args.tolerance,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    meta = report["metadata"]
+    print(
+        f"{report['path']}: peer {report['peer']} ({meta['arch']}, {meta['params']} params) of "
+        f"{report['checkpoint']} (epoch {report['epoch']}), {report['format']}"
+    )
+    if "max_abs_diff" in report:
+        print(
+            f"  checked on {report['checked_on']} test inputs: max |difference from torch| "
+            f"{report['max_abs_diff']:.3g} (tolerance {report['tolerance']:g} of the largest logit)"
+        )
+    norm = meta["normalisation"]
+    shape = "x".join(str(d) for d in meta["input_shape"])
+    how = f"normalised (x / 255 - {norm['mean']}) / {norm['std']}" if norm else "as the run's data gave them"
+    print(f"  input: float32 N x {shape}, {how}; output: N x {meta['num_classes']} logits")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from kdray.data import locate_fashion_mnist
 
@@ -106,6 +139,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    if args.timm is not None:
+        from kdray.models.timm_models import PREFIX, timm_names
+
+        names = timm_names(args.timm)
+        if not names:
+            raise KdrayError(
+                f"--timm '{args.timm}': no timm model matches (fnmatch wildcards, e.g. 'resnet*')"
+            )
+        for name in names:
+            print(PREFIX + name)
+        return 0
     from kdray.models import list_models
 
     for name in list_models():
@@ -141,6 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("export", help="write one peer as ONNX, TorchScript, safetensors or an MLflow model")
+    p.add_argument(
+        "source", metavar="RUN_OR_CHECKPOINT", help="a run folder, its checkpoints/, or a checkpoint"
+    )
+    p.add_argument("--peer", help="which peer (default: the only trainable one)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors", "mlflow"])
+    p.add_argument("--out", required=True, help="the file (a folder for mlflow) to write; never overwritten")
+    p.add_argument(
+        "--checkpoint", choices=["best", "last"],
+        help="of a run folder: best.pt (the selected epoch; the default when it exists) or last.pt",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4,
+        help="onnx, torchscript: the largest accepted difference from torch, as a share of the largest logit",
+    )  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.root=/data")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("data", help="find (or fetch) Fashion-MNIST, the offline real dataset")
     p.add_argument("dataset", choices=["fashion_mnist"])
     p.add_argument("--root", default="data", help="data root (default: data)")
@@ -148,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     sub.add_parser("methods", help="list the methods").set_defaults(func=_cmd_methods)
-    sub.add_parser("models", help="list the architectures").set_defaults(func=_cmd_models)
+    p = sub.add_parser("models", help="list the architectures (tv:<name> and timm:<name> are accepted too)")
+    p.add_argument(
+        "--timm", metavar="PATTERN", nargs="?", const="",
+        help="list the timm models matching PATTERN (fnmatch, e.g. 'resnet*'; none: all) as timm:<name>",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_models)
 
     for target in EXTRA_COMMANDS.values():
         module, _, func = target.partition(":")

@@ -11,6 +11,7 @@ Method-specific keys live in each method's own ``Config`` class (``kdray/methods
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -396,11 +397,48 @@ class EngineConfig(Section):
         return self
 
 
+class RegisterConfig(Section):
+    """``tracking.register``: which logged peer goes into the Model Registry, under which name."""
+
+    name: str = Field(min_length=1, description="the registered model's name (a new version if it exists)")
+    peer: str | None = Field(
+        None, description="the peer to register; null: the smallest trainable peer by parameter count"
+    )
+
+
+# pydantic warns that the field "register" shadows ABCMeta.register (a classmethod no config calls)
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingConfig"', category=UserWarning)
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = Field(None, description="null: embedded SQLite store beside the run folder")
     experiment: str = "kdray"
     log_checkpoint: bool = True
+    log_models: bool = Field(
+        True,
+        description="at the end of a run, log each trainable peer of the selected checkpoint as an MLflow "
+        "PyTorch model (signature, input example)",
+    )
+    register: RegisterConfig | None = Field(
+        None,
+        description="register one logged peer in the Model Registry: a name (the smallest trainable peer) or "
+        "{name, peer}",
+    )
+
+    @field_validator("register", mode="before")
+    @classmethod
+    def _register_by_name(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw
+
+    @model_validator(mode="after")
+    def _register_needs_models(self) -> TrackingConfig:
+        if self.register is not None and not self.log_models:
+            raise ConfigError(
+                "tracking.register", self.register.name,
+                "registers a logged model: set tracking.log_models: true, or tracking.register: null",
+            )  # fmt: skip
+        return self
 
 
 # ------------------------------------------------------------------------------------------------------- method
@@ -487,6 +525,15 @@ class ExperimentConfig(Section):
                 )
                 raise ConfigError(f"peers.{i}.from_stage", p.from_stage, accepted)
         METHODS.lookup(self.method.name).check_population(self)
+        register = self.tracking.register
+        if register is not None:
+            trainable = [p.name for p in self.peers if not p.frozen]
+            if not trainable:
+                raise ConfigError("tracking.register", register.name, "the population has no trainable peer")
+            if register.peer is not None and register.peer not in trainable:
+                raise ConfigError(
+                    "tracking.register.peer", register.peer, f"a trainable peer: {', '.join(trainable)}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -12,14 +12,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdray.checkpoint import load_peer_weights
-from kdray.config import ExperimentConfig, OptimizerConfig
+from kdray.checkpoint import load_checkpoint, load_peer_weights
+from kdray.config import ExperimentConfig, OptimizerConfig, apply_overrides, validate
 from kdray.data import Batch, DataModule, build_data
 from kdray.errors import CheckpointError
 from kdray.methods import BufferSpec, Method, PopulationSpec, method_class
@@ -305,3 +306,23 @@ class Population:
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"the checkpoint does not fit this population ({first})") from None
+
+
+def population_from_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None, data: Any = None):
+    """The population a checkpoint holds, rebuilt in this process with its weights (config, population, payload).
+    ``data``: the dataset's splits when the caller holds them already (the run that wrote the checkpoint)."""
+    payload = load_checkpoint(checkpoint)
+    raw = apply_overrides(
+        payload["config"], ["tracking.enabled=false", "train.progress=false", *(overrides or [])]
+    )
+    raw["engine"] = {"name": "local"}  # evaluation runs here, whatever engine trained it
+    for peer in raw.get("peers") or []:  # ... and in one process, however many workers a peer trained on
+        if isinstance(peer, dict):
+            peer.pop("workers", None)
+            peer.pop("sync_bn", None)
+    cfg = validate(raw)
+    for peer in cfg.peers:  # the weights come from this checkpoint, not from the files the run started from
+        peer.checkpoint = None
+    pop = Population(cfg, data=data)
+    pop.load_state_dict(payload)
+    return cfg, pop, payload

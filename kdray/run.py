@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
-from kdray.checkpoint import load_checkpoint, resolve_checkpoint_path, write_atomic
-from kdray.config import ExperimentConfig, apply_overrides, validate
+from kdray.checkpoint import resolve_checkpoint_path, write_atomic
+from kdray.config import ExperimentConfig
 from kdray.errors import KdrayError
+from kdray.exporter import log_models
+from kdray.population import population_from_checkpoint
 from kdray.registry import ENGINES
 from kdray.tracking import Tracker
 
@@ -150,6 +152,8 @@ def _run_tracked(
         outcome["test"]["last"] = test_last_epoch(out_dir, outcome, tracker)
         summary = write_summary(cfg, out_dir, outcome, run_id, data)
         _log_artifacts(tracker, out_dir)
+        # tracking.log_models: the selected checkpoint's peers as MLflow models
+        log_models(tracker, out_dir / "checkpoints" / outcome["test"]["checkpoint"])
         status = "FINISHED"
         return RunResult(out_dir, summary)
     except KeyboardInterrupt:
@@ -312,28 +316,6 @@ def _log_artifacts(tracker: Tracker, out_dir: Path) -> None:
         tracker.log_artifact(out_dir / "checkpoints" / "last.pt", "checkpoints")
 
 
-def _population_from_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None, data: Any = None):
-    """The population a checkpoint holds, rebuilt in this process with its weights (config, population, payload).
-    ``data``: the dataset's splits when the caller holds them already (the run that wrote the checkpoint)."""
-    from kdray.population import Population
-
-    payload = load_checkpoint(checkpoint)
-    raw = apply_overrides(
-        payload["config"], ["tracking.enabled=false", "train.progress=false", *(overrides or [])]
-    )
-    raw["engine"] = {"name": "local"}  # evaluation runs here, whatever engine trained it
-    for peer in raw.get("peers") or []:  # ... and in one process, however many workers a peer trained on
-        if isinstance(peer, dict):
-            peer.pop("workers", None)
-            peer.pop("sync_bn", None)
-    cfg = validate(raw)
-    for peer in cfg.peers:  # the weights come from this checkpoint, not from the files the run started from
-        peer.checkpoint = None
-    pop = Population(cfg, data=data)
-    pop.load_state_dict(payload)
-    return cfg, pop, payload
-
-
 def _split_for(cfg: ExperimentConfig, split: str) -> str:
     if split not in ("val", "test"):
         raise KdrayError(f"--split '{split}': accepted: val, test")
@@ -343,7 +325,7 @@ def _split_for(cfg: ExperimentConfig, split: str) -> str:
 
 def predict(checkpoint: str | Path, split: str = "test") -> tuple[Any, Any]:
     """The mean softmax of a saved population's trainable peers on one split, and the labels (float32, int64)."""
-    cfg, pop, _ = _population_from_checkpoint(checkpoint)
+    cfg, pop, _ = population_from_checkpoint(checkpoint)
     from kdray.evaluation import evaluate as evaluate_population
 
     ev = evaluate_population(pop, _split_for(cfg, split))
@@ -361,7 +343,7 @@ def evaluate(
 
     if split not in ("val", "test"):
         raise KdrayError(f"--split '{split}': accepted: val, test")
-    cfg, pop, payload = _population_from_checkpoint(checkpoint, overrides, data)
+    cfg, pop, payload = population_from_checkpoint(checkpoint, overrides, data)
     split = _split_for(cfg, split)
     metrics = summarise_eval(cfg, evaluate_population(pop, split), "eval")
     return {

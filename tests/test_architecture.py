@@ -59,7 +59,7 @@ LAYERS = (
     ("data", "tracking", "optim", "schedules", "cluster"),
     ("methods", "exchange"),
     ("population",),
-    ("step", "evaluation", "replicas", "plots"),
+    ("step", "evaluation", "replicas", "plots", "exporter"),
     ("loop",),
     ("engines",),
     ("run",),

@@ -2,18 +2,20 @@
 
 Registered: CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), four-stage ResNets for 32x32 inputs
 (resnet18, resnet34, preact_resnet18: the data-free and self-distillation papers' networks), wide ResNets ``wrn_{depth}_{width}`` (any
-depth 6n + 4; the common ones are listed), ``mobilenetv2`` and ``vgg8/11/13/16/19`` for 32x32 images, and any torchvision
-classification model as ``tv:<name>``. Each registered name knows its default feature tap: the FX node of the last conv
-stage before global pooling.
+depth 6n + 4; the common ones are listed), ``mobilenetv2`` and ``vgg8/11/13/16/19`` for 32x32 images; any torchvision
+classification model as ``tv:<name>`` and any timm model as ``timm:<name>`` (timm optional). Each registered name knows
+its default feature tap: the FX node of the last conv stage before global pooling.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from torch import nn
 
@@ -24,9 +26,19 @@ from kdray.models.resnet4stage import preact_resnet18, resnet18, resnet34
 from kdray.models.vgg import VGG_CONFIGS, vgg
 from kdray.models.wide_resnet import WideResNet
 
-# ``tv:<name>`` archs; torchvision itself is imported only when one is used (it costs seconds of start-up in every
-# Ray worker, and the built-in archs do not need it)
-PREFIX = "tv:"
+# Archs of other libraries, by prefix: ``tv:<name>`` (torchvision), ``timm:<name>`` (timm, optional). Each backend
+# module has ``PREFIX``, ``check_name(name)``, ``build_model(name, num_classes, in_channels, **kwargs)`` and
+# ``default_tap(name)``, imports nothing of this registry, and is imported only when one of its archs is used
+# (torchvision costs seconds of start-up in every Ray worker; timm may not be installed).
+BACKENDS = {"tv:": "kdray.models.torchvision_models", "timm:": "kdray.models.timm_models"}
+
+
+def _backend(arch: str) -> tuple[str, ModuleType] | None:
+    """(the name after the prefix, the backend module) of a prefixed arch; None for a registered arch."""
+    for prefix, module in BACKENDS.items():
+        if arch.startswith(prefix):
+            return arch[len(prefix) :], importlib.import_module(module)
+    return None
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,8 @@ def _wrn_spec(arch: str) -> ArchSpec | None:
 def _accepted() -> str:
     return (
         f"accepted: {', '.join(list_models())}; any wrn_{{depth}}_{{width}} with (depth - 4) % 6 == 0; "
-        f"or tv:<name> for a torchvision classification model (e.g. tv:resnet18)"
+        f"tv:<name> for a torchvision classification model (e.g. tv:resnet18); or timm:<name> for a timm model "
+        f"(e.g. timm:resnet10t; kdray models --timm PATTERN)"
     )
 
 
@@ -78,7 +91,8 @@ def _spec(arch: str) -> ArchSpec:
 
 def list_models() -> list[str]:
     """The registered architecture names, in families. Not listed but accepted: any ``wrn_{depth}_{width}`` with
-    (depth - 4) % 6 == 0, and any torchvision classification model as ``tv:<name>``."""
+    (depth - 4) % 6 == 0, any torchvision classification model as ``tv:<name>`` and any timm model as
+    ``timm:<name>``."""
     return [*_REGISTRY, *_WRN_LISTED]
 
 
@@ -86,10 +100,10 @@ def check_arch(arch: str) -> None:
     """Raise :class:`~kdray.errors.ConfigError` (key ``arch``) unless ``arch`` names a buildable model. Builds nothing."""
     if not isinstance(arch, str):
         raise ConfigError("arch", arch, _accepted())
-    if arch.startswith(PREFIX):
-        from kdray.models.torchvision_models import check_torchvision_name
-
-        check_torchvision_name(arch[len(PREFIX) :])
+    backend = _backend(arch)
+    if backend is not None:
+        name, module = backend
+        module.check_name(name)
     else:
         _spec(arch)
 
@@ -97,23 +111,25 @@ def check_arch(arch: str) -> None:
 def default_tap(arch: str) -> str:
     """FX node name of the last conv stage before global pooling: ``layer3`` (CIFAR ResNets), ``relu`` (WRN, after the
     final BN-ReLU), ``features`` (mobilenetv2), ``block4`` (VGG); for ``tv:`` models found by
-    :func:`~kdray.models.torchvision_models.tap_before_pooling` (``layer4`` for resnets, ``features`` for mobilenets)."""
+    :func:`~kdray.models.torchvision_models.tap_before_pooling` (``layer4`` for resnets, ``features`` for mobilenets); for ``timm:`` models the last entry of timm's
+    ``feature_info``."""
     check_arch(arch)
-    if arch.startswith(PREFIX):
-        from kdray.models.torchvision_models import torchvision_default_tap
-
-        return torchvision_default_tap(arch[len(PREFIX) :])
+    backend = _backend(arch)
+    if backend is not None:
+        name, module = backend
+        return module.default_tap(name)
     return _spec(arch).default_tap
 
 
 def create_model(arch: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
     """Build ``arch`` with random weights. ``kwargs`` are the architecture's own options: ``width`` and ``shortcut``
-    (CIFAR ResNets), ``dropout`` (WRN), ``width_mult`` (mobilenetv2), the torchvision builder's options (``tv:``)."""
+    (CIFAR ResNets), ``dropout`` (WRN), ``width_mult`` (mobilenetv2), the torchvision builder's options (``tv:``),
+    ``timm.create_model``'s (``timm:``)."""
     check_arch(arch)
-    if arch.startswith(PREFIX):
-        from kdray.models.torchvision_models import build_torchvision_model
-
-        return build_torchvision_model(arch[len(PREFIX) :], num_classes, in_channels, **kwargs)
+    backend = _backend(arch)
+    if backend is not None:
+        name, module = backend
+        return module.build_model(name, num_classes, in_channels, **kwargs)
     build = _spec(arch).build
     params = inspect.signature(build).parameters
     fixed = {

@@ -16,7 +16,8 @@ from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from kdray.errors import ConfigError
-from kdray.models.registry import PREFIX
+
+PREFIX = "tv:"  # kdray.models.registry.BACKENDS maps it to this module; this module imports nothing of the registry
 
 # Their forward returns a namedtuple with auxiliary logits in train mode; a peer's model must return one tensor.
 _SINGLE_OUTPUT_DEFAULTS = {
@@ -145,3 +146,9 @@ def torchvision_default_tap(name: str) -> str:
     ):  # an initialiser that needs real data (regnets): build for real
         model = torchvision.models.get_model(name, **kwargs)
     return tap_before_pooling(model)
+
+
+# The backend interface kdray.models.registry calls (every backend module has these three).
+check_name = check_torchvision_name
+build_model = build_torchvision_model
+default_tap = torchvision_default_tap

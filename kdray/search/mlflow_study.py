@@ -1,8 +1,9 @@
 """A study in MLflow: one parent run, one nested run per trial (created by ``kdray.train`` with the parent's id).
 
 The parent holds the study's settings, its best value, and the artifacts (trials table, best config, best checkpoint,
-plots). Trials log their own params (the resolved config) and per-epoch metrics; the trial adds the objective and the
-searched values per epoch (``hp/<key>``: PBT's schedule). A trial stopped by the scheduler never returns from
+plots), and with ``tracking.log_models`` the best trial's peers as MLflow models (``tracking.register`` registers
+one; the trials themselves log none). Trials log their own params (the resolved config) and per-epoch metrics; the
+trial adds the objective and the searched values per epoch (``hp/<key>``: PBT's schedule). A trial stopped by the scheduler never returns from
 ``kdray.train``, so the driver settles every trial run's final status and tags at the end.
 """
 
@@ -103,6 +104,10 @@ class StudyTracking:
         self._settle_trials(trials)
         for path, subdir in artifacts:
             self.tracker.log_artifact(path, subdir)
+        if study["best"] is not None:  # tracking.log_models / register: the best trial's peers, in this run
+            from kdray.exporter import log_models
+
+            log_models(self.tracker, Path(study["best"]["checkpoint"]))
         self.tracker.end(status)
 
     def _settle_trials(self, trials: list[dict[str, Any]]) -> None:

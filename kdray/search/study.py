@@ -435,7 +435,10 @@ def run_study(
         import ray
 
         res = plan_resources(base, ray.cluster_resources(), settings.max_concurrent, settings.cpus_per_trial)
-        forced: dict[str, Any] = {"train.progress": False, "train.eval_every": 1}
+        # a trial logs no MLflow models: the study logs the best trial's, once, in its own run (finish)
+        forced: dict[str, Any] = {
+            "train.progress": False, "train.eval_every": 1, "tracking.log_models": False, "tracking.register": None,
+        }  # fmt: skip
         if res.threads and base.train.threads is None:
             forced["train.threads"] = res.threads
         if res.worker_cpus is not None:

@@ -461,3 +461,18 @@ def test_the_public_ray_train_path_matches_the_local_engine(tiny_raw, tmp_path, 
     for worker in json.loads((ray.out_dir / "ray_run.json").read_text())["placement"]:
         for address in worker["listening"]:
             assert ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback, (worker["rank"], address)
+
+
+def test_a_timm_peer_trains_on_ray_as_on_the_local_engine(tiny_raw, tmp_path, ray_local):
+    """A DML pair of a timm network and a CIFAR ResNet-8, one peer per Ray Train worker: the same parameters as the
+    LocalEngine's after two steps (float64, one thread per process), and they moved."""
+    pytest.importorskip("timm")
+    from tests.models.test_timm_models import timm_population
+
+    raw = timm_population(tiny_raw)
+    local, ray = _run_pair(raw, tmp_path, exchange="collective")
+    ray_ckpt, local_ckpt = load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)
+    assert _compare_states(ray_ckpt, local_ckpt) <= TOL
+    assert ray.summary["engine"] == "ray" and ray.summary["peers"][0]["arch"] == "timm:test_efficientnet"
+    history = ray.summary["history"][-1]
+    assert 0 < history["effnet/loss_ce"] < float("inf")

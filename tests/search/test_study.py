@@ -110,6 +110,22 @@ def test_asha_study_end_to_end(ray_local, tiny_raw, tmp_path):
     assert objective_steps == [1, 2]  # per-epoch metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best.yaml", "trials.csv", "study.json", "checkpoints", "plots"} <= artifacts
+    # the best trial's peers are MLflow models of the study's run; the trials log none
+    assert not [k for r in children for k in r.data.tags if k.startswith("kdray.model.")]
+    import mlflow.pytorch
+    import torch
+
+    from kdray.exporter import load_peer
+
+    for peer in ("peer0", "peer1"):
+        mlflow.set_tracking_uri(study["mlflow"]["uri"])
+        try:
+            model = mlflow.pytorch.load_model(parent.data.tags[f"kdray.model.{peer}"])
+        finally:
+            mlflow.set_tracking_uri(None)
+        net = load_peer(out, peer)  # the study folder: its best.pt, the best trial's population
+        with torch.no_grad():
+            torch.testing.assert_close(model(net.sample), net.model(net.sample))
     assert (out / "plots" / "history.png").stat().st_size > 0
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 5
 
