@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from kdray.errors import ConfigError
+from kdray.safe_yaml import load_yaml
 
 
 class Section(BaseModel):
@@ -567,7 +568,7 @@ def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("config", str(path), "no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("config", str(path), "not a text file (not UTF-8)") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:

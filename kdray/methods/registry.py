@@ -30,7 +30,6 @@ def register(method: type[Method]) -> type[Method]:
 
 
 def method_class(name: str) -> type[Method]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError("method.name", name, f"accepted: {sorted(METHODS)}") from None
+    if not isinstance(name, str) or name not in METHODS:  # a list or a mapping is not a name (nor hashable)
+        raise ConfigError("method.name", name, f"accepted: {sorted(METHODS)}")
+    return METHODS[name]
