@@ -19,6 +19,7 @@ import copy
 import math
 import random
 import resource
+import subprocess
 import time
 import warnings
 from collections import Counter
@@ -38,6 +39,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
 CASE_SECONDS = 5.0  # the slowest accepted case takes ~50 ms (a space checked value by value)
 HEADROOM = 2 << 30  # bytes of address space a case may add to what the process already holds
+PROCESS_BYTES = 8 << 30  # address space of a real `python -m kdray` process (torch alone maps ~3 GiB)
 
 NAN, INF = float("nan"), float("inf")
 # values of every kind, each a plausible slip or a hostile choice
@@ -355,6 +357,17 @@ def laughs(levels: int, width: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
+def inline_laughs(levels: int = 9) -> str:
+    """The same as a flow mapping, to hide inside a key that takes any mapping (a peer's ``arch_kwargs``)."""
+    return "{" + ", ".join(laughs(levels).splitlines()) + "}"
+
+
+# a space whose choice values are the 10 levels (the space's reader compares them: before, it printed each)
+LAUGHING_SPACE = "params:\n  method.weights.kl: {dist: choice, values: [" + ", ".join(
+    ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [f"&l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 10)]
+) + "]}\n"  # fmt: skip
+
+
 def merges(levels: int) -> str:
     """Merge keys that would double a mapping's entries at each level (``<<: [*m, *m]``)."""
     lines = ["m0: &m0 {a: 1, b: 2, c: 3, d: 4}"]
@@ -364,61 +377,85 @@ def merges(levels: int) -> str:
 
 
 def test_billion_laughs(capsys, tmp_path):
-    """Exponential aliases and merge keys, at the top and inside a key that takes any mapping (a peer's
-    ``arch_kwargs``), as a config, a space and a cluster file, and a list that contains itself: refused with one
-    line, within the case's time and memory bound; a document just inside the bound is read."""
+    """Exponential aliases, as a config, a space and a cluster file: at the top of the file; hidden in a key that
+    takes any mapping (a peer's ``arch_kwargs``), where validation accepted them before and every later walk
+    (``config.yaml``, MLflow params) would pay 9**9; used as a value that the error message then printed
+    (``seed: *l9``), or that a space compares (choice values); merge keys that would double; a list and a mapping
+    that contain themselves. Refused with one line, each within the case's time and memory bound."""
     b = ValueBattery(capsys, "YAML whose aliases expand exponentially (billion laughs, merge keys, a cycle)")
     config = REPO / "configs" / "dml.yaml"
     base = config.read_text()
-    docs = {
+    hidden = base.replace("  - {arch: resnet8}", f"  - {{arch: resnet8, arch_kwargs: {inline_laughs()}}}", 1)
+    anywhere = {
         "9 levels of 9 aliases": laughs(9),
         "30 levels of 2 aliases": laughs(30, width=2),
         "merge keys that would double 40 times": merges(40),
         "a list that contains itself": "a: &a [1, *a]\n",
         "a mapping that contains itself": "a: &a {b: *a}\n",
-        "laughs inside arch_kwargs": base.replace("arch: resnet8", "arch: resnet8, arch_kwargs: *l9", 1)
-        + laughs(9),
-        "laughs under a known key": base + "seed: *l9\n" + laughs(9),
-        "merge keys inside method": base.replace("method: {", "method: {<<: *m40, ", 1) + merges(40),
     }
-    assert "arch_kwargs: *l9" in docs["laughs inside arch_kwargs"]
-    for i, (label, text) in enumerate(docs.items()):
-        file = tmp_path / f"laughs{i}.yaml"
+    configs = {
+        **anywhere,
+        "laughs inside arch_kwargs": hidden,
+        "laughs inside arch_kwargs, used as the seed": hidden.replace("seed: 0\n", "") + "seed: *l9\n",
+        "merge keys inside method": base.replace("method: {", "method: {<<: *m40, ", 1).replace(
+            "name: dml-fmnist", merges(40) + "name: dml-fmnist", 1),
+    }  # fmt: skip
+    spaces = {**anywhere, "laughs as choice values": LAUGHING_SPACE}
+    assert "arch_kwargs: {l0: &l0" in hidden and configs["laughs inside arch_kwargs, used as the seed"].endswith(
+        "seed: *l9\n")  # fmt: skip
+    for i, (label, text) in enumerate(configs.items()):
+        file = tmp_path / f"config{i}.yaml"
         file.write_text(text)
         b.run(f"config: {label}", "train", file, "--out", tmp_path / "never")
+    for i, (label, text) in enumerate(spaces.items()):
+        file = tmp_path / f"space{i}.yaml"
+        file.write_text(text)
         b.run(f"space: {label}", "tune", config, "--space", file, "--out", tmp_path / "never")
+    for i, (label, text) in enumerate(anywhere.items()):
+        file = tmp_path / f"cluster{i}.yaml"
+        file.write_text(text)
         b.run(f"cluster: {label}", "cluster", "check", file)
-    refused = b.tally["refused"]
     b.check()
-    assert refused == b.tally["tried"]
+    assert b.tally["refused"] == b.tally["tried"], b.tally
 
 
 # ------------------------------------------------------------------------------------------------ real processes
 def test_real_processes_refuse_the_same(tmp_path):
     """The known failures and a billion laughs through ``python -m kdray`` (started together: nothing trains,
-    each is refused): exit code 2, one ``kdray: error:`` line naming the key."""
+    each is refused), each process under an address-space limit and killed after 120 s: exit code 2, one
+    ``kdray: error:`` line naming the key."""
     dml, ban = REPO / "configs" / "dml.yaml", REPO / "configs" / "ban_fmnist.yaml"
     laughing = tmp_path / "laughs.yaml"
-    laughing.write_text(laughs(9))
+    laughing.write_text(LAUGHING_SPACE)
     huge = write_yaml(tmp_path / "huge.yaml", {**_load(ban), "generations": 2**63})
     runs = {
         "--set method.name=[1,2]": (["train", dml, "--set", "method.name=[1,2]"], "'method.name'"),
         "generations: 2**63": (["train", huge], "'generations.count'"),
-        "billion laughs as a space": (["tune", dml, "--space", laughing], "aliases expand"),
+        "billion laughs as choice values": (["tune", dml, "--space", laughing], "aliases expand"),
     }
-    procs = {label: kdray_proc(*argv, "--out", tmp_path / "never") for label, (argv, _) in runs.items()}
+
+    def bounded() -> None:  # in the child: a process that would allocate without bound fails, not the machine
+        resource.setrlimit(resource.RLIMIT_AS, (PROCESS_BYTES, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    procs = {
+        label: kdray_proc(*argv, "--out", tmp_path / "never", preexec_fn=bounded)
+        for label, (argv, _) in runs.items()
+    }
     lost = []
-    for label, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        lines = err.strip().splitlines()
-        named = runs[label][1]
-        if (
-            proc.returncode != 2
-            or len(lines) != 1
-            or not lines[0].startswith("kdray: error:")
-            or named not in err
-        ):
-            lost.append(f"{label}: exit code {proc.returncode}, stderr {err[-400:]!r}")
+    try:
+        for label, proc in procs.items():
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                err = proc.communicate()[1] + "\n(killed after 120 s)"
+            lines = err.strip().splitlines()
+            one_line = len(lines) == 1 and lines[0].startswith("kdray: error:")
+            if proc.returncode != 2 or not one_line or runs[label][1] not in err:
+                lost.append(f"{label}: exit code {proc.returncode}, stderr {err[-400:]!r}")
+    finally:
+        for proc in procs.values():
+            proc.kill()  # nothing for a finished process; never an orphan that allocates on
     CATEGORIES.setdefault("real processes (python -m kdray)", Counter()).update(
         {"tried": len(runs), "survived": len(runs) - len(lost), "lost": len(lost)}
     )
