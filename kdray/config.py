@@ -55,6 +55,10 @@ class LabelNoiseConfig(Section):
     rate: float = Field(0.2, ge=0, lt=1)
 
 
+# The datasets kdray holds in memory (kdray/data/modules.py InMemoryData): batches are tensor slices, no loader.
+IN_MEMORY_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
+
+
 class DataConfig(Section):
     dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion_mnist"
     root: str = "data"
@@ -80,7 +84,7 @@ class DataConfig(Section):
     augment: bool = True
     download: bool = True
     num_workers: int = Field(
-        0, ge=0, description="loader processes for ImageFolder; in-memory sets ignore it"
+        0, ge=0, description="loader processes for ImageFolder (the in-memory sets refuse anything but 0)"
     )
     image_size: int | None = Field(None, ge=8, description="ImageFolder: resize to this size")
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -93,6 +97,16 @@ class DataConfig(Section):
         if isinstance(v, float) and v >= 1:
             return int(v)
         return v
+
+    @model_validator(mode="after")
+    def _workers_only_where_files_are_decoded(self) -> DataConfig:
+        if self.num_workers and self.dataset in IN_MEMORY_DATASETS:
+            raise ConfigError(
+                "data.num_workers", self.num_workers,
+                f"the {self.dataset} dataset is held in memory and batched by slicing: no loader process would "
+                "run; only data.dataset: imagefolder decodes files with workers. Set data.num_workers: 0",
+            )  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _selection_is_honest(self) -> DataConfig:
@@ -193,7 +207,9 @@ class TrainConfig(Section):
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="parameter and input precision (float64: bit-level reproducibility studies)"
     )
-    amp: bool = Field(False, description="mixed precision (bf16 autocast) on CUDA; ignored on CPU")
+    amp: bool = Field(
+        False, description="mixed precision (bf16 autocast) on CUDA; refused where the peers run on a CPU"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own choice)")
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
@@ -205,6 +221,18 @@ class TrainConfig(Section):
         False,
         description="show Ray's and MLflow's own INFO logs (kdray's progress and epoch lines are always shown)",
     )
+
+    @model_validator(mode="after")
+    def _amp_needs_cuda(self) -> TrainConfig:
+        if self.amp and self.device == "cpu":
+            raise ConfigError("train.amp", True, AMP_ON_CPU.format(why="train.device is cpu"))
+        return self
+
+
+AMP_ON_CPU = (
+    "mixed precision (bf16 autocast) runs on CUDA only, and {why}: it would be ignored. Set train.amp: false, or "
+    "run on a GPU (train.device: cuda or auto)"
+)
 
 
 # ------------------------------------------------------------------------------------------------------- engine
@@ -588,3 +616,19 @@ def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML file (or a mapping), apply ``KEY=VALUE`` overrides and validate."""
     return validate(apply_overrides(read_raw(source), overrides))
+
+
+def check_keys_act_here(cfg: ExperimentConfig, cuda_available: bool | None = None) -> None:
+    """Refuse, before a run of the local engine is built, a key that this machine would ignore: ``train.amp`` when
+    ``train.device: auto`` finds no GPU here. (``train.device: cpu`` with ``amp`` is refused by validation itself,
+    on any machine; a Ray run's device is decided on its workers, so it is not judged here.)"""
+    if not cfg.train.amp or cfg.train.device != "auto" or cfg.engine.name == "ray":
+        return
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        raise ConfigError(
+            "train.amp", True, AMP_ON_CPU.format(why="train.device is auto on a machine without CUDA")
+        )
