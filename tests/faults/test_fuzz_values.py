@@ -239,7 +239,7 @@ def _write(path: Path, raw) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------- train
-CASES_PER_CONFIG = 40
+CASES_PER_CONFIG = 32
 OVERRIDES_PER_CONFIG = 10
 
 
@@ -265,7 +265,7 @@ def test_mutated_configs(capsys, tmp_path):
             file = _write(tmp_path / f"{path.stem}-{i}.yaml", raw)
             b.run(f"{path.name}: {label}", "train", file, "--out", tmp_path / "never")
     b.check()
-    assert b.tally["accepted"] > 50 and b.tally["refused"] > 500, b.tally
+    assert b.tally["accepted"] > 50 and b.tally["refused"] > 400, b.tally
 
 
 def test_overrides(capsys, tmp_path):
@@ -294,7 +294,7 @@ def test_overrides(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- tune
-CASES_PER_SPACE = 30
+CASES_PER_SPACE = 25
 
 
 def _config_for(space: Path, tmp: Path) -> Path:
@@ -345,7 +345,7 @@ def test_mutated_spaces(capsys, tmp_path):
             file = _write(tmp_path / f"{space.stem}-{i}.yaml", raw)
             b.run(f"{space.name}: {label}", "tune", config, "--space", file, "--out", tmp_path / "never")
     b.check()
-    assert b.tally["accepted"] > 20 and b.tally["refused"] > 150, b.tally
+    assert b.tally["accepted"] > 20 and b.tally["refused"] > 120, b.tally
 
 
 # ------------------------------------------------------------------------------------------------ billion laughs
