@@ -170,7 +170,7 @@ def store_schema_problem(uri: str | None) -> str | None:
             "(a process killed while MLflow created the store)"
         )
     if len(versions) > 1 or versions[0] not in known:
-        return f"its schema version {versions} is not one this MLflow knows (head {head}): a newer MLflow wrote it?"
+        return f"its schema version {versions} is not one this MLflow knows (its newest: {head}); a newer MLflow wrote it"
     if versions[0] != head:
         return (
             f"its schema is at revision {versions[0]}, behind this MLflow's {head} (a migration was interrupted, or "
