@@ -36,12 +36,28 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------------- data
+# The synthetic set is generated whole, in memory, before the first step: at most this many float32 values (16 GiB).
+MAX_SYNTHETIC_VALUES = 2**32
+
+
 class SyntheticConfig(Section):
-    num_classes: int = Field(10, ge=2)
-    channels: int = Field(3, ge=1)
-    image_size: int = Field(32, ge=4)
+    num_classes: int = Field(10, ge=2, le=1_000_000)
+    channels: int = Field(3, ge=1, le=1024)
+    image_size: int = Field(32, ge=4, le=4096)
     train_len: int = Field(1024, ge=1)
     test_len: int = Field(256, ge=1, description="size of the synthetic set's test split")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticConfig:
+        per_image = self.channels * self.image_size**2
+        values = (self.train_len + self.test_len + self.num_classes) * per_image  # images and class templates
+        if values > MAX_SYNTHETIC_VALUES:
+            raise ValueError(
+                f"{self.train_len} + {self.test_len} images and {self.num_classes} class templates of "
+                f"{self.channels}x{self.image_size}x{self.image_size} are {values:.3g} values, more than "
+                f"{MAX_SYNTHETIC_VALUES:.3g} (16 GiB of float32, generated in memory before the first step)"
+            )
+        return self
 
 
 class LabelNoiseConfig(Section):
@@ -189,12 +205,13 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=1_000_000)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     steps_per_epoch: int | None = Field(
         None,
         ge=1,
+        le=10**9,
         description="steps per epoch: null = one pass over the training set; a number cuts the pass short; "
         "required for methods without training data (their inputs come from a generator)",
     )
@@ -210,7 +227,9 @@ class TrainConfig(Section):
     amp: bool = Field(
         False, description="mixed precision (bf16 autocast) on CUDA; refused where the peers run on a CPU"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own choice)")
+    threads: int | None = Field(
+        None, ge=1, le=4096, description="torch CPU threads (default: torch's own choice)"
+    )
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
     log_every_steps: int = Field(

@@ -153,6 +153,27 @@ def test_keys_that_cannot_act_are_refused_naming_the_key(tiny_raw, tmp_path, mon
     assert not (tmp_path / "run").exists() and not (tmp_path / "staged").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "key", "bound"),
+    [
+        ("train.epochs=1000000000000000000", "train.epochs", "1000000"),
+        ("train.steps_per_epoch=1000000000000000000", "train.steps_per_epoch", "1000000000"),
+        ("train.threads=1000000", "train.threads", "4096"),
+        ("data.synthetic.image_size=1000000", "data.synthetic.image_size", "4096"),
+        ("data.synthetic.channels=1000000", "data.synthetic.channels", "1024"),
+        ("data.synthetic.num_classes=1000000000", "data.synthetic.num_classes", "1000000"),
+        ("data.synthetic.train_len=1000000000000", "data.synthetic", "16 GiB"),
+    ],
+)
+def test_counts_no_machine_could_honour_are_refused(tiny_raw, override, key, bound):
+    """Before anything is built: a synthetic set of 10**12 images would be allocated, a million torch threads
+    abort libgomp, 10**18 epochs never end."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(tiny_raw, [override])
+    assert f"'{key}'" in str(exc.value) and bound in str(exc.value), str(exc.value)
+    assert load_config(tiny_raw, ["data.synthetic.train_len=100000"]).data.synthetic.train_len == 100000
+
+
 def test_label_noise_and_validation_keys(tiny_raw):
     cfg = load_config(tiny_raw, ["data.label_noise={kind: pair, rate: 0.4}", "data.val_split=0.2"])
     assert cfg.data.label_noise.kind == "pair" and cfg.data.val_split == 0.2
