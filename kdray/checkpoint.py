@@ -302,6 +302,41 @@ def check_compatible(payload: dict[str, Any], config: dict[str, Any], source: st
         )
 
 
+def _shape(t: Any) -> str:
+    return f"[{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_state_shapes(module: nn.Module, state: Any, what: str) -> None:
+    """Refuse, before ``module.load_state_dict(state)``, a state whose tensors are not the module's: the first
+    tensor of another shape (``what``, its name, both shapes), or the first missing or unexpected one. torch's own
+    error names the class only ("Error(s) in loading state_dict for CifarResNet:")."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{what}: the checkpoint holds a {type(state).__name__}, not a network's tensors"
+        )
+    own = module.state_dict()
+    for name, tensor in own.items():
+        if name in state and (not isinstance(state[name], torch.Tensor) or state[name].shape != tensor.shape):
+            raise CheckpointError(
+                f"{what}: tensor '{name}' is {_shape(state[name])} in the checkpoint, {_shape(tensor)} here "
+                "(the checkpoint was trained with another architecture, width or number of classes)"
+            )
+    missing = [n for n in own if n not in state]
+    unexpected = [n for n in state if n not in own]
+    if missing or unexpected:
+        first = (
+            f"has no tensor '{missing[0]}'"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            if missing
+            else f"holds a tensor '{str(unexpected[0])[:100]}' this network has not"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+        raise CheckpointError(
+            f"{what}: the checkpoint {first}; it was trained with another architecture ({len(state)} tensors "
+            f"there, {len(own)} here)"
+        )
+
+
 def load_peer_weights(model: nn.Module, path: str, peer: str | int | None, key: str) -> None:
     """Load one peer's network weights from a kdray checkpoint (e.g. a KD teacher)."""
     payload = load_checkpoint(path)
@@ -316,6 +351,7 @@ def load_peer_weights(model: nn.Module, path: str, peer: str | int | None, key: 
     name = names[peer] if isinstance(peer, int) and peer < len(names) else peer
     if name not in payload["peers"]:
         raise CheckpointError(f"{key}: '{path}' has no peer {peer!r}; it holds {names}")
+    check_state_shapes(model, payload["peers"][name]["net"], f"{key}: peer '{name}' of '{path}'")
     try:
         model.load_state_dict(payload["peers"][name]["net"])
     except (RuntimeError, KeyError, TypeError) as exc:

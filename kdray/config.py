@@ -28,6 +28,7 @@ from pydantic import (
 
 from kdray.errors import ConfigError
 from kdray.registry import ENGINES, EXCHANGES, METHODS
+from kdray.safe_yaml import load_yaml
 
 
 class Section(BaseModel):
@@ -37,12 +38,28 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------------- data
+# The synthetic set is generated whole, in memory, before the first step: at most this many float32 values (16 GiB).
+MAX_SYNTHETIC_VALUES = 2**32
+
+
 class SyntheticConfig(Section):
-    num_classes: int = Field(10, ge=2)
-    channels: int = Field(3, ge=1)
-    image_size: int = Field(32, ge=4)
+    num_classes: int = Field(10, ge=2, le=1_000_000)
+    channels: int = Field(3, ge=1, le=1024)
+    image_size: int = Field(32, ge=4, le=4096)
     train_len: int = Field(1024, ge=1)
     test_len: int = Field(256, ge=1, description="size of the synthetic set's test split")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticConfig:
+        per_image = self.channels * self.image_size**2
+        values = (self.train_len + self.test_len + self.num_classes) * per_image  # images and class templates
+        if values > MAX_SYNTHETIC_VALUES:
+            raise ValueError(
+                f"{self.train_len} + {self.test_len} images and {self.num_classes} class templates of "
+                f"{self.channels}x{self.image_size}x{self.image_size} are {values:.3g} values, more than "
+                f"{MAX_SYNTHETIC_VALUES:.3g} (16 GiB of float32, generated in memory before the first step)"
+            )
+        return self
 
 
 class LabelNoiseConfig(Section):
@@ -55,6 +72,10 @@ class LabelNoiseConfig(Section):
 
     kind: Literal["symmetric", "pair"] = "symmetric"
     rate: float = Field(0.2, ge=0, lt=1)
+
+
+# The datasets kdray holds in memory (kdray/data/modules.py InMemoryData): batches are tensor slices, no loader.
+IN_MEMORY_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
 
 
 class DataConfig(Section):
@@ -90,7 +111,7 @@ class DataConfig(Section):
     augment: bool = True
     download: bool = True
     num_workers: int = Field(
-        0, ge=0, description="loader processes for ImageFolder; in-memory sets ignore it"
+        0, ge=0, description="loader processes for ImageFolder (the in-memory sets refuse anything but 0)"
     )
     image_size: int | None = Field(None, ge=8, description="ImageFolder: resize to this size")
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -103,6 +124,16 @@ class DataConfig(Section):
         if isinstance(v, float) and v >= 1:
             return int(v)
         return v
+
+    @model_validator(mode="after")
+    def _workers_only_where_files_are_decoded(self) -> DataConfig:
+        if self.num_workers and self.dataset in IN_MEMORY_DATASETS:
+            raise ConfigError(
+                "data.num_workers", self.num_workers,
+                f"the {self.dataset} dataset is held in memory and batched by slicing: no loader process would "
+                "run; only data.dataset: imagefolder decodes files with workers. Set data.num_workers: 0",
+            )  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _selection_is_honest(self) -> DataConfig:
@@ -217,12 +248,13 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=1_000_000)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     steps_per_epoch: int | None = Field(
         None,
         ge=1,
+        le=10**9,
         description="steps per epoch: null = one pass over the training set; a number cuts the pass short; "
         "required for methods without training data (their inputs come from a generator)",
     )
@@ -235,8 +267,12 @@ class TrainConfig(Section):
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="parameter and input precision (float64: bit-level reproducibility studies)"
     )
-    amp: bool = Field(False, description="mixed precision (bf16 autocast) on CUDA; ignored on CPU")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own choice)")
+    amp: bool = Field(
+        False, description="mixed precision (bf16 autocast) on CUDA; refused where the peers run on a CPU"
+    )
+    threads: int | None = Field(
+        None, ge=1, le=4096, description="torch CPU threads (default: torch's own choice)"
+    )
     grad_clip: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
     log_every_steps: int = Field(
@@ -247,6 +283,18 @@ class TrainConfig(Section):
         False,
         description="show Ray's and MLflow's own INFO logs (kdray's progress and epoch lines are always shown)",
     )
+
+    @model_validator(mode="after")
+    def _amp_needs_cuda(self) -> TrainConfig:
+        if self.amp and self.device == "cpu":
+            raise ConfigError("train.amp", True, AMP_ON_CPU.format(why="train.device is cpu"))
+        return self
+
+
+AMP_ON_CPU = (
+    "mixed precision (bf16 autocast) runs on CUDA only, and {why}: it would be ignored. Set train.amp: false, or "
+    "run on a GPU (train.device: cuda or auto)"
+)
 
 
 # ------------------------------------------------------------------------------------------------------- engine
@@ -711,7 +759,7 @@ def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("config", str(path), "no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("config", str(path), "not a text file (not UTF-8)") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
@@ -731,3 +779,19 @@ def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML file (or a mapping), apply ``KEY=VALUE`` overrides and validate."""
     return validate(apply_overrides(read_raw(source), overrides))
+
+
+def check_keys_act_here(cfg: ExperimentConfig, cuda_available: bool | None = None) -> None:
+    """Refuse, before a run of the local engine is built, a key that this machine would ignore: ``train.amp`` when
+    ``train.device: auto`` finds no GPU here. (``train.device: cpu`` with ``amp`` is refused by validation itself,
+    on any machine; a Ray run's device is decided on its workers, so it is not judged here.)"""
+    if not cfg.train.amp or cfg.train.device != "auto" or cfg.engine.name == "ray":
+        return
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        raise ConfigError(
+            "train.amp", True, AMP_ON_CPU.format(why="train.device is auto on a machine without CUDA")
+        )

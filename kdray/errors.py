@@ -14,7 +14,18 @@ class ConfigError(KdrayError):
 
     def __init__(self, key: str, value: object, accepted: str):
         self.key, self.value, self.accepted = key, value, accepted
-        super().__init__(f"config key '{key}' = {value!r}: {accepted}")
+        name = key if len(key) <= 120 else f"{key[:100]}... ({len(key)} characters)"
+        super().__init__(f"config key '{name}' = {short(value)}: {accepted}")
+
+
+def short(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a config may hold a 100 000-character string or a list of
+    thousands of items, and an error stays one readable line."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a {type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
 class DataError(KdrayError):

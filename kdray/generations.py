@@ -41,6 +41,7 @@ from kdray.plots import save_figure
 
 DEFAULT_METHOD = {"name": "kd", "temperature": 1.0, "weights": {"ce": 1.0, "kd": 1.0}}
 PREDICTIONS = "predictions.pt"
+MAX_GENERATIONS = 100  # 100 full trainings in one run; a larger count is a slip (2**63 would fill any memory)
 
 
 def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +59,12 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
             f"generations.{unknown[0]}", gens[unknown[0]], "accepted keys: count, labels, method"
         )
     count = gens.get("count")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
-        raise ConfigError("generations.count", count, "an integer >= 2 (generation 1 and at least one more)")
+    if not isinstance(count, int) or isinstance(count, bool) or not 2 <= count <= MAX_GENERATIONS:
+        raise ConfigError(
+            "generations.count", count,
+            f"an integer from 2 (generation 1 and at least one more) to {MAX_GENERATIONS} (each generation trains "
+            "the population from scratch; the count is checked before its stages are written out)",
+        )  # fmt: skip
     if "stages" in raw:
         raise ConfigError("generations", "with stages", "give either generations: or stages:, not both")
     peers = raw.get("peers")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdray.checkpoint import load_checkpoint, load_peer_weights
+from kdray.checkpoint import check_state_shapes, load_checkpoint, load_peer_weights
 from kdray.config import ExperimentConfig, OptimizerConfig, apply_overrides, validate
 from kdray.data import Batch, DataModule, build_data
 from kdray.errors import CheckpointError
@@ -72,8 +72,10 @@ class PeerRuntime:
         rebuilt from this run's plan and stepped ``step`` times, so a resumed run follows the same per-step curve
         (the same float operations in the same order), and a run resumed with more epochs follows the longer
         plan from where it stands."""
+        check_state_shapes(self.net.model, sd["net"], f"peer '{self.name}'")
         self.net.model.load_state_dict(sd["net"])
         if self.state is not None:
+            check_state_shapes(self.state, sd["state"], f"peer '{self.name}' (its method's state)")
             self.state.load_state_dict(sd["state"])
         for k, o in self.optimizers.items():
             o.load_state_dict(sd["optimizers"][k])
@@ -198,6 +200,7 @@ class SharedRuntime:
         }
 
     def load_state_dict(self, sd: dict[str, Any], step: int) -> None:
+        check_state_shapes(self.module, sd["module"], "the shared module (generator)")
         self.module.load_state_dict(sd["module"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(sd["optimizer"])

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from kdray.checkpoint import resolve_checkpoint_path, write_atomic
-from kdray.config import ExperimentConfig
+from kdray.config import ExperimentConfig, check_keys_act_here
 from kdray.errors import KdrayError
 from kdray.exporter import log_models
 from kdray.population import population_from_checkpoint
@@ -106,6 +106,7 @@ def run_population(
     from kdray.methods import method_class
 
     quiet_libraries(cfg.train.verbose)
+    check_keys_act_here(cfg)  # train.amp where the peers would run on this machine's CPU
     out_dir = prepare_out_dir(cfg.name, out, resuming=payload is not None)
     with_train = method_class(cfg.method.name).data_source == "dataset"
     data = build_data(cfg.data, cfg.seed, with_train=with_train)  # a clear DataError here, before any write

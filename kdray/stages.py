@@ -40,7 +40,14 @@ from typing import Any
 import yaml
 
 from kdray.checkpoint import load_checkpoint, write_atomic
-from kdray.config import ConfigError, ExperimentConfig, apply_overrides, read_raw, validate
+from kdray.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    check_keys_act_here,
+    read_raw,
+    validate,
+)
 from kdray.errors import KdrayError
 
 STAGED_CONFIG = "stages.yaml"
@@ -90,6 +97,7 @@ def stage_configs(raw: dict[str, Any]) -> list[tuple[str, ExperimentConfig]]:
         merged["name"] = f"{base.get('name', 'kdray')}-{name}"
         try:
             cfg = validate(merged, earlier_stages=list(names))
+            check_keys_act_here(cfg)  # every stage before the first trains
         except ConfigError as exc:
             raise ConfigError(f"stages.{i} ({name}): {exc.key}", exc.value, exc.accepted) from None
         out.append((name, cfg))

@@ -114,6 +114,99 @@ def retry_busy(uri: str | None, what: str, fn: Callable[[], T], run_open: bool =
             pause = min(pause * 2, 2.0)
 
 
+def _expected_schema(uri: str) -> tuple[str, set[str], dict[str, set[str]]] | None:
+    """MLflow's newest schema revision, every revision it knows, and its tables' columns (None if this MLflow
+    cannot say: the check is then skipped, never a reason to refuse a store)."""
+    try:
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+        from mlflow.store.tracking.dbmodels import models
+
+        script = ScriptDirectory.from_config(_get_alembic_config(uri))
+        known = {rev.revision for rev in script.walk_revisions()}
+        tables = {name: {c.name for c in t.columns} for name, t in models.Base.metadata.tables.items()}
+        return script.get_current_head(), known, tables
+    except Exception:  # noqa: BLE001 - an MLflow laid out otherwise: MLflow's own checks still run
+        return None
+
+
+def store_schema_problem(uri: str | None) -> str | None:
+    """What is wrong with an existing SQLite store's schema, read without writing (None: sound, new, or not
+    SQLite). A process killed while MLflow created or migrated the store leaves it half-migrated: tables without
+    a schema version, a version behind MLflow's, or MLflow's newest version with a table or column missing; MLflow
+    cannot resume the migration, and later calls would fail at random points of a run."""
+    import sqlite3
+
+    db = sqlite_path(uri)
+    if db is None or not db.is_file() or db.stat().st_size == 0:
+        return None
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            versions = (
+                [r[0] for r in con.execute("SELECT version_num FROM alembic_version")]
+                if "alembic_version" in tables
+                else None
+            )
+            expected = _expected_schema(uri) if tables else None
+            columns = {
+                name: {r[1] for r in con.execute(f'PRAGMA table_xinfo("{name}")')}
+                for name in (expected[2] if expected else {})
+                if name in tables
+            }
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        if is_busy(exc):  # another run is writing: retried by the caller like any busy call
+            raise
+        return f"it cannot be read as an SQLite database ({first_line(exc)})"
+    if not tables or expected is None:
+        return None  # a new store: MLflow creates its tables
+    head, known, want = expected
+    if not versions:
+        return (
+            f"it holds {len(tables)} MLflow table(s) but no schema version: its creation was interrupted "
+            "(a process killed while MLflow created the store)"
+        )
+    if len(versions) > 1 or versions[0] not in known:
+        return f"its schema version {versions} is not one this MLflow knows (its newest: {head}); a newer MLflow wrote it"
+    if versions[0] != head:
+        return (
+            f"its schema is at revision {versions[0]}, behind this MLflow's {head} (a migration was interrupted, or "
+            "an older MLflow made the store)"
+        )
+    missing = sorted(set(want) - tables)
+    if missing:
+        return (
+            f"its schema version is the newest ({head}) but table '{missing[0]}' is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": a migration was interrupted after it recorded its version"
+        )
+    for name, cols in sorted(want.items()):
+        gone = sorted(cols - columns[name])
+        if gone:
+            return (
+                f"its schema version is the newest ({head}) but column '{name}.{gone[0]}' is missing: a migration "
+                "was interrupted after it recorded its version"
+            )
+    return None
+
+
+def check_store_schema(uri: str | None) -> None:
+    """One :class:`TrackingError` for a half-migrated SQLite store: what is wrong and how to recover; nothing is
+    changed or deleted."""
+    problem = store_schema_problem(uri)
+    if problem is None:
+        return
+    db = sqlite_path(uri)
+    raise TrackingError(
+        f"tracking store '{db}' is damaged: {problem}. Nothing was changed. To recover, back the file up, then "
+        f"run `mlflow db upgrade {uri}`; if that fails, move '{db}' aside (e.g. to '{db.name}.broken'): the next "
+        "run creates a new store there, and the run folders keep their checkpoints and summaries"
+    )
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` (explicit run ids, no global active-run state, safe in workers)."""
 
@@ -139,7 +232,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         def connect():
-            with store_lock(self.uri):
+            with store_lock(self.uri):  # under the lock: a store another process is creating is not half-made
+                check_store_schema(self.uri)
                 client = MlflowClient(tracking_uri=self.uri)
                 client.search_experiments(max_results=1)
             return client

@@ -85,10 +85,17 @@ def _kdray_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         named = set(imports_of(path))
-        for node in ast.walk(ast.parse(path.read_text())):  # ``from kdray.engines import ray_private``: a module
+        for node in ast.walk(
+            ast.parse(path.read_text())
+        ):  # ``from kdray.engines import ray_private``: a module
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                named |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
-                if any(f"{node.module}.{a.name}" in modules for a in node.names) and node.module not in modules:
+                named |= {
+                    f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules
+                }
+                if (
+                    any(f"{node.module}.{a.name}" in modules for a in node.names)
+                    and node.module not in modules
+                ):
                     named.discard(node.module)  # a namespace package (no __init__): only its modules count
         deps = {resolve(m) for m in named if m == "kdray" or m.startswith("kdray.")}
         graph[name] = {d for d in deps if d and d != name}

@@ -117,6 +117,63 @@ def test_engine_sections_refuse_what_they_cannot_honour(tiny_raw):
         load_config(tiny_raw, [*ray, "engine.inject_failure_at_step=3"])
 
 
+def test_keys_that_cannot_act_are_refused_naming_the_key(tiny_raw, tmp_path, monkeypatch):
+    """``train.amp`` where the peers run on a CPU, ``data.num_workers`` on a dataset held in memory: refused with
+    the key, the value and what to set, as the engine's sections are; where they can act, accepted."""
+    from kdray.config import IN_MEMORY_DATASETS, check_keys_act_here
+
+    with pytest.raises(ConfigError, match=r"'train\.amp' = True: .*train\.device is cpu"):
+        load_config(tiny_raw, ["train.device=cpu", "train.amp=true"])
+    for dataset in IN_MEMORY_DATASETS:
+        with pytest.raises(
+            ConfigError, match=rf"'data\.num_workers' = 2: the {dataset} dataset is held in memory"
+        ):
+            load_config(tiny_raw, [f"data.dataset={dataset}", "data.num_workers=2"])
+    assert load_config(tiny_raw, ["data.num_workers=0"]).data.num_workers == 0
+    folder = load_config(tiny_raw, ["data.dataset=imagefolder", "data.num_workers=2"])
+    assert folder.data.num_workers == 2  # decoded from files: the workers act
+    # device auto: judged where the run starts (validation alone may run on another machine: kdray eval)
+    auto = load_config(tiny_raw, ["train.device=auto", "train.amp=true"])
+    check_keys_act_here(auto, cuda_available=True)
+    with pytest.raises(ConfigError, match=r"'train\.amp' = True: .*auto on a machine without CUDA"):
+        check_keys_act_here(auto, cuda_available=False)
+    check_keys_act_here(load_config(tiny_raw, ["train.device=auto"]), cuda_available=False)  # amp off: fine
+    ray = load_config(tiny_raw, ["train.device=auto", "train.amp=true", "engine.name=ray"])
+    check_keys_act_here(ray, cuda_available=False)  # a Ray run's device is its workers'
+    # through kdray train, before the run folder exists, on this machine (no CUDA, as CI), for a stage too
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    import kdray
+    from kdray.errors import KdrayError
+
+    with pytest.raises(ConfigError, match=r"train\.amp"):
+        kdray.train(tiny_raw, overrides=["train.device=auto", "train.amp=true"], out=tmp_path / "run")
+    staged = {**tiny_raw, "stages": [{"name": "a"}, {"name": "b", "train": {"device": "auto", "amp": True}}]}
+    with pytest.raises(KdrayError, match=r"stages\.1 \(b\): train\.amp"):
+        kdray.train(staged, out=tmp_path / "staged")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "staged").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "bound"),
+    [
+        ("train.epochs=1000000000000000000", "train.epochs", "1000000"),
+        ("train.steps_per_epoch=1000000000000000000", "train.steps_per_epoch", "1000000000"),
+        ("train.threads=1000000", "train.threads", "4096"),
+        ("data.synthetic.image_size=1000000", "data.synthetic.image_size", "4096"),
+        ("data.synthetic.channels=1000000", "data.synthetic.channels", "1024"),
+        ("data.synthetic.num_classes=1000000000", "data.synthetic.num_classes", "1000000"),
+        ("data.synthetic.train_len=1000000000000", "data.synthetic", "16 GiB"),
+    ],
+)
+def test_counts_no_machine_could_honour_are_refused(tiny_raw, override, key, bound):
+    """Before anything is built: a synthetic set of 10**12 images would be allocated, a million torch threads
+    abort libgomp, 10**18 epochs never end."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(tiny_raw, [override])
+    assert f"'{key}'" in str(exc.value) and bound in str(exc.value), str(exc.value)
+    assert load_config(tiny_raw, ["data.synthetic.train_len=100000"]).data.synthetic.train_len == 100000
+
+
 def test_label_noise_and_validation_keys(tiny_raw):
     cfg = load_config(tiny_raw, ["data.label_noise={kind: pair, rate: 0.4}", "data.val_split=0.2"])
     assert cfg.data.label_noise.kind == "pair" and cfg.data.val_split == 0.2

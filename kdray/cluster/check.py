@@ -41,6 +41,7 @@ from kdray.cluster.ray_schema import _ray_private_api, ray_prepare_and_validate
 from kdray.cluster.report import ClusterReport
 from kdray.cluster.storage import shared_storage, storage_problem
 from kdray.errors import KdrayError
+from kdray.safe_yaml import load_yaml
 
 METADATA_KEYS = {"shared_mounts", "node_resources"}
 
@@ -96,7 +97,7 @@ def read_cluster_file(path: Path) -> Any:
     if not is_file:
         raise KdrayError(f"cluster file '{path}': no such file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise KdrayError(f"cluster file '{path}': not a text file (not UTF-8)") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from kdray.errors import ConfigError
@@ -121,11 +122,37 @@ def default_tap(arch: str) -> str:
     return _spec(arch).default_tap
 
 
+# More parameters than any single device holds (400 GB of float32 weights, before gradients and optimizer state):
+# ``arch_kwargs: {width: 10000000}`` is a slip, refused before a byte is allocated.
+MAX_PARAMETERS = 10**11
+
+
 def create_model(arch: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
     """Build ``arch`` with random weights. ``kwargs`` are the architecture's own options: ``width`` and ``shortcut``
     (CIFAR ResNets), ``dropout`` (WRN), ``width_mult`` (mobilenetv2), the torchvision builder's options (``tv:``),
-    ``timm.create_model``'s (``timm:``)."""
+    ``timm.create_model``'s (``timm:``). The network is first built on torch's ``meta`` device (shapes only, no
+    memory) and refused if it holds more than :data:`MAX_PARAMETERS` parameters."""
     check_arch(arch)
+    if (
+        "weights" not in kwargs and "pretrained" not in kwargs
+    ):  # pretrained weights would be fetched for shapes
+        try:
+            with torch.device("meta"):
+                size = sum(p.numel() for p in _build(arch, num_classes, in_channels, **kwargs).parameters())
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: the real build below says what it says
+            size = 0
+        if size > MAX_PARAMETERS:
+            raise ConfigError(
+                "arch_kwargs", kwargs,
+                f"{arch} with these options and {num_classes} classes has {size:.3g} parameters, more than "
+                f"{MAX_PARAMETERS:.0e} (400 GB of float32 weights: no single device holds it)",
+            )  # fmt: skip
+    return _build(arch, num_classes, in_channels, **kwargs)
+
+
+def _build(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     backend = _backend(arch)
     if backend is not None:
         name, module = backend

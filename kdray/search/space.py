@@ -29,6 +29,7 @@ import yaml
 
 from kdray.config import ExperimentConfig, load_config, set_key
 from kdray.errors import ConfigError, KdrayError
+from kdray.safe_yaml import load_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 PARAM_FIELDS = {"dist", "low", "high", "values", "log", "source"}
@@ -279,7 +280,7 @@ def load_space(path: str | Path | dict[str, Any]) -> SearchSpace:
     if not is_file:
         raise SpaceError(str(p), "<file>", "no such file (the spaces shipped with kdray are in tune_spaces/)")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise SpaceError(str(p), "<file>", "not a text file (not UTF-8)") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:

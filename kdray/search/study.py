@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from kdray.config import ExperimentConfig, apply_overrides, load_config
+from kdray.config import ExperimentConfig, apply_overrides, load_config, read_raw
 from kdray.errors import KdrayError, PlacementError
 from kdray.search.space import SearchSpace, load_space, parse_space, same_values
 from kdray.search.trial import (
@@ -401,7 +401,7 @@ def run_study(
         else:
             path = Path(config)
             load_config(path)  # a clear error for a missing or invalid file
-            raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
+            raw = apply_overrides(read_raw(path), overrides)
         space_obj = space if isinstance(space, SearchSpace) else load_space(space)
     settings.check()
     base = space_obj.check_against(raw)

@@ -252,6 +252,64 @@ def test_foreign_and_malformed_torch_files(capsys, tmp_path, trained_run):
 _DROP = object()
 
 
+def test_checkpoints_of_other_shapes(capsys, tmp_path, trained_run):
+    """A kdray checkpoint, sealed or not, whose network holds a tensor of another shape (every 6th tensor of peer1:
+    convolutions, batch-norm weights and statistics, the counter, the classifier), misses one, or holds one more:
+    ``eval`` and ``train --resume`` refuse it in one line that names the peer, the tensor and both shapes; so does
+    a frozen teacher loaded from it (``peers.N.checkpoint``)."""
+    b = Battery(capsys, "checkpoint of other shapes (each tensor of a peer, one missing, one added)")
+    real = load_checkpoint(trained_run)
+    net = real["peers"]["peer1"]["net"]
+    assert len(net) > 20
+    named = []  # (file, the words its error must hold)
+
+    def with_net(new_net):
+        peers = {**real["peers"], "peer1": {**real["peers"]["peer1"], "net": new_net}}
+        return {**real, "peers": peers}
+
+    for i, (name, tensor) in list(enumerate(net.items()))[::6]:
+        other = torch.zeros(tensor.shape[0] + 1, *tensor.shape[1:]) if tensor.dim() else torch.zeros(2)
+        file = tmp_path / f"shape{i}.pt"
+        file.write_bytes(_saved(with_net({**net, name: other}), sealed=i % 2 == 0))
+        shapes = (
+            f"[{', '.join(map(str, other.shape))}] in the checkpoint, [{', '.join(map(str, tensor.shape))}]"
+        )
+        named.append((file, ["peer 'peer1'", f"tensor '{name}'", shapes]))
+    first = next(iter(net))
+    for label, new_net, words in [
+        ("missing", {k: v for k, v in net.items() if k != first}, [f"has no tensor '{first}'"]),
+        ("added", {**net, "extra.weight": torch.zeros(3)}, ["holds a tensor 'extra.weight'"]),
+    ]:
+        file = tmp_path / f"{label}.pt"
+        file.write_bytes(_saved(with_net(new_net), sealed=True))
+        named.append((file, ["peer 'peer1'", *words]))
+    for file, _ in named:
+        b.run(f"resume {file.name}", "train", "--resume", file)  # the resume path: the same refusal
+    b.check()
+    for file, words in named:  # eval, with the words of its line
+        capsys.readouterr()
+        code = main(["eval", str(file)])
+        err = capsys.readouterr().err
+        b.tally["tried"] += 1
+        b.tally[
+            "survived" if code == 2 and err.count("\n") == 1 and all(w in err for w in words) else "lost"
+        ] += 1
+        assert code == 2 and err.count("\n") == 1 and all(w in err for w in words), (words, err)
+    # a frozen teacher loaded from such a file (kdray/checkpoint.py load_peer_weights)
+    raw = tiny()
+    raw["method"] = {"name": "kd"}
+    raw["peers"] = [
+        {"name": "teacher", "arch": "resnet8", "arch_kwargs": {"width": 4}, "frozen": True,
+         "checkpoint": str(named[0][0]), "checkpoint_peer": "peer1"},
+        {"name": "student", "arch": "resnet8", "arch_kwargs": {"width": 4}},
+    ]  # fmt: skip
+    config = write_yaml(tmp_path / "teacher.yaml", raw)
+    capsys.readouterr()
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in ["'peer1'", *named[0][1][1:]]), err
+
+
 class Payload:
     """Unpickling this creates the marker file: it must never happen."""
 

@@ -203,3 +203,25 @@ def test_torchvision_weights_are_never_downloaded() -> None:
     with pytest.raises(ConfigError) as err:
         create_model("tv:resnet18", 10, weights="DEFAULT")
     assert err.value.key == "arch_kwargs.weights"
+
+
+def test_a_network_no_device_could_hold_is_refused_before_any_allocation():
+    """Shapes only (torch's meta device): 3e16 parameters are counted in milliseconds and refused with the key; a
+    network at the bound's side of reason is built as before."""
+    import time
+
+    import pytest
+
+    from kdray.errors import ConfigError
+    from kdray.models import create_model
+    from kdray.models.registry import MAX_PARAMETERS
+
+    start = time.perf_counter()
+    with pytest.raises(
+        ConfigError, match=r"'arch_kwargs' = \{'width': 10000000\}: resnet8 .* 2\.98e\+16 parameters"
+    ):
+        create_model("resnet8", 10, 3, width=10**7)
+    assert time.perf_counter() - start < 5
+    net = create_model("resnet8", 10, 3, width=4)
+    assert 0 < sum(p.numel() for p in net.parameters()) < MAX_PARAMETERS
+    assert net.conv1.weight.device.type == "cpu"  # built for real, not left on the meta device
