@@ -54,7 +54,18 @@ def test_the_check_itself_sees_lazy_imports(tmp_path):
 # dependencies point down). The registries (kdray.registry) find the components above them by package name, as
 # a plug-in system does, so the config can name a method, an exchange or an engine without importing it.
 LAYERS = (
-    ("errors", "version", "registry", "seeds", "topology", "losses", "models", "metrics", "checkpoint"),
+    (
+        "errors",
+        "version",
+        "safe_yaml",
+        "registry",
+        "seeds",
+        "topology",
+        "losses",
+        "models",
+        "metrics",
+        "checkpoint",
+    ),
     ("config",),
     ("data", "tracking", "optim", "schedules", "cluster"),
     ("methods", "exchange"),

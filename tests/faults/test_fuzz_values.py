@@ -76,7 +76,7 @@ def _stop_where_the_run_begins(monkeypatch):
     def accepted(*args, **kwargs):
         raise Accepted
 
-    monkeypatch.setattr("kdray.api.prepare_out_dir", accepted)
+    monkeypatch.setattr("kdray.run.prepare_out_dir", accepted)
     monkeypatch.setattr("kdray.search.study._study_dir", accepted)
 
 
