@@ -30,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_timing import write_rows  # noqa: E402
 
 from kdray.config import load_config  # noqa: E402
-from kdray.population import Population  # noqa: E402
-from kdray.step import StepRunner  # noqa: E402
 
 
 def config(peers: int, workers: int, batch: int, steps: int, width: int, sync_bn: bool) -> dict:
@@ -58,25 +56,12 @@ def config(peers: int, workers: int, batch: int, steps: int, width: int, sync_bn
 
 
 def worker(rank: int, world: int, init_file: str, raw: dict, warm: int, results) -> None:
-    from kdray.engines.data_parallel import create_groups, sync_batchnorm
-    from kdray.exchange import Wiring, make_exchange
-    from kdray.replicas import exchange_plan
+    from kdray.engines.data_parallel import build_worker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = load_config(raw)
-    groups = create_groups(cfg, rank, None)
-    workers = cfg.peer_workers[groups.peer]
-    pop = Population(cfg, local_ids=[groups.peer], shard=(groups.shard, workers))
-    if groups.peer_group is not None:
-        sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(groups.peer))
-    wiring = Wiring(
-        groups.peer, cfg.num_peers, torch.device("cpu"), group=groups.shard_group,
-        object_group=groups.shard_object_group, global_ranks=groups.shard_ranks,
-    )  # fmt: skip
-    exchange = make_exchange(cfg.engine.exchange, wiring)
-    exchange.attach(exchange_plan(pop))
-    runner = StepRunner(pop, exchange, groups.peer_group)
+    built = build_worker(load_config(raw), rank, torch.device("cpu"))
+    groups, pop, exchange, runner = built.groups, built.pop, built.exchange, built.runner
     times = []
     for step, batch in enumerate(pop.batches(0)):
         if step == warm:  # the layouts are agreed in the first step; count from here

@@ -29,8 +29,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdray.config import ExperimentConfig
+from kdray.exchange import DistributedExchange, Wiring, make_exchange
 from kdray.models.sync_bn import convert_batchnorm
 from kdray.population import Population
+from kdray.replicas import exchange_plan
+from kdray.step import StepRunner
 
 
 @dataclass
@@ -119,3 +122,42 @@ def sync_batchnorm(pop: Population, peer_group: PeerGroup, peer_sync_bn: bool) -
     for module in modules:
         if module is not None:
             convert_batchnorm(module, peer_group.group)
+
+
+@dataclass
+class Worker:
+    """What one worker of a population trains with: its place and groups, its peer (or shard of it), its exchange
+    and its step."""
+
+    groups: Groups
+    pop: Population
+    exchange: DistributedExchange
+    runner: StepRunner
+
+
+def build_worker(
+    cfg: ExperimentConfig,
+    rank: int,
+    device: torch.device,
+    object_group=None,
+    *,
+    run_name: str = "",
+    namespace: str | None = None,
+    attempt: str = "",
+) -> Worker:
+    """The worker of global ``rank`` in a process group already initialised: its process groups, its peer's shard
+    of the population (synced BatchNorm where asked), the exchange ``engine.exchange`` names on its shard group, and
+    the step. The RayEngine's workers, the K x M equivalence tests and ``benchmarks/data_parallel.py`` all build
+    their workers here."""
+    groups = create_groups(cfg, rank, object_group)
+    peer, workers = groups.peer, cfg.peer_workers[groups.peer]
+    wiring = Wiring(
+        peer, cfg.num_peers, device, group=groups.shard_group, object_group=groups.shard_object_group,
+        run_name=run_name, namespace=namespace, attempt=attempt, global_ranks=groups.shard_ranks,
+    )  # fmt: skip
+    exchange = make_exchange(cfg.engine.exchange, wiring)
+    pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
+    if groups.peer_group is not None:
+        sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(peer))
+    exchange.attach(exchange_plan(pop))
+    return Worker(groups, pop, exchange, StepRunner(pop, exchange, groups.peer_group))

@@ -22,7 +22,7 @@ import torch
 from kdray.checkpoint import load_checkpoint, save_checkpoint
 from kdray.config import validate
 from kdray.engines import ray_private
-from kdray.engines.data_parallel import create_groups, sync_batchnorm
+from kdray.engines.data_parallel import build_worker
 from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
@@ -32,7 +32,6 @@ from kdray.exchange import DistributedExchange
 from kdray.loop import Progress, Stopped, restore, train_epochs
 from kdray.metrics import MetricSums
 from kdray.population import Population
-from kdray.replicas import exchange_plan
 from kdray.step import StepRunner
 
 LIVE_EVERY_S = 0.5  # a Live event per rank at most this often
@@ -168,7 +167,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from kdray.exchange import Wiring, make_exchange
     from kdray.methods import METHODS
 
     for name, cls in ray.get(config["methods"]).items():
@@ -187,29 +185,22 @@ def train_worker(config: dict[str, Any]) -> None:
     object_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     attempt = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(attempt, src=0, group=object_group)
-    groups = create_groups(cfg, rank, object_group)
-    peer, workers = groups.peer, cfg.peer_workers[groups.peer]
-    wiring = Wiring(
-        peer, cfg.num_peers, device, group=groups.shard_group, object_group=groups.shard_object_group,
-        run_name=config["run_name"], namespace=config["namespace"], attempt=attempt[0],
-        global_ranks=groups.shard_ranks,
+    worker = build_worker(
+        cfg, rank, device, object_group, run_name=config["run_name"], namespace=config["namespace"],
+        attempt=attempt[0],
     )  # fmt: skip
-    exchange = make_exchange(cfg.engine.exchange, wiring)
-    pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
-    if groups.peer_group is not None:
-        sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(peer))
+    groups, pop, exchange, runner = worker.groups, worker.pop, worker.exchange, worker.runner
+    peer, workers = groups.peer, cfg.peer_workers[groups.peer]
     threads = worker_threads(cfg, pop.spec, peer)
     if threads:
         torch.set_num_threads(threads)
-    exchange.attach(exchange_plan(pop))
-    runner = StepRunner(pop, exchange, groups.peer_group)
     built = time.time()
     collective = ProcessGroup(rank, world, object_group)
     board = config["board"]
     meta = {"config": config["checkpoint_config"], "mlflow_run_id": config["run_id"]}
     sink = WorkerSink(board, rank, peer, pop, exchange)
     progress = restore_worker(pop, runner, rank, ray.train.get_checkpoint(), config["resume"])
-    worker = {
+    started = {
         "marks": {"process_start": process_started_at(), "entered": entered, "built": built},
         "rank": rank,
         "peer": cfg.peers[peer].name,
@@ -224,7 +215,7 @@ def train_worker(config: dict[str, Any]) -> None:
         "threads": torch.get_num_threads(),  # train.threads, or this peer's share (engine.placement.balance)
         "listening": listening_addresses(),
     }
-    placement = collective.all_gather(worker)
+    placement = collective.all_gather(started)
     if rank == 0:
         board.post.remote(WorkersStarted(placement))
     try:

@@ -74,25 +74,15 @@ def _reference(raw: dict) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
-    from kdray.engines.data_parallel import create_groups, sync_batchnorm
-    from kdray.exchange import Wiring, make_exchange
-    from kdray.replicas import exchange_plan
+    """One of the K x M workers, built as the RayEngine builds its workers."""
+    from kdray.engines.data_parallel import build_worker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cfg = load_config(raw)
-    groups = create_groups(cfg, rank, None)
-    workers = cfg.peer_workers[groups.peer]
-    pop = Population(cfg, local_ids=[groups.peer], shard=(groups.shard, workers))
-    sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(groups.peer))
-    wiring = Wiring(
-        groups.peer, cfg.num_peers, torch.device("cpu"), group=groups.shard_group,
-        object_group=groups.shard_object_group, global_ranks=groups.shard_ranks,
-    )  # fmt: skip
-    exchange = make_exchange(cfg.engine.exchange, wiring)
-    exchange.attach(exchange_plan(pop))
-    runner = StepRunner(pop, exchange, groups.peer_group)
-    _train(pop, runner, cfg.train.epochs)
+    worker = build_worker(cfg, rank, torch.device("cpu"))
+    pop, groups = worker.pop, worker.groups
+    _train(pop, worker.runner, cfg.train.epochs)
     results[rank] = (groups.peer, groups.shard, len(next(iter(pop.batches(0))).y), _state(pop))
     dist.destroy_process_group()
 
