@@ -117,6 +117,19 @@ def loopback_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _train_on_the_cluster(raw: dict, tmp_path: Path, loopback_cluster) -> None:
+    """``kdray train`` into ``tmp_path/run`` on the loopback cluster, found through RAY_ADDRESS (no
+    engine.session.address), as in a job started by ``ray job submit``."""
+    address, env, start_log, _ = loopback_cluster
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = subprocess.run(
+        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
+        env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
+
+
 def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_raw, tmp_path):
     address, env, start_log, ray_worker_ports = loopback_cluster
     raw = tiny_raw
@@ -131,14 +144,7 @@ def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_
     raw["engine"] = {
         "name": "ray", "placement": {"strategy": "strict_spread", "cpus_per_peer": 0.5, "timeout_s": 120},
     }  # fmt: skip
-    config = tmp_path / "ring3.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    # no engine.session.address: the cluster is found through RAY_ADDRESS, as in a job started by `ray job submit`
-    run = subprocess.run(
-        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
-        env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
+    _train_on_the_cluster(raw, tmp_path, loopback_cluster)
     info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
     assert info["session"] == "attached"  # joined the three-node cluster; started no Ray of its own
     placement = info["placement"]
@@ -179,13 +185,7 @@ def test_two_peers_of_two_workers_across_loopback_nodes_equal_one_worker_each(
         "name": "ray",
         "placement": {"strategy": "spread", "cpus_per_peer": 0.5, "timeout_s": 120, "workers_per_peer": 2},
     }
-    config = tmp_path / "kxm.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run = subprocess.run(
-        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
-        env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
+    _train_on_the_cluster(raw, tmp_path, loopback_cluster)
     placement = json.loads((tmp_path / "run" / "ray_run.json").read_text())["placement"]
     assert [(p["rank"], p["shard"]) for p in placement] == [(0, "1/2"), (1, "2/2"), (2, "1/2"), (3, "2/2")]
     # spread over the nodes (Ray Train orders ranks by node, so which pairs share one is Ray's choice)
