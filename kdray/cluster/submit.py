@@ -54,20 +54,28 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def pinned_dependencies() -> list[str]:
-    """kdray's pinned requirements (pyproject.toml) minus Ray itself, which the cluster already runs."""
-    from importlib.metadata import PackageNotFoundError, requires
+    """kdray's requirements (pyproject.toml), minus Ray itself (the cluster already runs it), each pinned to the
+    version installed here: the job then runs on what this driver runs (pyproject declares ranges; a job wants
+    the exact versions its submitter tested). A requirement not installed here keeps its declared range."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
 
     try:
         reqs = requires("kdray") or []
     except PackageNotFoundError:
         raise KdrayError("--with-deps: kdray is not installed here (pip install -e .)") from None
     out = []
-    for req in reqs:
-        if "extra ==" in req:
+    for text in reqs:
+        req = Requirement(text)
+        if req.marker is not None and "extra" in str(req.marker):
             continue
-        name = req.split(";")[0].strip()
-        if not name.lower().startswith("ray"):
-            out.append(name)
+        if req.name.lower().startswith("ray"):
+            continue
+        try:
+            out.append(f"{req.name}=={version(req.name)}")
+        except PackageNotFoundError:
+            out.append(str(req))
     return out
 
 
