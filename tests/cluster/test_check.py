@@ -85,9 +85,8 @@ def test_shipped_aws_file_counts_nodes() -> None:
 def test_ray_version_pin_is_ours() -> None:
     """The cluster check's private-API release lies inside the Ray range pyproject.toml declares, and is the one
     installed."""
-    import tomllib
-
     import ray
+    import tomllib
     from packaging.requirements import Requirement
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
