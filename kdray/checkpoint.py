@@ -20,6 +20,14 @@ the digest (``kdray-sha256:<hex>``; any zip reader, ``torch.load`` included, sti
 checks the seal before it unpickles anything, so a truncated file, a flipped bit or a file kdray did not write is
 refused with one line, never loaded as something else. Files written before the seal existed (a zip without a
 comment) are still read, with the structural checks alone.
+
+**Per-process parts** (the RayEngine when every worker sees the run folder, ``engine.session.checkpoint_writes``):
+each process writes its own part, ``parts/step-<step>/rank<r>-<digest>.pt`` (its peers, its exchange state; rank
+0's also the shared module), content-addressed by its seal's digest so no file is ever rewritten with other
+bytes; then rank 0 writes ``last.pt`` as a *manifest*: everything above but ``"peers": {}``, and
+``"parts": [{"file": <relative path>, "sha256": <digest>}, ...]``. :func:`load_checkpoint` assembles such a file
+into the same dict as a gathered one (every part's seal and digest checked), so every reader (resume, eval,
+export, the final test) reads both. Parts no manifest refers to any more are removed by :func:`prune_parts`.
 """
 
 from __future__ import annotations
@@ -142,11 +150,109 @@ def seal(archive: bytes) -> bytes:
     return head + SEAL + hashlib.sha256(head).hexdigest().encode()
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Serialise, seal and write atomically: a crash or a full disk never leaves a truncated checkpoint behind."""
+def _sealed(payload: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
-    return write_atomic(path, seal(buf.getvalue()))
+    return seal(buf.getvalue())
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Serialise, seal and write atomically: a crash or a full disk never leaves a truncated checkpoint behind."""
+    return write_atomic(path, _sealed(payload))
+
+
+# ------------------------------------------------------------------------------------------ per-process parts
+PARTS = "parts"
+PART_FORMAT = "kdray-population-part"
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parts of processes holding disjoint peers as one population's state (the shared module: rank 0's)."""
+    return {
+        "peers": {name: sd for part in parts for name, sd in part["peers"].items()},
+        "shared": parts[0]["shared"],
+        "exchange": {r: sd for part in parts for r, sd in part["exchange"].items()},
+    }
+
+
+def save_part(ckpt_dir: str | Path, step: int, rank: int, state: dict[str, Any]) -> dict[str, str]:
+    """Write one process's part of the checkpoint at global step ``step`` (``state``: its ``peers``, ``shared``,
+    ``exchange``); returns the manifest's entry for it (a path relative to ``ckpt_dir`` and the digest)."""
+    data = _sealed({"format": PART_FORMAT, "rank": rank, "step": step, **state})
+    digest = hashlib.sha256(data).hexdigest()  # of the whole file, seal included
+    rel = f"{PARTS}/step-{step:010d}/rank{rank}-{digest[:16]}.pt"
+    write_atomic(Path(ckpt_dir) / rel, data)
+    return {"file": rel, "sha256": digest}
+
+
+def manifest_files(path: str | Path) -> set[str]:
+    """The part files (relative paths) that the manifest at ``path`` refers to; none if it is no manifest or
+    cannot be read."""
+    try:
+        payload = _read(Path(path))
+    except (CheckpointError, OSError):
+        return set()
+    return {entry["file"] for entry in payload.get("parts") or []}
+
+
+def prune_parts(ckpt_dir: str | Path, before_step: int, keep: set[str]) -> int:
+    """Remove part files of steps before ``before_step`` that are not in ``keep`` (what ``last.pt`` and ``best.pt``
+    refer to), and their emptied folders. A later step's parts are never touched: another process may be writing
+    them. Returns how many files went."""
+    root, removed = Path(ckpt_dir) / PARTS, 0
+    try:
+        folders = [e for e in os.scandir(root) if e.is_dir() and e.name.startswith("step-")]
+    except OSError:
+        return 0
+    for folder in folders:
+        step = folder.name.removeprefix("step-")
+        if not step.isdigit() or int(step) >= before_step:
+            continue
+        for entry in os.scandir(folder.path):
+            if f"{PARTS}/{folder.name}/{entry.name}" not in keep and entry.name.endswith(".pt"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+        with contextlib.suppress(OSError):
+            os.rmdir(folder.path)  # only if empty
+    return removed
+
+
+def _assemble(payload: dict[str, Any], file: Path, map_location) -> dict[str, Any]:
+    """A manifest's parts read (each one's seal and digest checked) and merged into the population's state."""
+    entries = payload.get("parts")
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
+            for e in entries
+        )
+    ):
+        raise CheckpointError(f"checkpoint '{file}' is malformed (its parts list is not a list of files)")
+    parts = []
+    for entry in entries:
+        rel = Path(entry["file"])
+        if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != (PARTS,):
+            raise CheckpointError(
+                f"checkpoint '{file}' names a part outside its folder: {_short(entry['file'])}"
+            )
+        part_file = file.parent / rel
+        if not part_file.is_file():
+            raise CheckpointError(
+                f"checkpoint '{file}' needs its part {rel}, which is missing (a run folder copied without its "
+                f"{PARTS}/ folder, or a folder not shared by every node)"
+            )
+        part = _read(part_file, map_location)
+        with open(part_file, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if part.get("format") != PART_FORMAT or digest != entry["sha256"]:
+            raise CheckpointError(f"checkpoint '{file}': its part {rel} is not the one it was written with")
+        for key in ("peers", "exchange"):
+            if not isinstance(part.get(key), dict):
+                raise CheckpointError(f"checkpoint '{file}': its part {rel} is malformed ({key})")
+        parts.append(part)
+    return {**{k: v for k, v in payload.items() if k != "parts"}, **merge_parts(parts)}
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -204,6 +310,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     the archive is read with ``weights_only=True`` (tensors and plain containers, never arbitrary objects), then
     its structure."""
     file = resolve_checkpoint_path(path)
+    payload = _read(file, map_location)
+    if payload.get("parts") is not None:
+        payload = _assemble(payload, file, map_location)
+    missing = [k for k in ("config", "epoch", "peers", "rng") if k not in payload]
+    if missing or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("peers"), dict):
+        raise CheckpointError(
+            f"checkpoint '{file}' is incomplete (missing or malformed: {missing or 'config/peers'})"
+        )
+    problem = _structure_problem(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint '{file}' is malformed ({problem}); it is not a kdray checkpoint")
+    return payload
+
+
+def _read(file: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """One sealed file, loaded safely, of this format and version (a checkpoint, a manifest or a part)."""
     try:
         with open(file, "rb") as fh:
             _check_seal(fh, file)
@@ -218,7 +340,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint '{file}' cannot be read ({_reason(exc)}); it is corrupt, truncated, or not a kdray "
             "checkpoint"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, PART_FORMAT):
         raise CheckpointError(
             f"checkpoint '{file}' is not a kdray population checkpoint (no 'format: {FORMAT}')"
         )
@@ -226,14 +348,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"checkpoint '{file}' has format version {_short(payload.get('version'))}; this kdray reads {VERSION}"
         )
-    missing = [k for k in ("config", "epoch", "peers", "rng") if k not in payload]
-    if missing or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("peers"), dict):
-        raise CheckpointError(
-            f"checkpoint '{file}' is incomplete (missing or malformed: {missing or 'config/peers'})"
-        )
-    problem = _structure_problem(payload)
-    if problem:
-        raise CheckpointError(f"checkpoint '{file}' is malformed ({problem}); it is not a kdray checkpoint")
     return payload
 
 

@@ -312,6 +312,13 @@ class SessionConfig(Section):
         "off by default: one process fewer and ~1 s sooner to the first step",
     )
     storage_path: str | None = Field(None, description="Ray Train storage; default <out>/ray_storage")
+    checkpoint_writes: Literal["auto", "per_process", "gather"] = Field(
+        "auto",
+        description="how the population's checkpoint (<out>/checkpoints/last.pt) is written: per_process - every "
+        "worker writes its own part into the run folder and rank 0 a small manifest (needs the run folder shared "
+        "by every node; refused at start naming the nodes that cannot see it); gather - rank 0 gathers every peer's "
+        "state and writes one file; auto - per_process when every worker sees the run folder, else gather",
+    )
 
 
 class PlacementConfig(Section):

@@ -12,7 +12,8 @@ What differs between engines is passed in as two small objects:
 Checkpoints: at every epoch end and every ``train.checkpoint_every_steps`` steps (and when a stop is requested),
 the population's state is gathered to the writer (the only process, or rank 0) and written atomically
 (:func:`checkpoint_payload` builds every file's payload) to
-``<out>/checkpoints/last.pt`` (and ``best.pt`` when the selection metric improved), with where the loop stands
+``<out>/checkpoints/last.pt`` - or, where every process sees the checkpoint folder (``Collective.writes_parts``),
+each process writes its own part there and rank 0 writes ``last.pt`` as a manifest of the parts - (and ``best.pt`` when the selection metric improved), with where the loop stands
 (:class:`Progress`), so ``--resume`` continues exactly, mid-epoch included.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kdray.checkpoint import save_checkpoint
+from kdray.checkpoint import manifest_files, merge_parts, prune_parts, save_checkpoint, save_part
 from kdray.config import ExperimentConfig
 from kdray.errors import DivergedError, KdrayError
 from kdray.evaluation import evaluate, merge_eval, summarise_eval
@@ -70,11 +71,14 @@ class Progress:
 
 class Collective(Protocol):
     """How the processes of one population meet. ``check_every``: steps between stop checks (each one is a
-    collective on Ray workers)."""
+    collective on Ray workers). ``writes_parts``: every process writes its own part of a checkpoint into the
+    (shared) checkpoint folder and rank 0 a manifest (:mod:`kdray.checkpoint`), instead of gathering the
+    population's state to rank 0."""
 
     rank: int
     world: int
     check_every: int
+    writes_parts: bool
 
     def all_gather(self, obj: Any) -> list[Any]: ...
 
@@ -87,6 +91,7 @@ class InProcess:
     """The collective of a population that lives in one process: there is nobody else."""
 
     rank, world, check_every = 0, 1, 1
+    writes_parts = False
 
     def all_gather(self, obj: Any) -> list[Any]:
         return [obj]
@@ -114,15 +119,6 @@ class Sink(Protocol):
 def process_state(pop: Population, runner: StepRunner, rank: int) -> dict[str, Any]:
     """This process's part of a checkpoint: its peers, the shared module, its exchange's state (keyed by rank)."""
     return {**pop.state_dict(), "exchange": {rank: runner.exchange.state_dict()}}
-
-
-def merge_population(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The parts of processes holding disjoint peers as one population's state."""
-    return {
-        "peers": {name: sd for part in parts for name, sd in part["peers"].items()},
-        "shared": parts[0]["shared"],
-        "exchange": {r: sd for part in parts for r, sd in part["exchange"].items()},
-    }
 
 
 def checkpoint_payload(
@@ -200,13 +196,24 @@ def train_epochs(
     def checkpoint(improved: bool = False) -> Path | None:
         mine = process_state(pop, runner, collective.rank)
         # a data-parallel peer's first worker writes it into the population's file (its workers hold the same)
-        parts = collective.gather(mine if pop.shard[0] == 0 else {**mine, "peers": {}})
+        part = mine if pop.shard[0] == 0 else {**mine, "peers": {}}
         path = None
-        if parts is not None:
-            payload = checkpoint_payload(meta, progress, steps_per_epoch, merge_population(parts))
+        if collective.writes_parts:  # each process writes its own part; only file names and digests travel
+            step = progress.epoch * steps_per_epoch + progress.step_in_epoch
+            part = part if collective.rank == 0 else {**part, "shared": None}
+            entries = collective.gather(save_part(ckpt_dir, step, collective.rank, part))
+            state = {"peers": {}, "shared": None, "exchange": {}, "parts": entries}
+        else:
+            parts = collective.gather(part)
+            state = merge_parts(parts) if parts is not None else None
+        if collective.rank == 0:
+            payload = checkpoint_payload(meta, progress, steps_per_epoch, state)
             path = save_checkpoint(ckpt_dir / "last.pt", payload)
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", payload)
+            if collective.writes_parts:
+                keep = manifest_files(ckpt_dir / "last.pt") | manifest_files(ckpt_dir / "best.pt")
+                prune_parts(ckpt_dir, step, keep)
         sink.checkpointed(checkpoint_payload(meta, progress, steps_per_epoch, mine), progress, path)
         return path
 

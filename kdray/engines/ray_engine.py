@@ -139,6 +139,8 @@ class RayEngine(Engine):
             ).__name__,  # PopulationTrainer (a tested Ray) or TorchTrainer (the public API)
             "session": ray_found,  # how Ray was found: local (started here), attached, existing
             "storage_path": storage,
+            # per_process: every worker wrote its own part of checkpoints/last.pt; gather: rank 0 wrote it all
+            "checkpoint_writes": (outcome.get("placement") or [{}])[0].get("checkpoint_writes"),
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
         }

@@ -4,7 +4,9 @@
 
 Every rank reports its own peer (and where the loop stands) to Ray Train at each checkpoint: after a worker failure
 Train restarts the group (``engine.fault_tolerance.max_failures``) and each rank resumes from its own file, mid-epoch
-included. Rank 0 also writes the whole population to ``<out>/checkpoints/last.pt`` in the LocalEngine's format.
+included. The population's ``<out>/checkpoints/last.pt`` is the LocalEngine's format: where every worker sees the
+run folder, each writes its own part next to it and rank 0 a manifest of the parts (:mod:`kdray.checkpoint`);
+else rank 0 gathers the peers' states and writes one file (``engine.session.checkpoint_writes``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from kdray.engines.display import StepWindow
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
 from kdray.engines.threads import worker_threads
-from kdray.errors import DivergedError
+from kdray.errors import DivergedError, KdrayError
 from kdray.exchange import DistributedExchange
 from kdray.loop import Progress, Stopped, restore, train_epochs
 from kdray.metrics import MetricSums
@@ -42,6 +44,7 @@ class ProcessGroup:
     """The loop's collective on Ray workers: small Python objects over a gloo group."""
 
     check_every = STOP_CHECK_EVERY
+    writes_parts = False  # set by shared_checkpoint_folder()
 
     def __init__(self, rank: int, world: int, group) -> None:
         self.rank, self.world, self.group = rank, world, group
@@ -145,6 +148,35 @@ class WorkerSink:
         return self.rank == 0 and bool(ray.get(self.board.stop_requested.remote()))
 
 
+def shared_checkpoint_folder(
+    mode: str, ckpt_dir: Path, collective: ProcessGroup, placement: list[dict[str, Any]], attempt: str
+) -> bool:
+    """Whether every worker writes its own part of the checkpoints (``engine.session.checkpoint_writes``): with
+    ``auto`` or ``per_process``, rank 0 writes a probe file into the checkpoint folder and every rank looks for it,
+    so a folder that only rank 0's node has (no shared file system) is found out before the first step."""
+    if mode == "gather":
+        return False
+    probe = ckpt_dir / f".probe-{attempt}"
+    if collective.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("kdray: is this folder shared by every worker?\n")
+    collective.all_gather(None)  # the probe exists before anyone looks
+    seen = collective.all_gather(probe.is_file())
+    collective.all_gather(None)  # everyone has looked before it goes
+    if collective.rank == 0:
+        probe.unlink(missing_ok=True)
+    if all(seen) or mode == "auto":
+        return all(seen)
+    blind = sorted(
+        {f"{p['hostname']} ({p['node_ip']})" for p, s in zip(placement, seen, strict=True) if not s}
+    )
+    raise KdrayError(
+        f"engine.session.checkpoint_writes: per_process needs the run folder {ckpt_dir.parent} on every node, and "
+        f"the worker(s) on {', '.join(blind)} cannot see it; put --out on a file system every node mounts, or set "
+        "engine.session.checkpoint_writes: gather (or auto)"
+    )
+
+
 def restore_worker(pop: Population, runner: StepRunner, rank: int, train_checkpoint, resume_ref) -> Progress:
     """From this rank's file in Train's latest checkpoint (a restart), else from ``--resume``'s last.pt."""
     import ray
@@ -216,10 +248,16 @@ def train_worker(config: dict[str, Any]) -> None:
         "listening": listening_addresses(),
     }
     placement = collective.all_gather(started)
+    ckpt_dir = Path(config["out_dir"]) / "checkpoints"
+    collective.writes_parts = shared_checkpoint_folder(
+        cfg.engine.session.checkpoint_writes, ckpt_dir, collective, placement, attempt[0]
+    )
     if rank == 0:
+        for where in placement:
+            where["checkpoint_writes"] = "per_process" if collective.writes_parts else "gather"
         board.post.remote(WorkersStarted(placement))
     try:
-        train_epochs(pop, runner, progress, collective, sink, Path(config["out_dir"]) / "checkpoints", meta)
+        train_epochs(pop, runner, progress, collective, sink, ckpt_dir, meta)
     except (Stopped, DivergedError) as exc:  # every rank raises it at the same step: end, do not be retried
         if rank == 0:
             ray.get(board.post.remote(Ended(exc)))

@@ -116,7 +116,11 @@ CASES = {
     # DML through the actor exchange starts from a LocalEngine checkpoint of epoch 1 (``--resume`` onto Ray)
     "dml-actor-resumed": ("dml", {"exchange": "actor"}),
     "afd-ring3-hetero-collective": ("afd", {"exchange": "collective"}),
-    "acn-collective": ("acn", {"exchange": "collective"}),
+    # rank 0 gathers the population's state and writes one last.pt (the others: each worker writes its own part)
+    "acn-collective-gathered": (
+        "acn",
+        {"exchange": "collective", "session": {"checkpoint_writes": "gather"}},
+    ),
     # per-sample buffers follow their peer onto its worker, and a restarted worker gets its memory back
     "pskd-collective-killed-worker": (
         "pskd",
@@ -197,6 +201,7 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, mo
     assert history[-1].value == pytest.approx(local.summary["history"][-1][first_term], rel=1e-7)
 
     run_info = json.loads((ray.out_dir / "ray_run.json").read_text())
+    _check_checkpoint_writes(ray, run_info, engine.get("session", {}).get("checkpoint_writes", "auto"))
     assert [p["rank"] for p in run_info["placement"]] == [0, 1, 2]
     assert [p["peer"] for p in run_info["placement"]] == [p["name"] for p in ray.summary["peers"]]
     for worker in run_info["placement"]:  # taken in each worker while training: the process group included
@@ -219,6 +224,29 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, mo
     shown = capfd.readouterr()
     for chatter in ("TrainingReport(", "Checkpoint successfully created", "Token authentication is enabled"):
         assert chatter not in shown.out + shown.err, chatter
+
+
+def _check_checkpoint_writes(ray, run_info: dict, asked: str) -> None:
+    """On one node every worker sees the run folder: ``auto`` makes each write its own part; last.pt is then a
+    manifest, and the parts left are exactly those last.pt and best.pt refer to (older steps pruned)."""
+    import torch
+
+    from kdray.checkpoint import PARTS, manifest_files
+
+    writes = "gather" if asked == "gather" else "per_process"
+    assert run_info["checkpoint_writes"] == writes == ray.summary["ray"]["checkpoint_writes"]
+    ckpt = ray.out_dir / "checkpoints"
+    manifest = torch.load(ckpt / "last.pt", weights_only=True)
+    on_disk = {str(p.relative_to(ckpt)) for p in (ckpt / PARTS).rglob("*.pt")}
+    if writes == "gather":
+        assert (
+            "parts" not in manifest
+            and set(manifest["peers"]) == {p["name"] for p in ray.summary["peers"]}
+            and not on_disk
+        )
+        return
+    assert manifest["peers"] == {} and len(manifest["parts"]) == 3  # one part per worker, no state in last.pt
+    assert on_disk == manifest_files(ckpt / "last.pt") | manifest_files(ckpt / "best.pt")
 
 
 TEACHER_CASES = {
