@@ -137,3 +137,33 @@ def test_a_part_alone_is_not_a_checkpoint(tmp_path):
     entries = _write(tmp_path)
     with pytest.raises(CheckpointError, match="incomplete"):
         load_checkpoint(tmp_path / entries[0]["file"])
+
+
+class _Ranks:
+    """Rank 0 of a process group whose other ranks answer ``others`` to the probe question."""
+
+    rank, world = 0, 3
+
+    def __init__(self, others: list[bool]) -> None:
+        self.others = others
+
+    def all_gather(self, obj):
+        return [obj, *self.others] if isinstance(obj, bool) else [obj] * self.world
+
+
+PLACEMENT = [{"hostname": f"node{r}", "node_ip": f"127.0.0.{r + 1}"} for r in range(3)]
+
+
+def test_the_probe_chooses_per_process_parts_only_where_every_worker_sees_the_folder(tmp_path):
+    from kdray.engines.ray_worker import shared_checkpoint_folder
+    from kdray.errors import KdrayError
+
+    ckpt = tmp_path / "checkpoints"
+    assert shared_checkpoint_folder("auto", ckpt, _Ranks([True, True]), PLACEMENT, "a1") is True
+    assert not list(ckpt.iterdir())  # the probe went
+    assert shared_checkpoint_folder("auto", ckpt, _Ranks([True, False]), PLACEMENT, "a2") is False
+    assert shared_checkpoint_folder("gather", ckpt, _Ranks([True, True]), PLACEMENT, "a3") is False
+    with pytest.raises(
+        KdrayError, match=r"checkpoint_writes: per_process .* node2 \(127\.0\.0\.3\) cannot see it"
+    ):
+        shared_checkpoint_folder("per_process", ckpt, _Ranks([True, False]), PLACEMENT, "a4")
