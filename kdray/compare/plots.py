@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdray.compare.table import DIFFS, paired_diff, peer_mean, stat
+from kdray.compare.table import DIFFS, mean_val_curve, paired_diff, peer_mean, stat
 
 
 def _pyplot():
@@ -66,3 +66,34 @@ def plot_compare(records: Sequence[dict[str, Any]], labels: Sequence[str], basel
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_val_curves(records: Sequence[dict[str, Any]], labels: Sequence[str], path: Path) -> Path | None:
+    """Each row's validation accuracy per epoch (peer mean; the mean over seeds, a band of ± one std), its peak
+    marked: where a network starts fitting label noise, its curve peaks and falls. None if no run has a curve."""
+    from kdray.plots import save_figure
+
+    rows = []
+    for label in labels:
+        curves = [c for r in records if r["label"] == label and (c := mean_val_curve(r)) is not None]
+        if curves and all(len(c) == len(curves[0]) for c in curves):
+            rows.append((label, curves))
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, curves in rows:
+        points = [stat(values) for values in zip(*curves)]
+        mean = [100 * s["mean"] for s in points]
+        std = [100 * s["std"] for s in points]
+        epochs = range(1, len(mean) + 1)
+        (line,) = ax.plot(epochs, mean, label=f"{label} ({len(curves)} seeds)", linewidth=1.4)
+        ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)  # fmt: skip
+        peak = max(range(len(mean)), key=mean.__getitem__)
+        ax.plot([peak + 1], [mean[peak]], "v", color=line.get_color(), markersize=7)
+    ax.set(xlabel="epoch", ylabel="validation accuracy, peer mean (%)",
+           title="validation curves: mean ± std over seeds (▼ the mean curve's peak)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -406,8 +406,14 @@ def nests_under(job: Job, tracker) -> bool:
 # -------------------------------------------------------------------------------------------------------- output
 def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str:
     """table.md, table.json and compare.png of the records; returns the markdown."""
-    from kdray.compare.plots import plot_compare
-    from kdray.compare.table import COMPARE_COLUMNS, diff_table, markdown_table, table_json
+    from kdray.compare.plots import plot_compare, plot_val_curves
+    from kdray.compare.table import (
+        COMPARE_COLUMNS,
+        diff_table,
+        markdown_table,
+        memorisation_lines,
+        table_json,
+    )
 
     labels = study.labels()
     seeds = ", ".join(map(str, study.seeds))
@@ -425,10 +431,15 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
             "",
             *diff_table(records, labels, study.baseline),
         ]
+    curve = memorisation_lines(records, labels)
+    if curve:
+        lines += ["", "Validation curves (curves.png): where each row's validation accuracy peaks, and its fall by the "
+                  "last epoch (a fall: the network fits its label noise).", *curve]  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps(table_json(records, labels, study.baseline), indent=1))
     plot_compare(records, labels, study.baseline, out / "compare.png")
+    plot_val_curves(records, labels, out / "curves.png")
     return text
 
 

@@ -281,3 +281,37 @@ def share_lines(
         big = statistics.mean(sum(a - b > drop for a, b in zip(c, c[1:])) for c in curves)
         out.append(f"| {label} | {' | '.join(shares)} | {drops} | {big:.1f} | {len(runs)} |")
     return out
+
+
+def mean_val_curve(run: Record) -> list[float] | None:
+    """A run's validation accuracy per epoch, averaged over its peers; None without a curve (no validation split,
+    or an epoch a peer was not evaluated)."""
+    curves = list((run.get("val_curve") or {}).values())
+    if not curves or not curves[0] or any(len(c) != len(curves[0]) or None in c for c in curves):
+        return None
+    return [statistics.mean(values) for values in zip(*curves)]
+
+
+def memorisation_lines(records: Sequence[Record], labels: Sequence[str]) -> list[str]:
+    """Per row, where its validation accuracy (peer mean, per seed) peaks and how far it has fallen by the last
+    epoch: the sign of a network fitting its label noise. Each number is a mean ± std over seeds of that seed's
+    own peak; nothing for rows without a validation curve."""
+    out = [
+        "",
+        "| row | epoch of the val peak | val at the peak | val at the last epoch | fall from the peak (points) | "
+        "seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        curves = [c for r in records if r["label"] == label and (c := mean_val_curve(r)) is not None]
+        if not curves:
+            continue
+        peaks = [max(range(len(c)), key=c.__getitem__) for c in curves]
+        epochs = stat([p + 1 for p in peaks])
+        fall = stat([c[p] - c[-1] for c, p in zip(curves, peaks)])
+        out.append(
+            f"| {label} | {epochs['mean']:.1f} ± {epochs['std']:.1f} of {len(curves[0])} "
+            f"| {fmt([c[p] for c, p in zip(curves, peaks)])} | {fmt([c[-1] for c in curves])} "
+            f"| {100 * fall['mean']:.2f} ± {100 * fall['std']:.2f} | {len(curves)} |"
+        )
+    return out if len(out) > 3 else []

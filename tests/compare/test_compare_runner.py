@@ -64,6 +64,7 @@ def test_two_rows_two_seeds_end_to_end_then_nothing_trained_again(tmp_path, monk
         abs(diffs[0] - diffs[1]) / 2
     )  # n = 2: |d1 - d2| / 2
     assert "| dml |" in (out / "table.md").read_text() and (out / "compare.png").stat().st_size > 1000
+    assert (out / "curves.png").stat().st_size > 1000 and "| independent | " in (out / "table.md").read_text()
     assert "| row - independent |" in capsys.readouterr().out
 
     # the same command again: every run reused, none started, the same table

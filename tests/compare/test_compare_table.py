@@ -156,3 +156,32 @@ def test_a_published_row_by_hand() -> None:
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
     assert f"{100 * mean:.2f} ± {100 * std:.2f}" == "84.25 ± 0.66"
     assert "| baseline | 84.25 ± 0.66 | 84.25 ± 0.66 | - |" in (REPO / "docs" / "results.md").read_text()
+
+
+def test_the_memorisation_table_finds_each_seeds_peak_and_its_fall_by_hand(tmp_path):
+    from kdray.compare.plots import plot_val_curves
+    from kdray.compare.table import mean_val_curve, memorisation_lines
+
+    def curved(label, seed, a, b):
+        return {**rec(label, seed, 0.8, 0.8), "val_curve": {"a": a, "b": b}}
+
+    runs = [
+        # seed 0: peer means 0.50, 0.70, 0.60 -> peak at epoch 2 (0.70), last 0.60, fall 10 points
+        curved("ind", 0, [0.4, 0.8, 0.6], [0.6, 0.6, 0.6]),
+        # seed 1: peer means 0.55, 0.60, 0.80 -> peak at the last epoch (3), fall 0
+        curved("ind", 1, [0.5, 0.6, 0.8], [0.6, 0.6, 0.8]),
+        curved("flat", 0, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+        {**rec("nocurve", 0, 0.8, 0.8), "val_curve": {"a": [], "b": []}},
+    ]
+    assert mean_val_curve(runs[0]) == pytest.approx([0.5, 0.7, 0.6])
+    assert mean_val_curve(runs[3]) is None
+    assert mean_val_curve({**runs[0], "val_curve": {"a": [0.4, None, 0.6], "b": [0.6, 0.6, 0.6]}}) is None
+    lines = memorisation_lines(runs, ["ind", "flat", "nocurve"])
+    # epochs 2 and 3: mean 2.5, std 0.71; peaks 70 and 80: 75.00 ± 7.07; last 60 and 80; falls 10 and 0
+    assert lines[3] == "| ind | 2.5 ± 0.7 of 3 | 75.00 ± 7.07 | 70.00 ± 14.14 | 5.00 ± 7.07 | 2 |"
+    assert lines[4] == "| flat | 1.0 ± 0.0 of 3 | 50.00 ± 0.00 | 50.00 ± 0.00 | 0.00 ± 0.00 | 1 |"
+    assert len(lines) == 5  # no line for the row without a curve
+    assert memorisation_lines(runs[3:], ["nocurve"]) == []
+    png = plot_val_curves(runs, ["ind", "flat", "nocurve"], tmp_path / "curves.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_val_curves(runs[3:], ["nocurve"], tmp_path / "none.png") is None
