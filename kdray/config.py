@@ -607,12 +607,6 @@ class ExperimentConfig(Section):
                 "the same number of workers for every peer (shard m of every peer exchanges with shard m of the "
                 "others; peers of unequal workers are not supported yet)",
             )  # fmt: skip
-        if max(workers) > 1 and self.engine.exchange.name == "stale":
-            raise ConfigError(
-                "engine.exchange.name", self.engine.exchange.name,
-                "collective or actor, with peers of several workers (the stale exchange would ship a peer's "
-                "weights to every worker; one copy per peer group is not built yet)",
-            )  # fmt: skip
         if max(workers) > 1:
             METHODS.lookup(self.method.name).check_data_parallel(self)
         return self

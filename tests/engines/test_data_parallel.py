@@ -103,6 +103,7 @@ def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
     pop, groups = worker.pop, worker.groups
     _train(pop, worker.runner, cfg.train.epochs)
     results[rank] = (groups.peer, groups.shard, _shard_size(pop), _state(pop))
+    results[("stats", rank)] = worker.exchange.stats()
     # the loop draws a generator's preview on rank 0 alone: its BatchNorm must not wait for rank 1
     if rank == 0:
         results["preview"] = generator_preview(pop, 0)
@@ -118,7 +119,9 @@ def _shard_size(pop: Population) -> int:
     return len(pop.method.draw(rng, pop.shared.module)[0])
 
 
-def _k_by_m(raw: dict) -> dict:
+def _k_by_m(raw: dict) -> tuple[dict[int, tuple], dict]:
+    """Every rank's (peer, shard, samples per step, state), and the extras: rank 0's generator preview
+    (``preview``) and every rank's exchange figures (``stats``)."""
     world = load_config(raw).num_workers
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
@@ -130,7 +133,8 @@ def _k_by_m(raw: dict) -> dict:
         )  # fmt: skip
         got = dict(results)
         manager.shutdown()
-    return got
+    extras = {"preview": got.pop("preview"), "stats": {r: got.pop(("stats", r)) for r in range(world)}}
+    return got, extras
 
 
 def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -190,13 +194,13 @@ def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
         raw["train"]["epochs"] = 2
     torch.set_num_threads(1)
     want, pop_ref = _reference(raw)
-    got = _k_by_m(raw)
+    got, extras = _k_by_m(raw)
     if method in ("dfad", "mad"):  # rank 0's preview: the K x 1 generator's, on 64 samples of its own
         from kdray.plots import generator_preview
 
-        assert (got.pop("preview") - generator_preview(pop_ref, 0)).abs().max() <= TOL
+        assert (extras["preview"] - generator_preview(pop_ref, 0)).abs().max() <= TOL
     else:
-        assert got.pop("preview") is None
+        assert extras["preview"] is None
     assert len(got) == peers * workers
     global_batch = raw["data"]["batch_size"]
     for rank, (peer, shard, batch, state) in sorted(got.items()):
@@ -216,8 +220,7 @@ def test_without_sync_bn_the_workers_normalise_their_shards_alone(tiny_raw):
     raw = _raw(tiny_raw, "dml", 2, 2, sync_bn=False)
     torch.set_num_threads(1)
     want, _ = _reference(raw)
-    got = _k_by_m(raw)
-    got.pop("preview")
+    got, _ = _k_by_m(raw)
     assert min(_worst(state, want) for _, _, _, state in got.values()) > 1e-4
 
 
@@ -229,8 +232,7 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
         load_config(raw, ["data.batch_size=15"])
     with pytest.raises(ConfigError, match=r"peers\.\*\.workers.*same number"):
         load_config(raw, ["peers.0.workers=1"])
-    with pytest.raises(ConfigError, match="engine.exchange.name"):
-        load_config(raw, ["engine.exchange=stale"])
+    load_config(raw, ["engine.exchange=stale"])  # one copy of the weights per peer group (test below)
     with pytest.raises(ConfigError, match="class-pair batches"):
         load_config(raw, ["method.name=cskd", "method.weights={}"])
     mad = _raw(tiny_raw, "mad", 2, 2)
@@ -270,8 +272,8 @@ def test_born_again_generations_k_by_m_equal_k_by_one(tiny_raw, tmp_path):
                 want, _ = _reference(stage)
                 finals[side] = want
                 continue
-            got = _k_by_m(stage)
-            assert got.pop("preview") is None and len(got) == 2 * len(stage["peers"])
+            got, _ = _k_by_m(stage)
+            assert len(got) == 2 * len(stage["peers"])
             worst[name] = max(_worst(state, want) for _, _, _, state in got.values())
             finals[side] = next(
                 state for peer, shard, _, state in got.values() if (peer, shard) == (student, 0)
@@ -284,3 +286,33 @@ def test_born_again_generations_k_by_m_equal_k_by_one(tiny_raw, tmp_path):
             save_checkpoint(tmp_path / side / "stages" / name / "checkpoints" / "last.pt", payload)
     assert max(worst.values()) <= TOL, worst
     print(f"born-again 1 x 2, then 2 x 2: largest difference from K x 1 per generation: {worst}")
+
+
+def test_stale_exchange_ships_one_copy_per_peer_group(tiny_raw):
+    """Codistillation with stale weights (shipped at steps 0 and 2 of 4, burn-in 1 step) on 2 x 2 equals the same
+    on 2 x 1 (the RayEngine's wiring with one worker per peer: the local engine has no stale exchange). One copy
+    of a peer's weights crosses to the other peer per shipment, to its first worker, which hands it on within its
+    group; the copies run on each worker's shard with the peer's synced BatchNorm."""
+    raw = _raw(tiny_raw, "dml", 2, 2)
+    raw["engine"]["exchange"] = {"name": "stale", "every": 2, "burn_in": 1}
+    one = copy.deepcopy(raw)
+    one["engine"]["placement"]["workers_per_peer"] = 1
+    torch.set_num_threads(1)
+    want, want_extras = _k_by_m(one)
+    got, extras = _k_by_m(raw)
+    worst = 0.0
+    for peer, _, _, state in got.values():
+        worst = max(worst, _worst(state, want[peer][3]))
+    assert worst <= TOL, worst
+    # bytes: the first worker of each peer receives what one worker per peer receives; the second, nothing across
+    # peer groups, and the same bytes handed on within its group
+    for rank, (peer, shard, _, _) in got.items():
+        stats, alone = extras["stats"][rank], want_extras["stats"][peer]
+        assert alone["bytes_per_step"] > 0
+        if shard == 0:
+            assert stats["bytes_per_step"] == alone["bytes_per_step"]
+            assert stats["group_bytes_per_step"] == 0
+        else:
+            assert stats["bytes_per_step"] == 0
+            assert stats["group_bytes_per_step"] == alone["bytes_per_step"]
+    print(f"stale 2 x 2: largest difference from 2 x 1 after {STEPS} steps: {worst:.3g}")
