@@ -316,3 +316,48 @@ def test_stale_exchange_ships_one_copy_per_peer_group(tiny_raw):
             assert stats["bytes_per_step"] == 0
             assert stats["group_bytes_per_step"] == alone["bytes_per_step"]
     print(f"stale 2 x 2: largest difference from 2 x 1 after {STEPS} steps: {worst:.3g}")
+
+
+def test_resuming_on_another_number_of_workers_is_refused_where_it_would_not_be_exact(tiny_raw, tmp_path):
+    """A checkpoint holds nothing of M, so a run may resume on another number of workers per peer when both
+    layouts compute K x 1's maths (``sync_bn`` on; ``test_ray_engine.py`` resumes a K x 1 checkpoint on 2 x 2 and
+    ends equal). Where it would not continue exactly, one line names the key, the checkpoint's M and the
+    config's, before anything starts."""
+    import kdray
+    from kdray.errors import ConfigError
+    from kdray.run import check_resume_workers
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["train"].update(epochs=1, steps_per_epoch=2)
+    kdray.train(raw, out=tmp_path / "run")  # K x 1 on the local engine
+    ray = ["engine.name=ray"]
+    with pytest.raises(ConfigError) as err:
+        kdray.train(
+            None, overrides=[*ray, "engine.placement.workers_per_peer=2", "engine.placement.sync_bn=false",
+                             "train.epochs=2"], resume=tmp_path / "run",
+        )  # fmt: skip
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("config key 'engine.placement.workers_per_peer' = 2: ")
+    assert "on 1 worker(s), the config asks for 2" in message and "sync_bn: false" in message
+    assert message.endswith("resume with engine.placement.workers_per_peer=1")
+    with pytest.raises(
+        ConfigError, match=r"^config key 'peers\.0\.workers' = 2: .*1 worker\(s\).*stale exchange"
+    ):
+        kdray.train(
+            None, overrides=[*ray, "peers.0.workers=2", "peers.1.workers=2", "engine.exchange=stale"],
+            resume=tmp_path / "run",
+        )  # fmt: skip
+
+    def saved(workers: int, sync_bn: bool, exchange: str = "collective") -> dict:
+        then = _raw(tiny_raw, "dml", 2, workers, sync_bn=sync_bn)
+        then["engine"]["exchange"] = exchange
+        return {"config": load_config(then).to_dict()}
+
+    now = load_config(_raw(tiny_raw, "dml", 2, 1))
+    check_resume_workers(saved(2, True), now)  # 2 x 2 -> 2 x 1, synced: the same maths
+    check_resume_workers(saved(2, False), load_config(_raw(tiny_raw, "dml", 2, 2, sync_bn=False)))  # same M
+    with pytest.raises(ConfigError, match=r"workers_per_peer' = 1: .*on 2 worker\(s\).*sync_bn: false"):
+        check_resume_workers(saved(2, False), now)  # the checkpoint's shards normalised alone
+    with pytest.raises(ConfigError, match="stale exchange"):
+        check_resume_workers(saved(2, True, "stale"), now)
