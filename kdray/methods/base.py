@@ -200,8 +200,10 @@ class Method:
         """Refuse peers of several workers (``peers[i].workers > 1``) where the method needs what sharding does
         not support yet: class-pair batches (a pair must stay on the worker of its anchor)."""
         if cls.batch_pairs != "none":
+            i = next(i for i, m in enumerate(cfg.peer_workers) if m > 1)
+            key = f"peers.{i}.workers" if cfg.peers[i].workers else "engine.placement.workers_per_peer"
             raise ConfigError(
-                "peers.*.workers", cfg.peer_workers,
+                key, cfg.peer_workers[i],
                 f"1 for method '{cls.name}': peers of several workers do not support class-pair batches yet "
                 "(supported: methods over a data set's batches or a generator's, with private per-peer state, "
                 "per-sample buffers, a shared module such as ACN's or DFAD's generator, or frozen teachers: dml, "

@@ -230,10 +230,14 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
     raw = _raw(tiny_raw, "dml", 2, 2)
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(raw, ["data.batch_size=15"])
-    with pytest.raises(ConfigError, match=r"peers\.\*\.workers.*same number"):
+    with pytest.raises(
+        ConfigError, match=r"^config key 'peers\.1\.workers' = 2: 1, as peer 'peer0' has .*same"
+    ):
         load_config(raw, ["peers.0.workers=1"])
     load_config(raw, ["engine.exchange=stale"])  # one copy of the weights per peer group (test below)
-    with pytest.raises(ConfigError, match="class-pair batches"):
+    with pytest.raises(
+        ConfigError, match="^config key 'engine.placement.workers_per_peer' = 2: 1 for .*class-pair"
+    ):
         load_config(raw, ["method.name=cskd", "method.weights={}"])
     mad = _raw(tiny_raw, "mad", 2, 2)
     mad["peers"][0]["checkpoint"] = "teacher.pt"
