@@ -609,16 +609,13 @@ class ExperimentConfig(Section):
                     "batch, so that the run's maths does not depend on the number of workers)",
                 )  # fmt: skip
         if max(workers) > 1 and len(set(workers)) > 1:
+            i = next(i for i, m in enumerate(workers) if m != workers[0])
             raise ConfigError(
-                "peers.*.workers", workers,
-                "the same number of workers for every peer (shard m of every peer exchanges with shard m of the "
-                "others; peers of unequal workers are not supported yet)",
-            )  # fmt: skip
-        if max(workers) > 1 and self.engine.exchange.name == "stale":
-            raise ConfigError(
-                "engine.exchange.name", self.engine.exchange.name,
-                "collective or actor, with peers of several workers (the stale exchange would ship a peer's "
-                "weights to every worker; one copy per peer group is not built yet)",
+                f"peers.{i}.workers", workers[i],
+                f"{workers[0]}, as peer '{self.peers[0].name}' has (the population's workers per peer: {workers}): "
+                "every peer needs the same number of workers, because shard m of each peer exchanges with shard m "
+                "of the others; peers of unequal workers (a gather of each peer's signals within its group, the "
+                "exchange, a scatter) are not supported yet",
             )  # fmt: skip
         if max(workers) > 1:
             METHODS.lookup(self.method.name).check_data_parallel(self)

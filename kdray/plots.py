@@ -10,6 +10,7 @@ from torch import Tensor
 
 from kdray.config import ExperimentConfig
 from kdray.data.augment import NORMALISATION
+from kdray.models.sync_bn import unsynced
 from kdray.seeds import seed_for
 
 if TYPE_CHECKING:
@@ -110,7 +111,9 @@ def save_image_grid(images, path: Path, columns: int = 8) -> Path:
 def generator_preview(pop: Population, epoch: int) -> Tensor | None:
     """The method's images of this epoch (:meth:`Method.preview`) as displayable pixels in [0, 1], or None."""
     rng = torch.Generator().manual_seed(seed_for(pop.cfg.seed, "preview", epoch))
-    images = pop.method.preview(pop.shared.module if pop.shared else None, rng)
+    shared = pop.shared.module if pop.shared else None
+    with unsynced(shared):  # rank 0 alone draws the preview: no statistics summed over a peer's workers
+        images = pop.method.preview(shared, rng)
     if images is None:
         return None
     images = images.detach().float().cpu()

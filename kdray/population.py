@@ -85,8 +85,11 @@ class PeerRuntime:
             buf.copy_(sd["buffers"][k])
 
 
-def population_spec(cfg: ExperimentConfig, data: DataModule, steps_per_epoch: int) -> PopulationSpec:
-    """Shapes and sizes of every peer, measured by building each network once on the CPU."""
+def population_spec(
+    cfg: ExperimentConfig, data: DataModule, steps_per_epoch: int, shard: tuple[int, int] = (0, 1)
+) -> PopulationSpec:
+    """Shapes and sizes of every peer, measured by building each network once on the CPU; ``shard``: this
+    process's slice of every global batch (a data-parallel peer's worker)."""
     taps = method_class(cfg.method.name).required_taps(cfg.method)
     spec = data.spec
     input_shape = (spec.in_channels, spec.image_size, spec.image_size)
@@ -111,6 +114,7 @@ def population_spec(cfg: ExperimentConfig, data: DataModule, steps_per_epoch: in
         steps_per_epoch=steps_per_epoch,
         train_len=spec.train_len,
         batch_size=cfg.data.batch_size,
+        shard=shard,
     )
 
 
@@ -258,7 +262,7 @@ class Population:
         if self.with_train_data:
             steps = min(self.data.steps_per_epoch(), steps or self.data.steps_per_epoch())
         self.steps_per_epoch = steps
-        self.spec = population_spec(cfg, self.data, steps)
+        self.spec = population_spec(cfg, self.data, steps, shard)
         self.method = method_cls(cfg.method, self.spec)
         self.pairs = method_cls.batch_pairs == "class_pairs"
         ids = list(range(cfg.num_peers)) if local_ids is None else list(local_ids)

@@ -14,6 +14,7 @@ from kdray.exchange import ExchangePlan
 from kdray.exchange.base import weights_of
 from kdray.methods import Method
 from kdray.methods.base import Signals
+from kdray.models.sync_bn import convert_batchnorm
 from kdray.population import PeerRuntime, Population, build_peer
 
 
@@ -37,10 +38,20 @@ class StaleCopy:
         return {k: v.detach() for k, v in published.items()}
 
 
-def exchange_plan(pop: Population) -> ExchangePlan:
-    """The plan of ``pop``'s peers, for ``exchange.attach``."""
+def exchange_plan(pop: Population, norm_group: Any = None) -> ExchangePlan:
+    """The plan of ``pop``'s peers, for ``exchange.attach``. ``norm_group``: this process is one of a
+    data-parallel peer's workers and its BatchNorm sums statistics over that process group; the replicas it runs
+    on its shard (the stale exchange's copies) do the same, so they normalise as one worker would."""
     method, cfg = pop.method, pop.cfg
     phases = {ph.name: ph for ph in method.phases()}
+
+    def replica(s: int) -> StaleCopy:
+        peer = build_peer(cfg, method, s, pop.device, with_optimizers=False)
+        if norm_group is not None:
+            for module in (peer.net, peer.state):
+                if module is not None:
+                    convert_batchnorm(module, norm_group)
+        return StaleCopy(peer, method, phases)
 
     def local(k: int) -> PeerRuntime:
         return next(p for p in pop.peers if p.index == k)
@@ -49,8 +60,6 @@ def exchange_plan(pop: Population) -> ExchangePlan:
         local=[p.index for p in pop.peers],
         edges={e for ph in phases.values() for e in method.phase_topology(ph).edges()},
         frozen={p.index for p in pop.spec.peers if p.frozen},
-        replica=lambda s: StaleCopy(
-            build_peer(cfg, method, s, pop.device, with_optimizers=False), method, phases
-        ),
+        replica=replica,
         live_weights=lambda k: weights_of({"net": local(k).net.model, "state": local(k).state}),
     )

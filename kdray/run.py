@@ -27,7 +27,7 @@ import yaml
 
 from kdray.checkpoint import resolve_checkpoint_path, write_atomic
 from kdray.config import ExperimentConfig, check_keys_act_here
-from kdray.errors import KdrayError
+from kdray.errors import ConfigError, KdrayError
 from kdray.exporter import log_models
 from kdray.population import population_from_checkpoint
 from kdray.registry import ENGINES
@@ -107,6 +107,8 @@ def run_population(
 
     quiet_libraries(cfg.train.verbose)
     check_keys_act_here(cfg)  # train.amp where the peers would run on this machine's CPU
+    if payload is not None:
+        check_resume_workers(payload, cfg)
     out_dir = prepare_out_dir(cfg.name, out, resuming=payload is not None)
     with_train = method_class(cfg.method.name).data_source == "dataset"
     data = build_data(cfg.data, cfg.seed, with_train=with_train)  # a clear DataError here, before any write
@@ -117,6 +119,48 @@ def run_population(
     # a private local Ray starts now, in a thread, while MLflow and the engine's imports take their seconds
     with early_local_ray(cfg.engine, cfg.num_workers):
         return _run_tracked(cfg, out_dir, data, payload, callbacks, parent_run_id)
+
+
+def _saved_workers(raw: dict[str, Any]) -> list[tuple[int, bool]]:
+    """Each peer's (workers, sync_bn) in a checkpoint's config (one worker per peer off the RayEngine)."""
+    engine = raw.get("engine") or {}
+    placement = engine.get("placement") or {}
+    ray = engine.get("name") == "ray"
+    default_m, default_bn = placement.get("workers_per_peer") or 1, placement.get("sync_bn", True)
+    return [
+        (int(p.get("workers") or default_m) if ray else 1,
+         bool(default_bn if p.get("sync_bn") is None else p["sync_bn"]))
+        for p in raw.get("peers") or []
+    ]  # fmt: skip
+
+
+def check_resume_workers(payload: dict[str, Any], cfg: ExperimentConfig) -> None:
+    """Resuming a population on another number of workers per peer (K x M) re-shards the same global batches: the
+    run continues exactly when both layouts compute K x 1's maths (``sync_bn`` wherever a peer has several
+    workers) and the exchange keeps nothing per worker. Otherwise one :class:`ConfigError` naming the key, the
+    checkpoint's number and the config's."""
+    saved = _saved_workers(payload.get("config") or {})
+    then = ((payload.get("config") or {}).get("engine") or {}).get("exchange")
+    stale = "stale" in (cfg.engine.exchange.name, then.get("name") if isinstance(then, dict) else then)
+    for k, ((m_then, bn_then), m_now) in enumerate(zip(saved, cfg.peer_workers)):
+        if m_then == m_now:
+            continue
+        why = None
+        if (m_then > 1 and not bn_then) or (m_now > 1 and not cfg.peer_sync_bn(k)):
+            why = "with sync_bn: false a peer's maths depends on its number of workers (each normalises its shard)"
+        elif stale:
+            why = "the stale exchange keeps its weight copies per worker rank"
+        if why:
+            key = (
+                f"peers.{k}.workers"
+                if cfg.peers[k].workers is not None
+                else "engine.placement.workers_per_peer"
+            )
+            raise ConfigError(
+                key, m_now,
+                f"the checkpoint trained peer '{cfg.peers[k].name}' on {m_then} worker(s), the config asks for "
+                f"{m_now}, and the run would not continue exactly ({why}): resume with {key}={m_then}",
+            )  # fmt: skip
 
 
 def _run_tracked(

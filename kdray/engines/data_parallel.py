@@ -43,6 +43,7 @@ class PeerGroup:
     group: object
     size: int
     shard: int
+    ranks: list[int] = field(default_factory=list)  # the global ranks of the peer's workers, shard order
     bytes: int = field(default=0)  # gradient bytes all-reduced so far (benchmarks/data_parallel.py)
     seconds: float = field(default=0.0)  # time spent in those all-reduces
 
@@ -106,7 +107,7 @@ def create_groups(cfg: ExperimentConfig, rank: int, object_group) -> Groups:
         g if gloo else dist.new_group(r, backend="gloo") for g, r in zip(shard_groups, shard_ranks)
     ]
     return Groups(
-        peer, shard, PeerGroup(peer_groups[peer], workers[peer], shard),
+        peer, shard, PeerGroup(peer_groups[peer], workers[peer], shard, ranks_of[peer]),
         shard_groups[shard], shard_object_groups[shard], shard_ranks[shard],
     )  # fmt: skip
 
@@ -151,13 +152,17 @@ def build_worker(
     their workers here."""
     groups = create_groups(cfg, rank, object_group)
     peer, workers = groups.peer, cfg.peer_workers[groups.peer]
+    peer_group = groups.peer_group
     wiring = Wiring(
         peer, cfg.num_peers, device, group=groups.shard_group, object_group=groups.shard_object_group,
         run_name=run_name, namespace=namespace, attempt=attempt, global_ranks=groups.shard_ranks,
+        peer_group=peer_group.group if peer_group else None, peer_ranks=peer_group.ranks if peer_group else None,
     )  # fmt: skip
     exchange = make_exchange(cfg.engine.exchange, wiring)
     pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
-    if groups.peer_group is not None:
-        sync_batchnorm(pop, groups.peer_group, cfg.peer_sync_bn(peer))
-    exchange.attach(exchange_plan(pop))
+    synced = peer_group is not None and cfg.peer_sync_bn(peer)
+    if peer_group is not None:
+        sync_batchnorm(pop, peer_group, cfg.peer_sync_bn(peer))
+    # the stale exchange's copies of other peers run on this worker's shard: their BatchNorm like the peer's own
+    exchange.attach(exchange_plan(pop, norm_group=peer_group.group if synced else None))
     return Worker(groups, pop, exchange, StepRunner(pop, exchange, groups.peer_group))

@@ -235,8 +235,9 @@ class LocalExchange(Exchange):
 class Wiring:
     """Where one worker's exchange sits: its peer index (``rank``) among ``world`` peers, its device, the process
     group of the signals (gloo on CPU, nccl on GPU; None: the default group; with data-parallel peers, the group of
-    shard m of every peer), a gloo group for small Python objects, and the run (its name and Ray namespace, and the
-    attempt: a fresh id after every restart)."""
+    shard m of every peer), a gloo group for small Python objects, the run (its name and Ray namespace, and the
+    attempt: a fresh id after every restart), and, for a peer of several workers, its peer group (an exchange that
+    ships one copy of something per peer, not per worker, hands it on there)."""
 
     rank: int
     world: int
@@ -249,6 +250,9 @@ class Wiring:
     global_ranks: list[int] | None = (
         None  # peer -> global rank of its worker in ``group`` (None: the identity)
     )
+    # a data-parallel peer: the process group of its workers and their global ranks, shard order (None: one worker)
+    peer_group: Any = None
+    peer_ranks: list[int] | None = None
 
     def where(self) -> tuple:
         """The positional arguments of :class:`DistributedExchange`."""

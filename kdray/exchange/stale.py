@@ -13,6 +13,14 @@ The other terms are still computed and logged.
 
 With ``every: 1`` the copies are refreshed before every step and the signals are exactly the fresh ones: the
 run equals the collective exchange's (a test holds this).
+
+Peers of several workers (K x M): one copy of a source's weights crosses to each receiving peer, not one per
+worker. The first worker of the source's peer group sends it to the first worker of the receiver's (over shard 0's
+group), which broadcasts it within its own peer group (a peer's workers are placed together, so that traffic stays
+on their node). Every worker then runs its copy on its own shard, the copy's BatchNorm summing its statistics over
+the peer group like the peer's own (``sync_bn``), so K x M equals K x 1 (``tests/engines/test_data_parallel.py``).
+``bytes_per_step`` counts what crossed between peer groups (on the first workers); ``group_bytes_per_step`` what
+the broadcasts delivered within the groups.
 """
 
 from __future__ import annotations
@@ -45,12 +53,28 @@ class StaleExchange(DistributedExchange):
     @classmethod
     def create(cls, cfg: StaleExchangeConfig, wiring: Wiring) -> StaleExchange:
         return cls(
-            *wiring.where(), every=cfg.every, burn_in=cfg.burn_in,
+            *wiring.where(), every=cfg.every, burn_in=cfg.burn_in, peer_group=wiring.peer_group,
+            peer_ranks=wiring.peer_ranks,
         )  # fmt: skip
 
-    def __init__(self, *args, every: int, burn_in: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        every: int,
+        burn_in: int = 0,
+        peer_group=None,
+        peer_ranks: list[int] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.every, self.burn_in = every, burn_in
+        # a peer of several workers: its group, and the global rank of its first worker (the one that ships)
+        self.peer_group = peer_group if peer_ranks is not None and len(peer_ranks) > 1 else None
+        self.first = (
+            self.peer_group is None or dist.get_rank() == peer_ranks[0]  # type: ignore[index]
+        )
+        self.peer_ranks = peer_ranks
+        self.group_bytes = 0
         self.local: set[int] = set()
         self.copies: dict[int, Replica] = {}
         self.shipping: list[tuple[int, int]] = []  # (source, receiver) pairs whose weights cross processes
@@ -75,22 +99,33 @@ class StaleExchange(DistributedExchange):
     # ------------------------------------------------------------------ shipping weights
     def _ship(self) -> None:
         ops, received, sent = [], {}, {}
-        for s, r in self.shipping:
+        for s, r in self.shipping if self.first else ():  # one copy per peer group: its first worker's
             if s in self.local and r not in self.local:
                 if s not in sent:
                     weights = self.live_weights(s)
                     sent[s] = SignalLayout.of(weights).pack(weights)
                 ops.append(dist.P2POp(dist.isend, sent[s], self.global_ranks[r], self.group))
             elif r in self.local and s not in self.local and s not in received:
-                layout = SignalLayout.of(self.copies[s].weights())
-                received[s] = (layout, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device))
+                received[s] = self._empty(s)
                 ops.append(dist.P2POp(dist.irecv, received[s][1], self.global_ranks[s], self.group))
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
+        for _, buf in received.values():
+            self.meter.bytes += buf.numel()
+        if self.peer_group is not None:  # ... handed on to the peer's other workers
+            incoming = sorted({s for s, r in self.shipping if r in self.local and s not in self.local})
+            for s in incoming:
+                if s not in received:
+                    received[s] = self._empty(s)
+                    self.group_bytes += received[s][1].numel()
+                dist.broadcast(received[s][1], src=self.peer_ranks[0], group=self.peer_group)
         for s, (layout, buf) in received.items():
             self._load_copy(s, layout.unpack(buf, f"peer {s}'s weights"))
-            self.meter.bytes += buf.numel()
+
+    def _empty(self, s: int) -> tuple[SignalLayout, torch.Tensor]:
+        layout = SignalLayout.of(self.copies[s].weights())
+        return layout, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
 
     @torch.no_grad()
     def _load_copy(self, s: int, weights: dict[str, torch.Tensor]) -> None:
@@ -120,6 +155,12 @@ class StaleExchange(DistributedExchange):
                         computed[s] = self.copies[s].signals(phase, inputs.detach())
                     out[k][s] = computed[s]
         return out
+
+    def stats(self) -> dict[str, float]:
+        steps = max(self.meter.steps, 1)
+        group = {"group_bytes_per_step": self.group_bytes / steps} if self.peer_group is not None else {}
+        self.group_bytes = 0
+        return {**super().stats(), **group}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -69,7 +69,10 @@ class PopulationSpec:
     epochs: int
     steps_per_epoch: int
     train_len: int  # training samples (rows of a per-sample buffer); 0 when the inputs come from a generator
-    batch_size: int
+    batch_size: int  # the global batch (``data.batch_size``), whatever the number of workers of a peer
+    # (m, M): this process is the m-th of each local peer's M data-parallel workers and trains on the m-th of M
+    # equal, contiguous slices of every global batch (a method that makes its own inputs takes that slice)
+    shard: tuple[int, int] = (0, 1)
 
     @property
     def num_peers(self) -> int:
@@ -78,6 +81,14 @@ class PopulationSpec:
     @property
     def trainable(self) -> list[int]:
         return [p.index for p in self.peers if not p.frozen]
+
+    def shard_rows(self, x: Tensor) -> Tensor:
+        """This process's slice of ``x``, rows of a whole global batch (:meth:`kdray.data.Batch.shard`'s slice)."""
+        m, count = self.shard
+        if count == 1:
+            return x
+        n = len(x) // count
+        return x[m * n : (m + 1) * n]
 
 
 @dataclass(frozen=True)
@@ -187,20 +198,16 @@ class Method:
     @classmethod
     def check_data_parallel(cls, cfg: ExperimentConfig) -> None:
         """Refuse peers of several workers (``peers[i].workers > 1``) where the method needs what sharding does
-        not support yet: inputs made by a generator (a data-free population: the generated batch and what the
-        method draws with it would need sharding) or class-pair batches (a pair must stay on the worker of its
-        anchor)."""
-        missing = []
-        if cls.data_source == "generator":
-            missing.append("inputs made by a generator (data-free)")
+        not support yet: class-pair batches (a pair must stay on the worker of its anchor)."""
         if cls.batch_pairs != "none":
-            missing.append("class-pair batches")
-        if missing:
+            i = next(i for i, m in enumerate(cfg.peer_workers) if m > 1)
+            key = f"peers.{i}.workers" if cfg.peers[i].workers else "engine.placement.workers_per_peer"
             raise ConfigError(
-                "peers.*.workers", cfg.peer_workers,
-                f"1 for method '{cls.name}': peers of several workers do not support {' and '.join(missing)} "
-                "yet (supported: methods over a data set's batches with private per-peer state, per-sample buffers, "
-                "a shared module such as ACN's generator, or frozen teachers: dml, afd, acn, kd, pskd, ...)",
+                key, cfg.peer_workers[i],
+                f"1 for method '{cls.name}': peers of several workers do not support class-pair batches yet "
+                "(supported: methods over a data set's batches or a generator's, with private per-peer state, "
+                "per-sample buffers, a shared module such as ACN's or DFAD's generator, or frozen teachers: dml, "
+                "afd, acn, kd, pskd, dfad, mad, ...)",
             )  # fmt: skip
 
     @classmethod

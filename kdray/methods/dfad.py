@@ -31,6 +31,17 @@ parts add up to 2J, so each part logs a share: student k's part carries the valu
 the teacher's part the value 0, through ``share + (P - P.detach())``; the ``shared/loss_gen`` the loop logs is then
 ``-J`` itself. With ``discrepancy: kl`` (``D(s, t) = KL(p_t || p_s)``) the same split holds.
 
+**Peers of several workers** (K x M, ``peers[i].workers``). Every worker of a peer draws the noise (and MAD's
+labels) of the whole global batch from the step's generator, exactly as one worker does, and generates only its shard
+of the rows (``PopulationSpec.shard``); the generator's BatchNorm layers sum their statistics over the peer's workers
+(the engine syncs a shared module's BatchNorm), so the shard is the same rows one worker would generate, and every
+later draw of the step (the next student update's noise, MAD's z' and y') is the same too. The generator's gradient
+is summed over the peers of a shard and averaged over the shards, so every replica takes K x 1's step; MAD's EMA
+copy then follows identically on every worker. Generating a shard from its own split of a fresh draw would cost
+the same but change the noise with M; generating the whole batch on every worker and keeping a shard would be exact
+too, at M times the generator's cost. The per-step diagnostics (``gen_diversity``, ``gen_top_share``, ...) are
+computed on each worker's shard and averaged. ``tests/engines/test_data_parallel.py`` holds K x M == K x 1.
+
 **Deviations and choices** (docs/methods.md, each a config key):
 
 - ``gen_bn_stats: keep`` (default): the students' BatchNorm statistics are restored after the generator step, so
@@ -178,16 +189,20 @@ class DFAD(Method):
 
     # ------------------------------------------------------------------ inputs
     def draw(
-        self, rng: torch.Generator, shared: nn.Module, n: int | None = None
+        self, rng: torch.Generator, shared: nn.Module, n: int | None = None, sharded: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Noise z ~ N(0, I) of shape (n, nz) (n: the batch size) from the step's generator, and, for a
-        class-conditional generator (a shared ``embed``), uniform labels y drawn after it."""
+        """Noise z ~ N(0, I) of shape (n, nz) (n: the global batch size) from the step's generator, and, for a
+        class-conditional generator (a shared ``embed``), uniform labels y drawn after it. A data-parallel
+        peer's worker draws the whole global batch's noise (every worker consumes the stream as one worker
+        does, so the next draw is the same too) and keeps its shard of the rows (unless ``sharded`` is False)."""
         n = self.pop.batch_size if n is None else n
         ref = next(shared.parameters())
         z = torch.randn(n, self.cfg.nz, generator=rng).to(ref)
         y = None
         if "embed" in shared:
             y = torch.randint(self.pop.num_classes, (n,), generator=rng).to(ref.device)
+        if sharded:
+            z, y = self.pop.shard_rows(z), (self.pop.shard_rows(y) if y is not None else None)
         return z, y
 
     def generate(self, shared: nn.Module, which: str, z: Tensor, y: Tensor | None) -> Tensor:
@@ -196,10 +211,12 @@ class DFAD(Method):
             z = z + shared["embed"](y)
         return shared[which](z)
 
-    def sample(self, shared: nn.Module, which: str, rng: torch.Generator, n: int | None = None) -> Tensor:
+    def sample(
+        self, shared: nn.Module, which: str, rng: torch.Generator, n: int | None = None, sharded: bool = True
+    ) -> Tensor:
         """Images for a student update: no gradient, and the generator's BatchNorm running statistics untouched
         (the forward still normalises with the batch's own statistics, as in train mode)."""
-        z, y = self.draw(rng, shared, n)
+        z, y = self.draw(rng, shared, n, sharded)
         with torch.no_grad(), running_stats_untracked(shared[which]):
             return self.generate(shared, which, z, y)
 
@@ -207,7 +224,7 @@ class DFAD(Method):
         return self.sample(shared, "gen", rng)
 
     def preview(self, shared: nn.Module | None, rng: torch.Generator) -> Tensor | None:
-        return self.sample(shared, "gen", rng, 64)
+        return self.sample(shared, "gen", rng, 64, sharded=False)
 
     def phase_inputs(self, phase: Phase, batch, shared, rng) -> Tensor:
         if phase.name == "gen":

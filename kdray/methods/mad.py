@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdray.errors import ConfigError
 from kdray.methods.base import PeerContext, Phase
 from kdray.methods.dfad import DFAD, DFADConfig
 from kdray.methods.registry import register
@@ -85,6 +86,21 @@ class MAD(DFAD):
         if self.cfg.conditional:
             modules["embed"] = nn.Embedding(self.pop.num_classes, self.cfg.nz)
         return nn.ModuleDict(modules)
+
+    @classmethod
+    def check_data_parallel(cls, cfg) -> None:
+        """``ema_batch: half`` draws batch_size / 2 samples of each generator: a data-parallel peer's workers
+        split each half into equal shards."""
+        super().check_data_parallel(cfg)
+        workers = max(cfg.peer_workers)
+        half = max(cfg.data.batch_size // 2, 1)
+        if cfg.method.ema_batch == "half" and half % workers:
+            raise ConfigError(
+                "data.batch_size", cfg.data.batch_size,
+                f"with method.ema_batch: half and {workers} workers per peer, a batch size whose half is a multiple "
+                f"of {workers} (each worker takes an equal shard of each generator's {half} samples), or "
+                "method.ema_batch: full",
+            )  # fmt: skip
 
     def per_generator(self) -> int:
         return self.pop.batch_size if self.cfg.ema_batch == "full" else max(self.pop.batch_size // 2, 1)

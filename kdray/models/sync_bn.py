@@ -14,6 +14,8 @@ one worker load into one trained with several, and back).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -86,3 +88,19 @@ def convert_batchnorm(module: nn.Module, group) -> int:
         if isinstance(m, GroupBatchNorm2d):
             m.group = group
     return converted
+
+
+@contextlib.contextmanager
+def unsynced(module: nn.Module | None):
+    """Inside the block, ``module``'s :class:`GroupBatchNorm2d` layers normalise with this process's batch alone:
+    for a forward that one worker runs by itself (a generator's preview on rank 0), which would otherwise wait
+    for the rest of its group forever."""
+    norms = [m for m in module.modules() if isinstance(m, GroupBatchNorm2d)] if module is not None else []
+    groups = [m.group for m in norms]
+    for m in norms:
+        m.group = None
+    try:
+        yield
+    finally:
+        for m, group in zip(norms, groups):
+            m.group = group

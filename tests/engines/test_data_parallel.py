@@ -12,6 +12,12 @@ two shard means; BatchNorm statistics as sums of per-shard sums, and E[x^2] - E[
 steps at lr 0.1 (measured: see the test's assertion message), so 1e-9 has orders of magnitude of margin on any x86
 CPU, while a wrong shard, a missing gradient average (a 2x gradient) or unsynced statistics move parameters by
 1e-3 or more in the first step.
+
+Data-free populations (DFAD, MAD) add one amplifier: the generator's Adam (lr 1e-3, eps 1e-8). A convolution's
+bias followed by BatchNorm has an exact gradient of 0 (BatchNorm removes any per-channel constant), so what each side
+computes for it is rounding noise |g| <~ 1e-15, which Adam turns into a step of up to lr |g| / eps ~ 1e-10, different
+on the two sides. Four generator steps: <~ 4e-10 < 1e-9 (measured: 7e-12 for DFAD, 2e-11 for MAD, on exactly those
+biases and the running means after them); the other parameters stay at the 1e-15 of the cases without a generator.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -38,6 +45,11 @@ def _raw(tiny_raw: dict, method: str, peers: int, workers: int, sync_bn: bool = 
     small = {"arch": "resnet8", "arch_kwargs": {"width": 4}}
     raw["peers"] = [copy.deepcopy(small) for _ in range(peers)]
     raw["method"] = {"name": method}
+    if method in ("dfad", "mad"):  # a frozen teacher (peer 0, the fixture's checkpoint) and K - 1 students
+        raw["peers"][0].update(frozen=True, checkpoint_peer="net")
+        raw["method"].update(nz=8, ngf=4, student_steps=2)
+    if method == "mad":  # labels drawn with the noise and a class-embedding (the teacher's label term)
+        raw["method"]["conditional"] = True
     if method == "afd":  # a heterogeneous ring: the maps differ in channels, transfer layers bridge them
         raw["peers"][1] = {"arch": "resnet14", "arch_kwargs": {"width": 8}}
         raw["method"]["transfer"] = "auto"
@@ -47,8 +59,11 @@ def _raw(tiny_raw: dict, method: str, peers: int, workers: int, sync_bn: bool = 
 
 
 def _state(pop: Population) -> dict[str, torch.Tensor]:
-    """Every local peer's network, private state and per-sample buffers."""
+    """Every local peer's network, private state and per-sample buffers, and the shared module (a generator, MAD's
+    EMA copy: one replica per worker, every one equal to the one replica of K x 1)."""
     out = {}
+    if pop.shared is not None:
+        out.update({f"shared.{k}": v.detach().clone() for k, v in pop.shared.module.state_dict().items()})
     for p in pop.peers:
         for part, module in (("net", p.net.model), ("state", p.state)):
             if module is not None:
@@ -65,29 +80,48 @@ def _train(pop: Population, runner: StepRunner, epochs: int) -> None:
             runner.step(batch, epoch, epoch * pop.steps_per_epoch + i)
 
 
-def _reference(raw: dict) -> dict[str, torch.Tensor]:
+def _reference(raw: dict) -> tuple[dict[str, torch.Tensor], Population]:
     one = copy.deepcopy(raw)
     one["engine"] = {"name": "local"}
     pop = Population(load_config(one))
     _train(pop, StepRunner(pop), raw["train"]["epochs"])
-    return _state(pop)
+    return _state(pop), pop
 
 
 def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
     """One of the K x M workers, built as the RayEngine builds its workers."""
     from kdray.engines.data_parallel import build_worker
+    from kdray.plots import generator_preview
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective that one rank never joins fails within a minute instead of hanging the suite
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     torch.set_num_threads(1)
     cfg = load_config(raw)
     worker = build_worker(cfg, rank, torch.device("cpu"))
     pop, groups = worker.pop, worker.groups
     _train(pop, worker.runner, cfg.train.epochs)
-    results[rank] = (groups.peer, groups.shard, len(next(iter(pop.batches(0))).y), _state(pop))
+    results[rank] = (groups.peer, groups.shard, _shard_size(pop), _state(pop))
+    results[("stats", rank)] = worker.exchange.stats()
+    # the loop draws a generator's preview on rank 0 alone: its BatchNorm must not wait for rank 1
+    if rank == 0:
+        results["preview"] = generator_preview(pop, 0)
     dist.destroy_process_group()
 
 
-def _k_by_m(raw: dict) -> dict:
+def _shard_size(pop: Population) -> int:
+    """The samples one step of this worker trains on: its shard of a data set's batch, or of a generator's."""
+    batch = next(iter(pop.batches(0)))
+    if batch is not None:
+        return len(batch.y)
+    rng = torch.Generator().manual_seed(0)
+    return len(pop.method.draw(rng, pop.shared.module)[0])
+
+
+def _k_by_m(raw: dict) -> tuple[dict[int, tuple], dict]:
+    """Every rank's (peer, shard, samples per step, state), and the extras: rank 0's generator preview
+    (``preview``) and every rank's exchange figures (``stats``)."""
     world = load_config(raw).num_workers
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
@@ -99,7 +133,8 @@ def _k_by_m(raw: dict) -> dict:
         )  # fmt: skip
         got = dict(results)
         manager.shutdown()
-    return got
+    extras = {"preview": got.pop("preview"), "stats": {r: got.pop(("stats", r)) for r in range(world)}}
+    return got, extras
 
 
 def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -123,6 +158,12 @@ CASES = {
     # a shared generator: its gradient summed over the peers of a shard, averaged over the shards; its
     # BatchNorm over the global batch
     "acn-2x2": ("acn", 2, 2),
+    # data-free: every worker draws the global batch's noise (and labels) and generates its shard of the images,
+    # the generator's BatchNorm summed over the peer's workers; the generator's gradient summed over the peers of
+    # a shard and averaged over the shards; a frozen teacher and two students, each on two workers
+    "dfad-teacher-2-students-3x2": ("dfad", 3, 2),
+    # ... and MAD's EMA generator (stepped identically on every worker) and class-conditional draws
+    "mad-conditional-2x2": ("mad", 2, 2),
 }
 
 
@@ -144,7 +185,7 @@ def teacher_checkpoint(tmp_path_factory) -> str:
 def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
     method, peers, workers = CASES[case]
     raw = _raw(tiny_raw, method, peers, workers)
-    if method == "kd":  # a frozen teacher and a student, each on two workers (the teacher only forwards)
+    if method in ("kd", "dfad", "mad"):  # a frozen teacher, on two workers like every peer (it only forwards)
         raw["peers"][0].update(
             frozen=True, checkpoint=request.getfixturevalue("teacher_checkpoint"), checkpoint_peer="net"
         )
@@ -152,13 +193,20 @@ def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
         raw["method"]["weights"] = {"kl": 1.0}
         raw["train"]["epochs"] = 2
     torch.set_num_threads(1)
-    want = _reference(raw)
-    got = _k_by_m(raw)
+    want, pop_ref = _reference(raw)
+    got, extras = _k_by_m(raw)
+    if method in ("dfad", "mad"):  # rank 0's preview: the K x 1 generator's, on 64 samples of its own
+        from kdray.plots import generator_preview
+
+        assert (extras["preview"] - generator_preview(pop_ref, 0)).abs().max() <= TOL
+    else:
+        assert extras["preview"] is None
     assert len(got) == peers * workers
     global_batch = raw["data"]["batch_size"]
     for rank, (peer, shard, batch, state) in sorted(got.items()):
         assert rank == peer * workers + shard  # ranks laid out peer by peer
-        assert batch == global_batch // workers  # each worker trains on its shard of the global batch
+        # each worker trains on its shard of the global batch (a generator's too)
+        assert batch == global_batch // workers
         worst = _worst(state, want)
         assert worst <= TOL, f"rank {rank} (peer {peer}, shard {shard}): {worst:.3g}"
     # the workers of one peer hold the same network, statistics included (synced BatchNorm, averaged gradients)
@@ -171,8 +219,8 @@ def test_without_sync_bn_the_workers_normalise_their_shards_alone(tiny_raw):
     a shard differ from the global batch's, and the networks drift from K x 1 far past the bound."""
     raw = _raw(tiny_raw, "dml", 2, 2, sync_bn=False)
     torch.set_num_threads(1)
-    want = _reference(raw)
-    got = _k_by_m(raw)
+    want, _ = _reference(raw)
+    got, _ = _k_by_m(raw)
     assert min(_worst(state, want) for _, _, _, state in got.values()) > 1e-4
 
 
@@ -182,18 +230,138 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
     raw = _raw(tiny_raw, "dml", 2, 2)
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(raw, ["data.batch_size=15"])
-    with pytest.raises(ConfigError, match=r"peers\.\*\.workers.*same number"):
+    with pytest.raises(
+        ConfigError, match=r"^config key 'peers\.1\.workers' = 2: 1, as peer 'peer0' has .*same"
+    ):
         load_config(raw, ["peers.0.workers=1"])
-    with pytest.raises(ConfigError, match="engine.exchange.name"):
-        load_config(raw, ["engine.exchange=stale"])
-    with pytest.raises(ConfigError, match="class-pair batches"):
+    load_config(raw, ["engine.exchange=stale"])  # one copy of the weights per peer group (test below)
+    with pytest.raises(
+        ConfigError, match="^config key 'engine.placement.workers_per_peer' = 2: 1 for .*class-pair"
+    ):
         load_config(raw, ["method.name=cskd", "method.weights={}"])
-    from kdray.methods import method_class
-
-    with pytest.raises(ConfigError, match="inputs made by a generator"):
-        method_class("dfad").check_data_parallel(load_config(raw))
+    mad = _raw(tiny_raw, "mad", 2, 2)
+    mad["peers"][0]["checkpoint"] = "teacher.pt"
+    load_config(mad, ["data.batch_size=8", "method.ema_batch=half"])  # 4 of each generator: 2 per worker
+    with pytest.raises(ConfigError, match=r"data.batch_size.*6.*ema_batch: half"):
+        load_config(mad, ["data.batch_size=6", "method.ema_batch=half"])  # 3 of each generator
     local = copy.deepcopy(raw)
     local["engine"] = {"name": "local"}
     local["peers"][0]["workers"] = 2
     with pytest.raises(ConfigError, match=r"peers\.0\.workers"):
         load_config(local)
+
+
+def test_born_again_generations_k_by_m_equal_k_by_one(tiny_raw, tmp_path):
+    """Born-again networks (``generations: 2``, one network, the paper's setting): generation 1 trains alone;
+    generation 2 distils it, frozen and loaded through ``from_stage`` from generation 1's final weights, into a
+    fresh network of initial weights of its own. Every network on two workers in both generations (1 x 2, then
+    2 x 2); each side's generation 2 learns from its own generation 1, and every worker of both generations
+    equals K x 1's."""
+    from kdray.checkpoint import save_checkpoint
+    from kdray.stages import _resolved, stage_configs
+
+    raw = _raw(tiny_raw, "independent", 1, 2)
+    raw["peers"][0]["name"] = "net"
+    raw["generations"] = {"count": 2}
+    stages = stage_configs(raw)
+    assert [name for name, _ in stages] == ["gen1", "gen2"]
+    torch.set_num_threads(1)
+    worst = {}
+    for name, cfg in stages:
+        finals = {}  # side -> the trained network's state (the next generation's teacher)
+        for side in ("k_by_1", "k_by_m"):
+            stage = _resolved(cfg, tmp_path / side, "sqlite:///unused.db").to_dict()
+            student = len(stage["peers"]) - 1  # gen1: the network; gen2: teacher first, then the student
+            if side == "k_by_1":
+                want, _ = _reference(stage)
+                finals[side] = want
+                continue
+            got, _ = _k_by_m(stage)
+            assert len(got) == 2 * len(stage["peers"])
+            worst[name] = max(_worst(state, want) for _, _, _, state in got.values())
+            finals[side] = next(
+                state for peer, shard, _, state in got.values() if (peer, shard) == (student, 0)
+            )
+        for side, state in finals.items():  # where from_stage finds them: stages/<name>/checkpoints/last.pt
+            peer = cfg.peers[-1].name
+            net = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"{peer}.net.")}
+            payload = {"config": cfg.to_dict(), "epoch": 1, "step": STEPS, "rng": torch.get_rng_state(),
+                       "peers": {peer: {"net": net}}}  # fmt: skip
+            save_checkpoint(tmp_path / side / "stages" / name / "checkpoints" / "last.pt", payload)
+    assert max(worst.values()) <= TOL, worst
+    print(f"born-again 1 x 2, then 2 x 2: largest difference from K x 1 per generation: {worst}")
+
+
+def test_stale_exchange_ships_one_copy_per_peer_group(tiny_raw):
+    """Codistillation with stale weights (shipped at steps 0 and 2 of 4, burn-in 1 step) on 2 x 2 equals the same
+    on 2 x 1 (the RayEngine's wiring with one worker per peer: the local engine has no stale exchange). One copy
+    of a peer's weights crosses to the other peer per shipment, to its first worker, which hands it on within its
+    group; the copies run on each worker's shard with the peer's synced BatchNorm."""
+    raw = _raw(tiny_raw, "dml", 2, 2)
+    raw["engine"]["exchange"] = {"name": "stale", "every": 2, "burn_in": 1}
+    one = copy.deepcopy(raw)
+    one["engine"]["placement"]["workers_per_peer"] = 1
+    torch.set_num_threads(1)
+    want, want_extras = _k_by_m(one)
+    got, extras = _k_by_m(raw)
+    worst = 0.0
+    for peer, _, _, state in got.values():
+        worst = max(worst, _worst(state, want[peer][3]))
+    assert worst <= TOL, worst
+    # bytes: the first worker of each peer receives what one worker per peer receives; the second, nothing across
+    # peer groups, and the same bytes handed on within its group
+    for rank, (peer, shard, _, _) in got.items():
+        stats, alone = extras["stats"][rank], want_extras["stats"][peer]
+        assert alone["bytes_per_step"] > 0
+        if shard == 0:
+            assert stats["bytes_per_step"] == alone["bytes_per_step"]
+            assert stats["group_bytes_per_step"] == 0
+        else:
+            assert stats["bytes_per_step"] == 0
+            assert stats["group_bytes_per_step"] == alone["bytes_per_step"]
+    print(f"stale 2 x 2: largest difference from 2 x 1 after {STEPS} steps: {worst:.3g}")
+
+
+def test_resuming_on_another_number_of_workers_is_refused_where_it_would_not_be_exact(tiny_raw, tmp_path):
+    """A checkpoint holds nothing of M, so a run may resume on another number of workers per peer when both
+    layouts compute K x 1's maths (``sync_bn`` on; ``test_ray_engine.py`` resumes a K x 1 checkpoint on 2 x 2 and
+    ends equal). Where it would not continue exactly, one line names the key, the checkpoint's M and the
+    config's, before anything starts."""
+    import kdray
+    from kdray.errors import ConfigError
+    from kdray.run import check_resume_workers
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["train"].update(epochs=1, steps_per_epoch=2)
+    kdray.train(raw, out=tmp_path / "run")  # K x 1 on the local engine
+    ray = ["engine.name=ray"]
+    with pytest.raises(ConfigError) as err:
+        kdray.train(
+            None, overrides=[*ray, "engine.placement.workers_per_peer=2", "engine.placement.sync_bn=false",
+                             "train.epochs=2"], resume=tmp_path / "run",
+        )  # fmt: skip
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("config key 'engine.placement.workers_per_peer' = 2: ")
+    assert "on 1 worker(s), the config asks for 2" in message and "sync_bn: false" in message
+    assert message.endswith("resume with engine.placement.workers_per_peer=1")
+    with pytest.raises(
+        ConfigError, match=r"^config key 'peers\.0\.workers' = 2: .*1 worker\(s\).*stale exchange"
+    ):
+        kdray.train(
+            None, overrides=[*ray, "peers.0.workers=2", "peers.1.workers=2", "engine.exchange=stale"],
+            resume=tmp_path / "run",
+        )  # fmt: skip
+
+    def saved(workers: int, sync_bn: bool, exchange: str = "collective") -> dict:
+        then = _raw(tiny_raw, "dml", 2, workers, sync_bn=sync_bn)
+        then["engine"]["exchange"] = exchange
+        return {"config": load_config(then).to_dict()}
+
+    now = load_config(_raw(tiny_raw, "dml", 2, 1))
+    check_resume_workers(saved(2, True), now)  # 2 x 2 -> 2 x 1, synced: the same maths
+    check_resume_workers(saved(2, False), load_config(_raw(tiny_raw, "dml", 2, 2, sync_bn=False)))  # same M
+    with pytest.raises(ConfigError, match=r"workers_per_peer' = 1: .*on 2 worker\(s\).*sync_bn: false"):
+        check_resume_workers(saved(2, False), now)  # the checkpoint's shards normalised alone
+    with pytest.raises(ConfigError, match="stale exchange"):
+        check_resume_workers(saved(2, True, "stale"), now)

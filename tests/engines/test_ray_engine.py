@@ -504,3 +504,20 @@ def test_a_timm_peer_trains_on_ray_as_on_the_local_engine(tiny_raw, tmp_path, ra
     assert ray.summary["engine"] == "ray" and ray.summary["peers"][0]["arch"] == "timm:test_efficientnet"
     history = ray.summary["history"][-1]
     assert 0 < history["effnet/loss_ce"] < float("inf")
+
+
+def test_a_k_by_one_checkpoint_resumes_exactly_on_data_parallel_peers(tiny_raw, tmp_path, ray_local):
+    """A checkpoint holds nothing of M: the LocalEngine's K x 1 checkpoint after epoch 1 resumes on the RayEngine
+    with 2 workers per peer (synced BatchNorm) and ends equal to the LocalEngine's uninterrupted run (float64,
+    1e-9). PS-KD inside DML: epoch 2 reads the per-sample tables of epoch 1, restored onto both workers of a peer.
+    (Where another M would not continue exactly, the resume is refused: ``test_data_parallel.py``.)"""
+    raw = _population(tiny_raw, "pskd")
+    raw["peers"] = raw["peers"][:2]
+    raw["method"]["weights"] = {"kl": 1.0}
+    raw["train"]["schedule"] = {"name": "constant"}  # a 1-epoch run's schedule would span 1 epoch only
+    placement = {"cpus_per_peer": 0.5, "workers_per_peer": 2}
+    local, ray = _run_pair(raw, tmp_path, resume_epoch=1, exchange="collective", placement=placement)
+    assert ray.summary["engine"] == "ray" and ray.summary["epochs"] == 2
+    assert _compare_states(load_checkpoint(ray.checkpoint), load_checkpoint(local.checkpoint)) <= TOL
+    run_info = json.loads((ray.out_dir / "ray_run.json").read_text())
+    assert [w["shard"] for w in run_info["placement"]] == ["1/2", "2/2", "1/2", "2/2"]

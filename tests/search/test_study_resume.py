@@ -89,3 +89,55 @@ def test_killed_study_resumes_without_rerunning_finished_trials(ray_local, tiny_
 
     assert after["mlflow"]["parent_run_id"] == before["mlflow"]["parent_run_id"]
     assert after["mlflow"]["children"] == 3  # one nested run per trial, none duplicated by the restart
+
+
+def test_a_trial_of_data_parallel_peers_resumes_from_its_own_checkpoint(ray_local, tiny_raw, tmp_path):
+    """A trial of a K x M population (2 peers x 2 workers; the trial is the Ray Train driver) resumes from its own
+    Tune checkpoint like any trial. The trial trains its 2 epochs, keeping the checkpoint it reported after epoch 1
+    (what Tune hands back when the study driver died there); the next incarnation resumes from it ('own'), trains
+    epoch 2 only, and ends where the uninterrupted trial ended (float64)."""
+    import shutil
+
+    import torch
+    from ray.tune import Checkpoint
+
+    from kdray.checkpoint import load_checkpoint
+    from kdray.config import load_config
+    from kdray.search.trial import CHECKPOINT_FILE, TRIAL_META, TrialPlan, _train_trial
+
+    raw = tiny_raw
+    raw["peers"] = [
+        {"name": f"p{k}", "arch": "resnet8", "arch_kwargs": {"width": 4}, "workers": 2} for k in (0, 1)
+    ]
+    raw["train"].update(epochs=2, steps_per_epoch=3, threads=1, dtype="float64")
+    raw["engine"] = {"name": "ray", "placement": {"cpus_per_peer": 0.5}}
+    cfg = load_config(raw)
+    out, tune_checkpoint = tmp_path / "study" / "trials" / "t1", tmp_path / "tune_checkpoint"
+    plan = TrialPlan("study", str(tmp_path / "study"), raw, (), "objective")
+
+    class Reporter:  # the trial's epoch callback, without Tune: keeps epoch 1's checkpoint as Tune would
+        def __init__(self):
+            self.final, self.epochs = None, []
+
+        def __call__(self, metrics, checkpoint_path):
+            self.epochs.append(int(metrics["epoch"]))
+            if self.epochs[-1] == 1:
+                tune_checkpoint.mkdir()
+                shutil.copy2(checkpoint_path, tune_checkpoint / CHECKPOINT_FILE)
+                (tune_checkpoint / TRIAL_META).write_text(json.dumps({"trial_id": "t1", "epoch": 1}))
+
+    first = Reporter()
+    uninterrupted = _train_trial(None, cfg, out, first, plan, "t1", {}, [{}])
+    assert first.epochs == [1, 2]
+    ended = load_checkpoint(uninterrupted.checkpoint)
+    second, incarnations = Reporter(), [{}]
+    resumed = _train_trial(Checkpoint.from_directory(str(tune_checkpoint)), cfg, out, second, plan, "t1", {},
+                           incarnations)  # fmt: skip
+    assert incarnations[-1]["resumed"]["kind"] == "own" and second.epochs == [2]
+    again = load_checkpoint(resumed.checkpoint)
+    assert again["epoch"] == 2 and again["mlflow_run_id"] == ended["mlflow_run_id"]
+    placement = json.loads((out / "ray_run.json").read_text())["placement"]
+    assert [w["shard"] for w in placement] == ["1/2", "2/2", "1/2", "2/2"]
+    for name, peer in ended["peers"].items():
+        for k, v in peer["net"].items():
+            assert torch.allclose(again["peers"][name]["net"][k], v, rtol=0, atol=1e-12), (name, k)
