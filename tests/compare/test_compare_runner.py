@@ -211,6 +211,35 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
         assert raw["data"]["select_on"] == "last" and raw["data"]["label_noise"]["rate"] == 0.4
 
 
+@pytest.mark.parametrize(
+    "name, methods",
+    [
+        ("online_memorising", ["independent", "dml", "afd"]),
+        ("selfkd_memorising", ["independent", "independent", "pskd", "cskd", "tfkd"]),
+        ("ban_memorising", ["independent"]),
+    ],
+)
+def test_the_memorising_study_files_share_one_regime_and_every_row_validates(name, methods) -> None:
+    from kdray.config import validate
+    from kdray.stages import is_staged, stage_configs
+
+    study = load_study(Path(__file__).resolve().parents[2] / "configs" / "studies" / f"{name}.yaml")
+    for row, method in zip(study.rows, methods, strict=True):
+        raw = study.config(row, 1)
+        stages = [cfg for _, cfg in stage_configs(raw)] if is_staged(raw) else [validate(raw)]
+        assert len(stages) == (3 if name.startswith("ban") else 1)
+        assert [c.method.name for c in stages[1:]] == ["kd"] * (len(stages) - 1)
+        cfg = stages[0]
+        assert cfg.method.name == method and cfg.seed == 1
+        assert (cfg.data.train_size, cfg.data.val_split, cfg.data.clean_val, cfg.train.epochs) == (
+            1300,
+            300,
+            True,
+            80,
+        )
+        assert cfg.data.label_noise.rate == 0.4 and cfg.train.optimizer.weight_decay == 5.0e-5
+
+
 def test_ctrl_c_stops_the_runs_at_a_safe_point_and_exits_130(tmp_path) -> None:
     """SIGINT to the process group, as a terminal's Ctrl-C: the running run checkpoints and stops, nothing is
     recorded as finished, and the command says how to continue."""
