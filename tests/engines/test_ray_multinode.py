@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.flaky(reruns=1)]
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+PAIR = ("127.0.0.5", "127.0.0.6")  # addresses of their own: a three-node cluster may run beside it
 
 
 def _descendants(pids: set[int]) -> set[int]:
@@ -67,8 +68,8 @@ def loopback_cluster():
 
 @pytest.fixture
 def loopback_pair():
-    """Head + one worker node (127.0.0.2, 127.0.0.3), one CPU each."""
-    yield from _loopback(NODES[:2])
+    """Head + one worker node (127.0.0.5, 127.0.0.6), one CPU each."""
+    yield from _loopback(PAIR)
 
 
 def _loopback(nodes: tuple[str, ...]):
@@ -249,7 +250,7 @@ def test_group_by_peer_and_by_shard_put_every_worker_on_its_planned_node(loopbac
         on = {(p["peer"], p["shard"]): p["node_ip"] for p in placement}
         assert {on[w] for w in first_node} == {plan["node_ip"][0]}  # the pair that shares a node
         assert {ip for w, ip in on.items() if w not in first_node} == {plan["node_ip"][3]}
-        assert sorted(set(on.values())) == sorted(NODES[:2])  # the two groups on the two nodes
+        assert sorted(set(on.values())) == sorted(PAIR)  # the two groups on the two nodes
         got = load_checkpoint(tmp_path / group_by / "checkpoints" / "last.pt")
         for name, peer in want["peers"].items():
             for k, v in peer["net"].items():
@@ -262,4 +263,4 @@ def test_group_by_peer_and_by_shard_put_every_worker_on_its_planned_node(loopbac
     error = run.stderr.strip().splitlines()[-1]
     assert error.startswith("kdray: error: engine.placement.group_by=peer: 2 group(s) of 4 worker(s)"), error
     assert "no node has room for one group: the cluster has 2 node(s) with free " in error, error
-    assert "127.0.0.2 (CPU 1, GPU 0)" in error and "127.0.0.3 (CPU 1, GPU 0)" in error, error
+    assert "127.0.0.5 (CPU 1, GPU 0)" in error and "127.0.0.6 (CPU 1, GPU 0)" in error, error
