@@ -325,6 +325,14 @@ class PlacementConfig(Section):
     """What each peer's Ray Train worker asks for, and how the workers are spread over the nodes."""
 
     strategy: Literal["pack", "spread", "strict_spread"] = "pack"
+    group_by: Literal["none", "peer", "shard"] = Field(
+        "none",
+        description="which workers share a node (K peers x M workers, kdray.engines.placement): peer - each peer's "
+        "M workers on one node (its gradient all-reduce stays local, only the exchange's per-step signals cross "
+        "nodes), different peers on different nodes where the cluster allows; shard - shard m of every peer on one "
+        "node (the exchange stays local, the all-reduces cross); none - where Ray's strategy puts them. peer and "
+        "shard pin every worker to a node planned from the nodes' free resources at start, with strategy: pack",
+    )
     cpus_per_peer: float = Field(1.0, gt=0)
     gpus_per_peer: float = Field(0.0, ge=0)
     timeout_s: float = Field(60.0, gt=0, description="give up (with a clear error) if not placed by then")
@@ -564,6 +572,17 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _grouping_or_strategy(self) -> ExperimentConfig:
+        placement = self.engine.placement
+        if placement.group_by != "none" and placement.strategy != "pack":
+            raise ConfigError(
+                "engine.placement.strategy", placement.strategy,
+                f"pack, with engine.placement.group_by: {placement.group_by} (it names each worker's node itself; "
+                f"{placement.strategy} would contradict it), or set group_by: none",
+            )  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _population_fits_method(self, info: ValidationInfo) -> ExperimentConfig:
         names = [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
         if len(set(names)) != len(names):
@@ -638,9 +657,14 @@ class ExperimentConfig(Section):
         return sum(self.peer_workers)
 
     def worker_layout(self) -> list[tuple[int, int]]:
-        """Ray Train rank -> (peer, shard): ranks laid out peer by peer, a peer's workers contiguous (so Ray's
-        packing keeps them together and the peer's gradient all-reduce local)."""
-        return [(k, m) for k, count in enumerate(self.peer_workers) for m in range(count)]
+        """Ray Train rank -> (peer, shard). Ray Train numbers the workers node by node, so the workers that should
+        share a node get consecutive ranks: peer by peer (a peer's workers contiguous: Ray's packing, or
+        ``engine.placement.group_by: peer``, keeps them together and the peer's gradient all-reduce local), or
+        with ``group_by: shard`` shard by shard (shard m of every peer contiguous, in peer order)."""
+        workers = self.peer_workers
+        if self.engine.placement.group_by == "shard":
+            return [(k, m) for m in range(max(workers)) for k, count in enumerate(workers) if m < count]
+        return [(k, m) for k, count in enumerate(workers) for m in range(count)]
 
     def peer_sync_bn(self, k: int) -> bool:
         own = self.peers[k].sync_bn

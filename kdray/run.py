@@ -161,6 +161,16 @@ def check_resume_workers(payload: dict[str, Any], cfg: ExperimentConfig) -> None
                 f"the checkpoint trained peer '{cfg.peers[k].name}' on {m_then} worker(s), the config asks for "
                 f"{m_now}, and the run would not continue exactly ({why}): resume with {key}={m_then}",
             )  # fmt: skip
+    # group_by: shard numbers the ranks shard by shard (ExperimentConfig.worker_layout): the stale exchange's
+    # per-rank state would go to other workers
+    placement = (((payload.get("config") or {}).get("engine") or {}).get("placement")) or {}
+    by_then, by_now = placement.get("group_by", "none"), cfg.engine.placement.group_by
+    if stale and max(cfg.peer_workers) > 1 and (by_then == "shard") != (by_now == "shard"):
+        raise ConfigError(
+            "engine.placement.group_by", by_now,
+            f"{by_then}, as the checkpoint was trained (the stale exchange keeps its weight copies per worker rank, "
+            "and group_by: shard numbers the ranks shard by shard rather than peer by peer)",
+        )  # fmt: skip
 
 
 def _run_tracked(

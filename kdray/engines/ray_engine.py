@@ -63,6 +63,7 @@ class RayEngine(Engine):
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
+        from kdray.engines.placement import planned_placement
         from kdray.engines.ray_board import create_board
         from kdray.engines.ray_runtime import (
             LAST_LOCAL_START,
@@ -86,7 +87,9 @@ class RayEngine(Engine):
         marks = {"process_start": process_started_at(), "engine_start": t0}
         with ray_session(eng, cfg.num_workers) as ray_found:
             marks["ray_ready"] = time.time()
-            require_placement(eng, cfg.num_workers)
+            # engine.placement.group_by: the node of every worker, pinned by Ray's node-id label
+            plan = planned_placement(cfg, can_grow=not loopback_cluster())
+            require_placement(eng, cfg.num_workers, plan)
             marks["placement_ready"] = time.time()
             namespace = ray.get_runtime_context().namespace
             board = create_board(namespace)
@@ -102,6 +105,7 @@ class RayEngine(Engine):
                 "run_name": run_name,
                 "namespace": namespace,
                 "resume": ray.put(resume) if resume is not None else None,
+                "placement_plan": plan.record() if plan else None,  # every worker checks its node against it
             }
             trainer = make_trainer(
                 loop_config,
@@ -115,6 +119,7 @@ class RayEngine(Engine):
                     use_gpu=eng.placement.gpus_per_peer > 0,
                     resources_per_worker=worker_resources(eng),
                     placement_strategy=STRATEGIES[eng.placement.strategy],
+                    label_selector=plan.label_selector() if plan else None,
                 ),
                 run_config=RunConfig(
                     name=run_name,
@@ -143,6 +148,7 @@ class RayEngine(Engine):
             "checkpoint_writes": (outcome.get("placement") or [{}])[0].get("checkpoint_writes"),
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
+            "placement_plan": plan.record() if plan else None,  # engine.placement.group_by: each rank's node
         }
         outcome["ray"]["startup_s"] = startup_breakdown(
             marks, outcome.pop("first_placement"), outcome["ray"]["first_step_at"]

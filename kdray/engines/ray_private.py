@@ -32,6 +32,14 @@ def available() -> bool:
     return ray.__version__.startswith(TESTED) and os.environ.get(PUBLIC_ONLY_ENV, "") != "1"
 
 
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """Node id -> the resources free on it now (Ray's ``available_resources_per_node``, a developer API that the
+    public ``ray.nodes()`` lacks: it gives each node's total only). Planning ``engine.placement.group_by``."""
+    from ray._private.state import available_resources_per_node
+
+    return available_resources_per_node()
+
+
 def quiet_train_reports() -> None:
     """Ray Train logs one INFO line per report and per checkpoint from every worker. Its ``LoggingConfig`` level
     (set to WARNING by the driver) filters the ``ray.train`` loggers, but Ray 2.60's report line comes from a logger

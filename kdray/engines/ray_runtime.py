@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import EngineConfig
+from kdray.engines.placement import Plan
 from kdray.engines.ports import PortPicker
 from kdray.errors import KdrayError, PlacementError
 
@@ -376,19 +377,29 @@ def worker_resources(engine: EngineConfig) -> dict[str, float]:
     return res
 
 
-def require_placement(engine: EngineConfig, num_peers: int) -> None:
+def require_placement(engine: EngineConfig, num_peers: int, plan: Plan | None = None) -> None:
     """Reserve the workers' bundles once, with a timeout: an infeasible placement (STRICT_SPREAD over too few
-    nodes, more GPUs than there are) raises PlacementError instead of waiting forever."""
+    nodes, more GPUs than there are) raises PlacementError instead of waiting forever. With a ``plan``
+    (``engine.placement.group_by``), each bundle on its planned node."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = worker_resources(engine)
     pg = placement_group(
-        [dict(bundle) for _ in range(num_peers)], strategy=STRATEGIES[engine.placement.strategy]
-    )
+        [dict(bundle) for _ in range(num_peers)], strategy=STRATEGIES[engine.placement.strategy],
+        bundle_label_selector=plan.label_selector() if plan else None,
+    )  # fmt: skip
     try:
         ready = pg.wait(timeout_seconds=engine.placement.timeout_s)
     finally:
         remove_placement_group(pg)
+    if not ready and plan is not None:
+        asked = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
+        where = ", ".join(f"{ip} x{plan.node_ips.count(ip)}" for ip in dict.fromkeys(plan.node_ips))
+        raise PlacementError(
+            f"engine.placement.group_by={plan.group_by}: {num_peers} workers with {{{asked}}} each, planned as "
+            f"{where}, could not be reserved within {engine.placement.timeout_s:g} s (taken since the plan was "
+            f"made); the cluster has {_describe_nodes()}. Retry, add nodes, or set engine.placement.group_by: none"
+        )
     if not ready:
         placement = engine.placement
         where = f" on {num_peers} different nodes" if placement.strategy == "strict_spread" else ""

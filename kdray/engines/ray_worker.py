@@ -26,6 +26,7 @@ from kdray.config import validate
 from kdray.engines import ray_private
 from kdray.engines.data_parallel import build_worker
 from kdray.engines.display import StepWindow
+from kdray.engines.placement import check_worker_nodes
 from kdray.engines.ray_board import Ended, EpochDone, Finished, FirstStep, Live, StepRow, WorkersStarted
 from kdray.engines.sysinfo import listening_addresses, process_started_at
 from kdray.engines.threads import worker_threads
@@ -248,6 +249,7 @@ def train_worker(config: dict[str, Any]) -> None:
         "listening": listening_addresses(),
     }
     placement = collective.all_gather(started)
+    check_worker_nodes(config.get("placement_plan"), placement)  # engine.placement.group_by, as planned
     ckpt_dir = Path(config["out_dir"]) / "checkpoints"
     collective.writes_parts = shared_checkpoint_folder(
         cfg.engine.session.checkpoint_writes, ckpt_dir, collective, placement, attempt[0]

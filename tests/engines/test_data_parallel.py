@@ -214,6 +214,26 @@ def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
     print(f"{case}: largest difference from K x 1 after {STEPS} steps: {moved:.3g}")
 
 
+def test_ranks_laid_out_shard_by_shard_train_the_same(tiny_raw):
+    """``engine.placement.group_by: shard`` numbers the ranks shard by shard (shard m of every peer on one node):
+    the process groups follow the layout, so 2 x 2 still equals 2 x 1, the collective exchange's and the stale
+    one's (its weight copies handed on within each peer group, as in the test below) alike."""
+    torch.set_num_threads(1)
+    for exchange in ("collective", {"name": "stale", "every": 2, "burn_in": 1}):
+        raw = _raw(tiny_raw, "dml", 2, 2)
+        raw["engine"]["placement"]["group_by"] = "shard"
+        raw["engine"]["exchange"] = exchange
+        one = copy.deepcopy(raw)
+        one["engine"]["placement"]["workers_per_peer"] = 1
+        want, _ = _k_by_m(one)
+        got, _ = _k_by_m(raw)
+        assert [(r, peer, shard) for r, (peer, shard, _, _) in sorted(got.items())] == [
+            (0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1),
+        ]  # fmt: skip
+        for rank, (peer, _, _, state) in got.items():
+            assert _worst(state, want[peer][3]) <= TOL, (exchange, rank)
+
+
 def test_without_sync_bn_the_workers_normalise_their_shards_alone(tiny_raw):
     """The control that shows what the test above measures: with ``sync_bn: false`` the BatchNorm statistics of
     a shard differ from the global batch's, and the networks drift from K x 1 far past the bound."""
@@ -365,3 +385,12 @@ def test_resuming_on_another_number_of_workers_is_refused_where_it_would_not_be_
         check_resume_workers(saved(2, False), now)  # the checkpoint's shards normalised alone
     with pytest.raises(ConfigError, match="stale exchange"):
         check_resume_workers(saved(2, True, "stale"), now)
+    # group_by: shard numbers the ranks otherwise: the stale exchange's per-rank state would reach other workers
+    shard = _raw(tiny_raw, "dml", 2, 2)
+    shard["engine"].update(exchange="stale", placement={**shard["engine"]["placement"], "group_by": "shard"})
+    with pytest.raises(
+        ConfigError, match=r"^config key 'engine.placement.group_by' = 'shard': none, as the "
+    ):
+        check_resume_workers(saved(2, True, "stale"), load_config(shard))
+    shard["engine"]["exchange"] = "collective"
+    check_resume_workers(saved(2, True), load_config(shard))  # nothing kept per rank

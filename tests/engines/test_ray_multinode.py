@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.flaky(reruns=1)]
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+PAIR = ("127.0.0.5", "127.0.0.6")  # addresses of their own: a three-node cluster may run beside it
 
 
 def _descendants(pids: set[int]) -> set[int]:
@@ -62,6 +63,16 @@ def _stop(pids: set[int]) -> None:
 @pytest.fixture
 def loopback_cluster():
     """Head + two worker nodes, each a ``ray start --block`` of our own; yields the head's address."""
+    yield from _loopback(NODES)
+
+
+@pytest.fixture
+def loopback_pair():
+    """Head + one worker node (127.0.0.5, 127.0.0.6), one CPU each."""
+    yield from _loopback(PAIR)
+
+
+def _loopback(nodes: tuple[str, ...]):
     temp_dir = tempfile.mkdtemp(prefix="kdmn-", dir="/tmp")
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
@@ -76,8 +87,8 @@ def loopback_cluster():
         }
     )
     picker = PortPicker()  # distinct across the cluster: two draws of a free port can return the same one
-    port = picker.port(NODES[0])
-    address = f"{NODES[0]}:{port}"
+    port = picker.port(nodes[0])
+    address = f"{nodes[0]}:{port}"
     worker_ports: list[range] = []
 
     def node_args(ip: str, name: str) -> list[str]:
@@ -98,9 +109,9 @@ def loopback_cluster():
         ]  # fmt: skip
 
     commands = [
-        [RAY, "start", "--head", f"--port={port}", f"--dashboard-host={NODES[0]}",
-         f"--dashboard-port={picker.port(NODES[0])}", *node_args(NODES[0], "head")],
-    ] + [[RAY, "start", f"--address={address}", *node_args(ip, f"node{i}")] for i, ip in enumerate(NODES[1:], 1)]  # fmt: skip
+        [RAY, "start", "--head", f"--port={port}", f"--dashboard-host={nodes[0]}",
+         f"--dashboard-port={picker.port(nodes[0])}", *node_args(nodes[0], "head")],
+    ] + [[RAY, "start", f"--address={address}", *node_args(ip, f"node{i}")] for i, ip in enumerate(nodes[1:], 1)]  # fmt: skip
     started: list[subprocess.Popen] = []
     try:
         log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 - closed below
@@ -117,17 +128,22 @@ def loopback_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _train_on_the_cluster(raw: dict, tmp_path: Path, loopback_cluster) -> None:
-    """``kdray train`` into ``tmp_path/run`` on the loopback cluster, found through RAY_ADDRESS (no
+def _train_on_the_cluster(
+    raw: dict, tmp_path: Path, loopback_cluster, name: str = "run", returncode: int = 0
+) -> subprocess.CompletedProcess:
+    """``kdray train`` into ``tmp_path/<name>`` on the loopback cluster, found through RAY_ADDRESS (no
     engine.session.address), as in a job started by ``ray job submit``."""
     address, env, start_log, _ = loopback_cluster
-    config = tmp_path / "config.yaml"
+    config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     run = subprocess.run(
-        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(tmp_path / name)],
         env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
+    assert run.returncode == returncode, (
+        run.stderr[-2000:] + "\n--- ray start:\n" + start_log.read_text()[-2000:]
+    )
+    return run
 
 
 def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_raw, tmp_path):
@@ -196,3 +212,55 @@ def test_two_peers_of_two_workers_across_loopback_nodes_equal_one_worker_each(
         for k, v in peer["net"].items():
             if v.is_floating_point():
                 assert (got["peers"][name]["net"][k] - v).abs().max().item() <= 1e-9, (name, k)
+
+
+def test_group_by_peer_and_by_shard_put_every_worker_on_its_planned_node(loopback_pair, tiny_raw, tmp_path):
+    """K = 2 peers x M = 2 workers on two loopback nodes of one CPU each (half a CPU per worker):
+    ``group_by: peer`` puts each peer's two workers on one node (its all-reduce local), ``group_by: shard`` shard m
+    of both peers on node m (the exchange local). Every worker reports the node it ran on: each is the node the
+    driver planned for its rank, and both runs equal the LocalEngine's K x 1 at the same global batch (float64).
+    A peer of four workers (two CPUs) fits on no node: refused before anything starts, in one line naming the
+    nodes' free CPUs."""
+    import kdray
+    from kdray.checkpoint import load_checkpoint
+
+    raw = tiny_raw
+    raw["peers"] = [{"arch": "resnet8", "arch_kwargs": {"width": 4}} for _ in range(2)]
+    raw["method"] = {"name": "dml"}
+    raw["train"].update({"threads": 1, "steps_per_epoch": 4, "dtype": "float64"})
+    want = load_checkpoint(kdray.train(raw, out=tmp_path / "local").checkpoint)
+    together = {"peer": [("peer0", "1/2"), ("peer0", "2/2")], "shard": [("peer0", "1/2"), ("peer1", "1/2")]}
+    for group_by, first_node in together.items():
+        raw["engine"] = {
+            "name": "ray",
+            "placement": {
+                "cpus_per_peer": 0.5,
+                "timeout_s": 120,
+                "workers_per_peer": 2,
+                "group_by": group_by,
+            },
+        }
+        _train_on_the_cluster(raw, tmp_path, loopback_pair, name=group_by)
+        info = json.loads((tmp_path / group_by / "ray_run.json").read_text())
+        plan, placement = info["placement_plan"], info["placement"]
+        assert plan["group_by"] == group_by
+        assert [p["rank"] for p in placement] == [0, 1, 2, 3]
+        assert [p["node_id"] for p in placement] == plan["node_id"]  # every rank where it was planned
+        assert [p["node_ip"] for p in placement] == plan["node_ip"]
+        on = {(p["peer"], p["shard"]): p["node_ip"] for p in placement}
+        assert {on[w] for w in first_node} == {plan["node_ip"][0]}  # the pair that shares a node
+        assert {ip for w, ip in on.items() if w not in first_node} == {plan["node_ip"][3]}
+        assert sorted(set(on.values())) == sorted(PAIR)  # the two groups on the two nodes
+        got = load_checkpoint(tmp_path / group_by / "checkpoints" / "last.pt")
+        for name, peer in want["peers"].items():
+            for k, v in peer["net"].items():
+                if v.is_floating_point():
+                    assert (got["peers"][name]["net"][k] - v).abs().max().item() <= 1e-9, (group_by, name, k)
+    raw["engine"]["placement"].update(group_by="peer", workers_per_peer=4, timeout_s=60)
+    start = time.monotonic()
+    run = _train_on_the_cluster(raw, tmp_path, loopback_pair, name="too-big", returncode=2)
+    assert time.monotonic() - start < 60  # the nodes cannot grow: no wait for the timeout
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("kdray: error: engine.placement.group_by=peer: 2 group(s) of 4 worker(s)"), error
+    assert "no node has room for one group: the cluster has 2 node(s) with free " in error, error
+    assert "127.0.0.5 (CPU 1, GPU 0)" in error and "127.0.0.6 (CPU 1, GPU 0)" in error, error
