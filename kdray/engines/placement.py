@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kdray.config import ExperimentConfig
+from kdray.config import EngineConfig, ExperimentConfig
 from kdray.errors import PlacementError
 
 NODE_ID_LABEL = "ray.io/node-id"  # set by Ray on every node (ray._raylet.RAY_NODE_ID_KEY)
@@ -172,6 +172,14 @@ def cluster_nodes() -> list[Node]:
     return nodes
 
 
+def worker_resources(engine: EngineConfig) -> dict[str, float]:
+    """What each Ray Train worker asks for (``engine.placement.cpus_per_peer`` / ``gpus_per_peer``)."""
+    res = {"CPU": engine.placement.cpus_per_peer}
+    if engine.placement.gpus_per_peer:
+        res["GPU"] = engine.placement.gpus_per_peer
+    return res
+
+
 def planned_placement(cfg: ExperimentConfig, *, can_grow: bool, poll_s: float = 0.5) -> Plan | None:
     """The plan of a RayEngine run (None with ``group_by: none``), from the connected Ray's nodes. While no plan
     fits the nodes' free resources, look again until ``engine.placement.timeout_s`` has passed (workers of another
@@ -180,8 +188,6 @@ def planned_placement(cfg: ExperimentConfig, *, can_grow: bool, poll_s: float = 
     placement = cfg.engine.placement
     if placement.group_by == "none":
         return None
-    from kdray.engines.ray_runtime import worker_resources
-
     need, layout = worker_resources(cfg.engine), cfg.worker_layout()
     groups = groups_of(layout, placement.group_by)
     size = max(len(g) for g in groups)

@@ -63,7 +63,7 @@ class RayEngine(Engine):
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-        from kdray.engines.placement import planned_placement
+        from kdray.engines.placement import planned_placement, worker_resources
         from kdray.engines.ray_board import create_board
         from kdray.engines.ray_runtime import (
             LAST_LOCAL_START,
@@ -71,7 +71,6 @@ class RayEngine(Engine):
             loopback_cluster,
             ray_session,
             require_placement,
-            worker_resources,
         )
         from kdray.methods import METHODS
         from kdray.registry import EXCHANGES

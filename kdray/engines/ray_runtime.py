@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import EngineConfig
-from kdray.engines.placement import Plan
+from kdray.engines.placement import Plan, worker_resources
 from kdray.engines.ports import PortPicker
 from kdray.errors import KdrayError, PlacementError
 
@@ -368,13 +368,6 @@ def loopback_cluster() -> bool:
         return bool(nodes) and all(ipaddress.ip_address(n["NodeManagerAddress"]).is_loopback for n in nodes)
     except (KeyError, ValueError):
         return False
-
-
-def worker_resources(engine: EngineConfig) -> dict[str, float]:
-    res = {"CPU": engine.placement.cpus_per_peer}
-    if engine.placement.gpus_per_peer:
-        res["GPU"] = engine.placement.gpus_per_peer
-    return res
 
 
 def require_placement(engine: EngineConfig, num_peers: int, plan: Plan | None = None) -> None:
