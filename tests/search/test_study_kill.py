@@ -144,3 +144,46 @@ def test_a_study_killed_at_random_instants_resumes_to_the_same_trials(ray_local,
     # nothing of this study left RUNNING anywhere in the experiment (a killed trial's run is reused or closed)
     running = client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
     assert not running, [(r.info.run_name, r.data.tags.get("kdray.out")) for r in running]
+
+
+def test_two_studies_at_once_on_one_store_both_keep_their_trials(ray_local, tiny_raw, tmp_path):
+    """Two ``kdray tune`` drivers started together, their folders under one parent (one new ``mlflow.db``, one
+    experiment): both finish, each with its own parent run and one FINISHED nested run per trial."""
+    tiny_raw["tracking"] = {"enabled": True, "experiment": "two-studies", "log_models": False}
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw))
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10}}})
+    )
+    outs = [tmp_path / "runs" / f"study{i}" for i in range(2)]
+    procs = [
+        _tune([str(cfg), "--space", str(space), "--samples", "2", "--scheduler", "fifo", "--seed", str(i),
+               "--max-concurrent", "1", "--cpus-per-trial", "1", "--out", str(out)], ray_local)
+        for i, out in enumerate(outs)
+    ]  # fmt: skip
+    errors = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        errors.append((p.returncode, err[-2000:]))
+    assert [rc for rc, _ in errors] == [0, 0], errors
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("two-studies").experiment_id
+    parents = set()
+    for out in outs:
+        study = json.loads((out / "study.json").read_text())
+        assert study["status"] == "finished" and [t["status"] for t in study["trials"]] == ["finished"] * 2
+        parent = study["mlflow"]["parent_run_id"]
+        parents.add(parent)
+        children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert sorted(r.data.tags["kdray.trial_id"] for r in children) == sorted(
+            t["trial_id"] for t in study["trials"]
+        )
+        assert {r.info.status for r in children} == {"FINISHED"}
+        assert {r.data.tags["kdray.out"] for r in children} == {t["dir"] for t in study["trials"]}
+    runs = client.search_runs([experiment])
+    assert len(parents) == 2 and len(runs) == 2 + 4
+    assert {r.info.status for r in runs} == {"FINISHED"}
