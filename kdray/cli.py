@@ -20,6 +20,7 @@ from kdray.errors import KdrayError
 # the subparsers object and returning nothing (they call ``set_defaults(func=...)``).
 EXTRA_COMMANDS: dict[str, str] = {
     "tune": "kdray.search.cli:add_parser",
+    "tracking": "kdray.tracking:add_parser",
     "cluster": "kdray.cluster:add_parser",
     "submit": "kdray.cluster:add_submit_parser",
     "ray": "kdray.engines.ray_service:add_parser",

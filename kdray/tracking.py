@@ -13,13 +13,22 @@ Runs that share a SQLite store never interfere (``docs/faults.md``):
 - Every call that touches the store is retried with a growing back-off while SQLite says it is busy ("database is
   locked"): MLflow's sessions wait 20 s for a lock (``PRAGMA busy_timeout``), its engine's inspection only 5 s.
   A store still busy after :data:`RETRY_FOR_S` is one :class:`~kdray.errors.TrackingError`.
+
+A tracking server (``tracking.uri: http://...``) that goes away mid-run stops nothing: what the run logs while it
+cannot be reached (metrics, params, tags, artifacts, the run's end) is appended to ``<run folder>/tracking_backlog.jsonl``
+and kept in memory, one warning line says so, and the backlog is written to the server, in order, as soon as it
+answers again (tried at most every :data:`RECONNECT_EVERY_S` seconds, and at the run's end). A backlog left when the
+run ends (the server never came back) is written by ``kdray tracking replay RUN_FOLDER`` or by ``kdray train
+--resume``; ``docs/faults.md`` has the figures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +43,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 RETRY_FOR_S = 120.0  # how long a busy SQLite store is retried before the run gives up on it
+RECONNECT_EVERY_S = 5.0  # a server that went away is tried again at most this often (calls between are kept)
+# in the run folder: what a server that went away has not received yet
+BACKLOG_FILE = "tracking_backlog.jsonl"
 T = TypeVar("T")
 
 
@@ -112,6 +124,36 @@ def retry_busy(uri: str | None, what: str, fn: Callable[[], T], run_open: bool =
                 ) from None
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 2, 2.0)
+
+
+def is_server(uri: str | None) -> bool:
+    return bool(uri) and uri.split("://", 1)[0].lower() in ("http", "https")
+
+
+def is_outage(uri: str | None, exc: BaseException) -> bool:
+    """A tracking server that cannot be reached right now (refused or timed-out connection, a gateway's or a
+    restarting server's 502/503/504): worth keeping the call for later. Anything else (a bad request, an unknown
+    run) is a real error, and any error of a store that is not a server is raised as before."""
+    if not is_server(uri):
+        return False
+    try:
+        import requests
+
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - MLflow needs requests
+        pass
+    text = str(exc)
+    return "failed with exception" in text or bool(re.search(r"failed with error code 50[234]\b", text))
+
+
+def outage_reason(exc: BaseException) -> str:
+    """What an unreachable server's error says, short ("[Errno 111] Connection refused", "error code 503")."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text) or re.search(
+        r"error code 50\d|[Rr]ead timed out", text
+    )
+    return found.group(0).strip() if found else first_line(exc)
 
 
 def _expected_schema(uri: str) -> tuple[str, set[str], dict[str, set[str]]] | None:
@@ -216,6 +258,10 @@ class Tracker:
         self.uri = cfg.uri or default_uri(self.out_dir)
         self.run_id: str | None = None
         self._client = None
+        self._backlog: list[dict[str, Any]] = []  # calls kept while the server is away, oldest first
+        self._written: list[dict[str, Any]] = []  # of the current outage's backlog, what was written already
+        self._tried_at = 0.0  # when the server was last tried (monotonic)
+        self._warned = False
 
     @property
     def enabled(self) -> bool:
@@ -289,6 +335,7 @@ class Tracker:
                     "reopening the run", lambda: self.client.update_run(resume_run_id, status="RUNNING")
                 )
                 self.run_id = resume_run_id
+                self._resume_backlog()
                 return self.run_id
             except Exception:  # noqa: BLE001 - the old store is gone: start a fresh run, say so in its tags
                 pass
@@ -302,41 +349,145 @@ class Tracker:
             "creating the run", lambda: self.client.create_run(experiment, run_name=run_name, tags=tags)
         )
         self.run_id = run.info.run_id
+        if resume_run_id:
+            self._resume_backlog()
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.run_id:
             return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        existing = self._retry("reading the run", lambda: self.client.get_run(self.run_id).data.params)
-        items = [p for p in items if p.key not in existing]  # a resumed run cannot re-log params
-        for i in range(0, len(items), 100):
-            batch = items[i : i + 100]
-            self._retry("logging params", lambda b=batch: self.client.log_batch(self.run_id, params=b))
+        items = [[k, str(v)[:6000]] for k, v in params.items()]
+        for i in range(0, len(items), 100):  # a resumed run cannot re-log params: those it has are skipped
+            self._send("logging params", {"op": "params", "params": items[i : i + 100]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.run_id or not metrics:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()]
+        items = [[k.replace("@", "_"), float(v), now, step] for k, v in metrics.items()]
         for i in range(0, len(items), 500):
-            batch = items[i : i + 500]
-            self._retry("logging metrics", lambda b=batch: self.client.log_batch(self.run_id, metrics=b))
+            self._send("logging metrics", {"op": "metrics", "metrics": items[i : i + 500]})
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if self.run_id and Path(path).exists():
-            self._retry(
-                "logging an artifact", lambda: self.client.log_artifact(self.run_id, str(path), subdir)
-            )
+            self._send("logging an artifact", {"op": "artifact", "path": str(path), "subdir": subdir})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.run_id:
-            for k, v in tags.items():
-                self._retry("setting a tag", lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
+        if self.run_id and tags:
+            self._send("setting a tag", {"op": "tags", "tags": [[k, str(v)] for k, v in tags.items()]})
+
+    # ------------------------------------------------------------------------------ a server that goes away
+    @property
+    def backlog_file(self) -> Path:
+        return self.out_dir / BACKLOG_FILE
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        """One logging call (``op``, as the backlog keeps it) made on the store."""
+        from mlflow.entities import Metric, Param
+
+        client, run_id, kind = self.client, op["run_id"], op["op"]
+        if kind == "metrics":
+            client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]])
+        elif kind == "params":
+            existing = client.get_run(run_id).data.params
+            items = [Param(k, v) for k, v in op["params"] if k not in existing]
+            if items:
+                client.log_batch(run_id, params=items)
+        elif kind == "tags":
+            for k, v in op["tags"]:
+                client.set_tag(run_id, k, v)
+        elif kind == "artifact":
+            if Path(op["path"]).exists():
+                client.log_artifact(run_id, op["path"], op.get("subdir"))
+        elif kind == "end":
+            client.set_terminated(run_id, status=op["status"])
+        else:  # pragma: no cover - written by this class only
+            raise TrackingError(f"{self.backlog_file}: unknown call {kind!r}")
+
+    def _send(self, what: str, op: dict[str, Any]) -> None:
+        """``op`` made on the store now; kept in the backlog instead while a tracking server cannot be reached (and
+        behind calls kept earlier, so the server receives them in order)."""
+        op = {"run_id": self.run_id, "uri": self.uri, **op}
+        if self._backlog and not self._reconnect():
+            self._keep(op)
+            return
+        try:
+            self._retry(what, lambda: self._apply(op))
+        except Exception as exc:  # noqa: BLE001 - classified: a server away is waited for, the rest raised
+            if not is_outage(self.uri, exc):
+                raise
+            self._tried_at = time.monotonic()
+            if not self._warned:  # one line per outage, not one per call
+                self._warned = True
+                print(
+                    f"kdray: warning: tracking server {self.uri} cannot be reached ({outage_reason(exc)}); training "
+                    f"goes on, and what it logs is kept in {self.backlog_file} and written to the server once it is "
+                    "back",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._keep(op)
+
+    def _keep(self, op: dict[str, Any]) -> None:
+        self._backlog.append(op)
+        # a disk that refuses: the memory copy is still written when the server answers
+        with contextlib.suppress(OSError):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with self.backlog_file.open("a") as fh:
+                fh.write(json.dumps(op) + "\n")
+
+    def _save_backlog(self) -> None:
+        with contextlib.suppress(OSError):
+            if not self._backlog:
+                self.backlog_file.unlink(missing_ok=True)
+                return
+            tmp = self.backlog_file.with_name(f"{BACKLOG_FILE}.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(op) + "\n" for op in self._backlog))
+            tmp.replace(self.backlog_file)
+
+    def _reconnect(self, force: bool = False) -> bool:
+        """Write the backlog to the server, oldest call first, if it answers (tried at most every
+        :data:`RECONNECT_EVERY_S` seconds unless ``force``). True when nothing is left to write."""
+        if not self._backlog:
+            return True
+        if not force and time.monotonic() - self._tried_at < RECONNECT_EVERY_S:
+            return False
+        self._tried_at = time.monotonic()
+        done = 0
+        try:
+            for op in self._backlog:
+                self._retry("writing the backlog", lambda op=op: self._apply(op))
+                done += 1
+        except Exception as exc:  # noqa: BLE001 - still away: try again later; anything else is raised
+            if not is_outage(self.uri, exc):
+                raise
+        finally:
+            written, self._backlog = self._backlog[:done], self._backlog[done:]
+            self._written += written
+            if done:
+                self._save_backlog()
+        if self._backlog:
+            return False
+        values = sum(len(op.get("metrics", ())) for op in self._written)
+        print(
+            f"kdray: tracking server {self.uri} answers again: the {len(self._written)} call(s) kept meanwhile "
+            f"({values} metric value(s)) are written",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._written, self._warned = [], False  # a later outage is said again
+        return True
+
+    def _resume_backlog(self) -> None:
+        """A resumed run's backlog (its server went away before the run ended), written before anything new; its
+        run end is dropped (the resumed run ends itself)."""
+        if not self.backlog_file.is_file():
+            return
+        self._backlog = [
+            {**op, "run_id": self.run_id} for op in read_backlog(self.backlog_file) if op.get("op") != "end"
+        ]
+        self._save_backlog()
+        self._reconnect(force=True)
 
     def close_abandoned_children(self, out_dir: str | Path) -> list[str]:
         """Mark KILLED the nested runs of this run that are still RUNNING for ``out_dir`` (tag ``kdray.out``).
@@ -376,13 +527,74 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run. Never raises: it runs in ``finally`` blocks, where an error of its own would hide the
-        run's outcome (a stop, a full disk); a store that refuses is said on one line of stderr."""
+        run's outcome (a stop, a full disk); a store that refuses is said on one line of stderr, and a server still
+        away keeps the end in the backlog with the rest (one line says how to write it later)."""
         if not self.run_id:
             return
         try:
-            self._retry("closing the run", lambda: self.client.set_terminated(self.run_id, status=status))
+            self._reconnect(force=True)
+            self._send("closing the run", {"op": "end", "status": status})
         except Exception as exc:  # noqa: BLE001
             print(
                 f"kdray: warning: MLflow run {self.run_id} could not be marked {status} ({first_line(exc)})",
                 file=sys.stderr,
             )
+        if self._backlog:
+            values = sum(len(op.get("metrics", ())) for op in self._backlog)
+            print(
+                f"kdray: warning: tracking server {self.uri} did not answer again before the run ended: "
+                f"{len(self._backlog)} call(s) ({values} metric value(s)) are in {self.backlog_file}; once it "
+                f"answers, `kdray tracking replay {self.out_dir}` writes them",
+                file=sys.stderr,
+            )
+
+
+def read_backlog(path: Path) -> list[dict[str, Any]]:
+    """The calls a run kept while its tracking server was away (a line cut short by a kill is skipped)."""
+    ops = []
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                op = json.loads(line)
+                if isinstance(op, dict) and "op" in op and "run_id" in op:
+                    ops.append(op)
+    return ops
+
+
+def replay_backlog(run_dir: str | Path) -> tuple[int, int]:
+    """Write a run's ``tracking_backlog.jsonl`` to its tracking server: (calls, metric values) written. One
+    :class:`TrackingError` when there is none, or when the server still cannot be reached (the file is kept)."""
+    run_dir = Path(run_dir)
+    ops = read_backlog(run_dir / BACKLOG_FILE)
+    if not ops:
+        raise TrackingError(
+            f"'{run_dir}' holds no {BACKLOG_FILE} to replay (nothing was kept, or it was written)"
+        )
+    from kdray.config import TrackingConfig
+
+    tracker = Tracker(TrackingConfig(uri=ops[0]["uri"]), run_dir)
+    tracker.check()
+    tracker.run_id, tracker._backlog = ops[-1]["run_id"], ops
+    values = sum(len(op.get("metrics", ())) for op in ops)
+    if not tracker._reconnect(force=True):
+        raise TrackingError(
+            f"tracking server {tracker.uri} still cannot be reached; {len(tracker._backlog)} call(s) are kept in "
+            f"{tracker.backlog_file}"
+        )
+    return len(ops), values
+
+
+def _cmd_tracking(args) -> int:
+    calls, values = replay_backlog(args.run_dir)
+    print(f"{args.run_dir}: {calls} call(s) ({values} metric value(s)) written to the tracking server")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tracking", help="write what a run kept while its tracking server was away (tracking_backlog.jsonl)"
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    r = sub.add_parser("replay", help=f"write RUN_FOLDER/{BACKLOG_FILE} to the run's tracking server")
+    r.add_argument("run_dir", metavar="RUN_FOLDER")
+    r.set_defaults(func=_cmd_tracking)

@@ -136,5 +136,10 @@ class StudyTracking:
         if not self.run_id:
             return []
         client = self.tracker.client
-        experiment = client.get_run(self.run_id).info.experiment_id
-        return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'")
+
+        def children() -> list[Any]:
+            experiment = client.get_run(self.run_id).info.experiment_id
+            where = f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+            return client.search_runs([experiment], filter_string=where)
+
+        return retry_busy(self.tracker.uri, "counting the trial runs", children)

@@ -8,7 +8,10 @@ this folder on PYTHONPATH, and nothing happens unless ``KDRAY_FAULT`` is set).
 - ``pause-replace:N``: the N-th write of a ``last.pt`` is written and fsync'ed to its temporary file, then the
   process touches the marker and sleeps before the rename;
 - ``barrier:N``: every process waits, just before it opens the tracking store, until N processes have reached that
-  point (files in ``KDRAY_FAULT_DIR``): runs started at once meet the new store at the same instant.
+  point (files in ``KDRAY_FAULT_DIR``): runs started at once meet the new store at the same instant;
+- ``hold-epochs:E1,E2,...``: once the metrics of epoch E have been handed to the tracker, the process touches
+  ``KDRAY_FAULT_DIR/held-E`` and waits for ``KDRAY_FAULT_DIR/go-E`` (the test stops or starts a tracking server
+  meanwhile).
 """
 
 from __future__ import annotations
@@ -94,12 +97,35 @@ def _install_barrier(n: int) -> None:
     tr.Tracker.check = check
 
 
+def _install_hold(epochs: set[int]) -> None:
+    import kdray.tracking as tr
+
+    folder = Path(os.environ["KDRAY_FAULT_DIR"])
+    real_log_metrics = tr.Tracker.log_metrics
+
+    def log_metrics(self, metrics, step):
+        real_log_metrics(self, metrics, step)
+        if step in epochs and any(
+            k.endswith("/val_acc") for k in metrics
+        ):  # an epoch's metrics, not a step's
+            epochs.discard(step)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"held-{step}").touch()
+            deadline = time.monotonic() + 300
+            while not (folder / f"go-{step}").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    tr.Tracker.log_metrics = log_metrics
+
+
 def _install() -> None:
     kind, _, arg = os.environ["KDRAY_FAULT"].partition(":")
     if kind in ("pause-write", "pause-replace"):
         _install_pause(kind, int(arg))
     elif kind == "barrier":
         _install_barrier(int(arg))
+    elif kind == "hold-epochs":
+        _install_hold({int(e) for e in arg.split(",")})
     else:
         raise SystemExit(f"tests/faults/hooks: unknown KDRAY_FAULT {kind!r}")
 
