@@ -135,11 +135,12 @@ class _NodeBoundTorchBackend(Backend):
 
     def on_shutdown(self, worker_group, backend_config: NodeBoundTorchConfig) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         futures = worker_group.execute_async(_shutdown_process_group, destroy=len(worker_group) > 1)
-        # the workers are stopped next either way
-        with contextlib.suppress(GetTimeoutError):
+        # the workers are stopped next either way; a worker lost with its node cannot be asked (Ray's
+        # ActorUnavailableError / ActorDiedError): its traceback would only bury the run's own error line
+        with contextlib.suppress(GetTimeoutError, RayActorError):
             ray.get(futures, timeout=backend_config.shutdown_timeout_s)
 
 

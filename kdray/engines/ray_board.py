@@ -92,10 +92,22 @@ class ProgressBoard:
 
 
 def create_board(namespace: str | None = None, name: str | None = None):
-    """A board actor; a named one (``name``) is found by processes that were not handed it (Tune trials)."""
+    """A board actor; a named one (``name``) is found by processes that were not handed it (Tune trials). It lives on
+    the head node (a cluster that loses its head is gone anyway): on another node it would die with that node and
+    take the run's driver with it, even where the workers could restart on the nodes left
+    (``fault_tolerance.max_failures``)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     options: dict[str, Any] = {"namespace": namespace}
+    try:
+        heads = [
+            n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n["Resources"]
+        ]
+    except Exception:  # noqa: BLE001 - no node list: Ray places it
+        heads = []
+    if heads:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True)
     if name is not None:
         options.update(name=name, get_if_exists=True)
     return ray.remote(num_cpus=0)(ProgressBoard).options(**options).remote()

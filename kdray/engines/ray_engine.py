@@ -12,6 +12,7 @@ MLflow run (whatever the restarts), the epoch lines and the epoch callbacks (Tun
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -187,7 +188,6 @@ class DriverView:
 
     def follow(self, trainer, board) -> dict[str, Any]:
         """Run ``trainer.fit()`` in a thread; meanwhile handle the workers' events in this thread."""
-        import ray
 
         fit_outcome: dict[str, Any] = {}  # "result" or "error", set by the fit thread
 
@@ -202,12 +202,12 @@ class DriverView:
         try:
             while thread.is_alive():
                 thread.join(DRAIN_EVERY_S)
-                for event in ray.get(board.drain.remote()):
+                for event in drain(board):
                     self.handle(event)
                 if not self.stop_sent and self.engine.stop():
                     board.request_stop.remote()
                     self.stop_sent = True
-            for event in ray.get(board.drain.remote()):
+            for event in drain(board):
                 self.handle(event)
         finally:
             self.bar.close()
@@ -215,7 +215,9 @@ class DriverView:
             error = user_error(fit_outcome["error"])
             if isinstance(error, KdrayError):
                 raise error from None
-            raise WorkerFailed(describe_failure(error, self.cfg)) from None
+            raise node_lost(error, self.cfg, self.engine.out_dir, self.placement) or WorkerFailed(
+                describe_failure(error, self.cfg)
+            ) from None
         if self.ended is not None:
             raise self.ended from None
         if self.finished is None:
@@ -332,6 +334,92 @@ def describe_failure(error: BaseException, cfg: ExperimentConfig) -> str:
         peer = cfg.peers[layout[rank][0]].name if 0 <= rank < len(layout) else "?"
         parts.append(f"worker rank {rank} (peer {peer}) failed: {type(exc).__name__}: {exc}")
     return "\n".join(parts)
+
+
+def drain(board, wait_s: float = 30.0) -> list[Any]:
+    """The board's events. A board Ray calls "temporarily unavailable" (``ActorUnavailableError``: seen on the driver
+    while another node of the cluster went away) is asked again for up to ``wait_s`` seconds; a dead one raises."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get(board.drain.remote())
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+# Ray's errors for a worker whose process or node went away (not an error the worker's code raised), and what a
+# surviving worker's collective says when its peer's process vanished
+LOST = (
+    "WorkerHealthCheckFailedError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "OwnerDiedError",
+)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+NODE_DEATH_WAIT_S = (
+    30.0  # how long a failed run waits for Ray to declare a silent node dead (its health checks)
+)
+
+
+def _dead_nodes(placement: list[dict[str, Any]], wait_s: float) -> set[str]:
+    """The node ids of ``placement`` that Ray's GCS reports dead, polled for up to ``wait_s`` seconds."""
+    import ray
+
+    ours = {p.get("node_id") for p in placement} - {None}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)} & ours
+        except Exception:  # noqa: BLE001 - no GCS to ask: nothing to name
+            return set()
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.5)
+
+
+def node_lost(
+    error: BaseException, cfg: ExperimentConfig, out_dir: Path, placement: list[dict[str, Any]] | None = None,
+    wait_s: float = NODE_DEATH_WAIT_S,
+) -> KdrayError | None:  # fmt: skip
+    """One line for workers lost with their node (a raylet killed, a machine gone): the node's address and id, the
+    ranks and peers it held, and how to continue; None for any other failure. The node is the one of the run's
+    placement that Ray reports dead, else the one Ray's error names."""
+    failures = getattr(error, "worker_failures", None) or {}
+    lost = {r: e for r, e in failures.items() if type(e).__name__ in LOST}
+    gone = {r: e for r, e in failures.items() if any(s in str(e) for s in PEER_GONE)}
+    if not lost and not gone:
+        return None
+    layout = cfg.worker_layout()
+
+    def peer(rank: int) -> str:
+        return cfg.peers[layout[rank][0]].name if 0 <= rank < len(layout) else "?"
+
+    dead = _dead_nodes(placement or [], wait_s) if placement else set()
+    if dead:
+        on = [p for p in placement if p.get("node_id") in dead]
+        node = ", ".join(sorted({f"{p['node_ip']} (node id {p['node_id'][:12]})" for p in on}))
+        ranks = sorted(p["rank"] for p in on)
+    elif lost:
+        rank, exc = min(lost.items())
+        text = str(exc)
+        ip = re.search(r"node_ip='([^']+)'", text) or re.search(r"ipv4:([0-9.]+):\d+", text)
+        node_id = re.search(r"node_id='([0-9a-f]+)'", text)
+        node = (ip.group(1) if ip else "?") + (f" (node id {node_id.group(1)[:12]})" if node_id else "")
+        ranks = sorted(lost)
+    else:
+        return None  # a peer's connection closed, no node is dead: the workers' own errors say more
+    workers = ", ".join(f"rank {r} (peer {peer(r)})" for r in ranks)
+    return KdrayError(
+        f"Ray node {node} was lost mid-run with worker {workers}; the last checkpoint is intact: "
+        f"`kdray train --resume {out_dir}` continues from it (with engine.fault_tolerance.max_failures >= 1 the "
+        "run restarts its workers on the nodes left instead, where they fit)"
+    )
 
 
 def user_error(exc: BaseException) -> BaseException:

@@ -264,3 +264,103 @@ def test_group_by_peer_and_by_shard_put_every_worker_on_its_planned_node(loopbac
     assert error.startswith("kdray: error: engine.placement.group_by=peer: 2 group(s) of 4 worker(s)"), error
     assert "no node has room for one group: the cluster has 2 node(s) with free " in error, error
     assert "127.0.0.5 (CPU 1, GPU 0)" in error and "127.0.0.6 (CPU 1, GPU 0)" in error, error
+
+
+def _raylet_pids(ip: str, started_under: set[int]) -> list[int]:
+    """The raylet of the node on ``ip``, among the processes this test's fixture started (never any other Ray)."""
+    pids = []
+    for pid in started_under:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"raylet") and f"--node_ip_address={ip}".encode() in argv:
+            pids.append(pid)
+    return pids
+
+
+def _kill_a_worker_node_mid_run(
+    raw: dict, tmp_path: Path, loopback_cluster
+) -> tuple[subprocess.Popen, str, str]:
+    """``kdray train`` on the cluster; once its first checkpoint is written, SIGKILL the raylet of a node (not the
+    head) that runs one of its workers. Returns the ended process, its stderr and the lost node's address."""
+    address, env, start_log, _ = loopback_cluster
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdray", "train", str(config), "--out", str(run)],
+        env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        # training, a first checkpoint written, and where the workers run known
+        while not ((run / "checkpoints" / "last.pt").exists() and (run / "ray_run.json").exists()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:] + start_log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.1)
+        placement = json.loads((run / "ray_run.json").read_text())["placement"]
+        victim = next(p["node_ip"] for p in placement if p["node_ip"] != NODES[0])
+        ours = _descendants({os.getpid()})  # the fixture's `ray start` processes are this test's children
+        pids = _raylet_pids(victim, ours)
+        assert len(pids) == 1, (victim, pids)
+        os.kill(pids[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc, err, victim
+
+
+def _node_loss_population(raw: dict, max_failures: int) -> dict:
+    raw["train"].update({"threads": 1, "epochs": 2, "checkpoint_every_steps": 5, "dtype": "float64"})
+    raw["data"]["synthetic"]["train_len"] = 512  # 30 steps an epoch
+    raw["engine"] = {
+        "name": "ray", "placement": {"strategy": "strict_spread", "cpus_per_peer": 0.5, "timeout_s": 120},
+        "fault_tolerance": {"max_failures": max_failures},
+    }  # fmt: skip
+    return raw
+
+
+def test_a_lost_worker_node_is_one_line_naming_it_and_the_last_checkpoint_is_intact(
+    loopback_cluster, tiny_raw, tmp_path
+):
+    """A worker node's raylet SIGKILLed mid-run (``fault_tolerance.max_failures: 0``): one ``kdray: error:`` line,
+    the run's last, naming the lost node's address, exit 2, and the last checkpoint loads."""
+    from kdray.checkpoint import load_checkpoint
+
+    proc, err, victim = _kill_a_worker_node_mid_run(
+        _node_loss_population(tiny_raw, 0), tmp_path, loopback_cluster
+    )
+    run = tmp_path / "run"
+    errors = [line for line in err.splitlines() if line.startswith("kdray: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, err[-3000:]
+    assert f"Ray node {victim}" in errors[0] and "was lost mid-run" in errors[0], errors[0]
+    assert f"kdray train --resume {run}" in errors[0]
+    assert err.strip().splitlines()[-1] == errors[0]  # the run's last word
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] >= 5
+
+
+def test_a_lost_worker_node_with_max_failures_continues_on_the_nodes_left(
+    loopback_cluster, tiny_raw, tmp_path
+):
+    """The same loss with ``max_failures: 1``: the worker group restarts from the last checkpoint on the two nodes
+    left (strict_spread still fits) and the run ends equal to the LocalEngine's (float64)."""
+    import kdray
+    from kdray.checkpoint import load_checkpoint
+
+    raw = _node_loss_population(tiny_raw, 1)
+    local = kdray.train({**raw, "engine": {"name": "local"}}, out=tmp_path / "local")
+    proc, err, victim = _kill_a_worker_node_mid_run(raw, tmp_path, loopback_cluster)
+    assert proc.returncode == 0, err[-3000:]
+    info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
+    assert info["attempts"] == 2 and victim not in {p["node_ip"] for p in info["placement"]}
+    got = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    want = load_checkpoint(local.checkpoint)
+    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
+    for name, peer in want["peers"].items():
+        for k, v in peer["net"].items():
+            if v.is_floating_point():
+                assert (got["peers"][name]["net"][k] - v).abs().max().item() <= 1e-9, (name, k)

@@ -232,3 +232,37 @@ def test_a_backlog_replays_in_order_and_only_outages_are_kept(tmp_path, monkeypa
     sqlite._client.down = True  # a store that is not a server: the error is the run's, as before
     with pytest.raises(tr.TrackingError, match="Connection refused"):
         sqlite.log_metrics({"a": 1.0}, step=1)
+
+
+def test_a_resumed_run_writes_the_backlog_its_server_missed_first(tmp_path):
+    """``kdray train --resume`` of a run that ended during an outage writes its backlog (all but its old end, the
+    resumed run ends itself) into the reopened run before anything new, and removes the file."""
+    from kdray.config import TrackingConfig
+
+    class Client:
+        def __init__(self):
+            self.calls = []
+
+        def get_run(self, run_id):
+            return None
+
+        def update_run(self, run_id, status):
+            self.calls.append(("reopen", run_id))
+
+        def log_batch(self, run_id, metrics=(), params=()):
+            self.calls += [(run_id, m.key, m.step) for m in metrics]
+
+        def set_terminated(self, run_id, status):
+            self.calls.append(("end", status))
+
+    ops = [
+        {"run_id": "r1", "uri": "http://127.0.0.1:9", "op": "metrics", "metrics": [["a", 2.0, 1, 2]]},
+        {"run_id": "r1", "uri": "http://127.0.0.1:9", "op": "end", "status": "FINISHED"},
+    ]
+    (tmp_path / tr.BACKLOG_FILE).write_text("".join(json.dumps(op) + "\n" for op in ops) + '{"cut sho')
+    tracker = tr.Tracker(TrackingConfig(uri="http://127.0.0.1:9"), tmp_path)
+    tracker._client = Client()
+    assert tracker.start("tiny", resume_run_id="r1") == "r1"
+    tracker.log_metrics({"a": 3.0}, step=3)
+    assert tracker._client.calls == [("reopen", "r1"), ("r1", "a", 2), ("r1", "a", 3)]
+    assert not (tmp_path / tr.BACKLOG_FILE).exists()
