@@ -37,6 +37,7 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 import socket
 import tempfile
 import warnings
@@ -185,14 +186,46 @@ def save_part(ckpt_dir: str | Path, step: int, rank: int, state: dict[str, Any])
     return {"file": rel, "sha256": digest}
 
 
-def manifest_files(path: str | Path) -> set[str]:
-    """The part files (relative paths) that the manifest at ``path`` refers to; none if it is no manifest or
-    cannot be read."""
-    try:
-        payload = _read(Path(path))
-    except (CheckpointError, OSError):
+def manifest_files(path: str | Path) -> set[str] | None:
+    """The part files (relative paths) that the manifest at ``path`` refers to: none if there is no such file or
+    it is no manifest; None if it exists but cannot be read now (then nothing may be pruned)."""
+    path = Path(path)
+    if not path.exists():
         return set()
+    try:
+        payload = _read(path)
+    except (CheckpointError, OSError):
+        return None
     return {entry["file"] for entry in payload.get("parts") or []}
+
+
+def is_manifest(path: str | Path) -> bool:
+    """Whether ``path`` is a manifest of per-process parts, read cheaply (the pickle only: tensors are mapped, not
+    read; ``weights_only``)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: not a manifest either
+        return False
+    return isinstance(head, dict) and head.get("parts") is not None
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """A self-contained copy of the checkpoint ``src`` at ``dst`` (a study's best.pt, a Tune checkpoint, an MLflow
+    artifact): a manifest is assembled into one file (its parts stay in the run folder, where later checkpoints
+    prune them); any other checkpoint is hard-linked where it can be, else copied byte for byte."""
+    src, dst = Path(src), Path(dst)
+    if is_manifest(src):
+        payload = load_checkpoint(src)
+        return save_checkpoint(dst, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        dst.hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def prune_parts(ckpt_dir: str | Path, before_step: int, keep: set[str]) -> int:

@@ -212,8 +212,11 @@ def train_epochs(
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", payload)
             if collective.writes_parts:
-                keep = manifest_files(ckpt_dir / "last.pt") | manifest_files(ckpt_dir / "best.pt")
-                prune_parts(ckpt_dir, step, keep)
+                last, best = manifest_files(ckpt_dir / "last.pt"), manifest_files(ckpt_dir / "best.pt")
+                if (
+                    last is not None and best is not None
+                ):  # a manifest unreadable now: prune nothing this time
+                    prune_parts(ckpt_dir, step, last | best)
         sink.checkpointed(checkpoint_payload(meta, progress, steps_per_epoch, mine), progress, path)
         return path
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from kdray.checkpoint import resolve_checkpoint_path, write_atomic
+from kdray.checkpoint import copy_checkpoint, resolve_checkpoint_path, write_atomic
 from kdray.config import ExperimentConfig, check_keys_act_here
 from kdray.errors import ConfigError, KdrayError
 from kdray.exporter import log_models
@@ -368,7 +369,11 @@ def _log_artifacts(tracker: Tracker, out_dir: Path) -> None:
     for name in ("config.yaml", "summary.json", "curves.png", "label_noise.json", "steps.jsonl"):
         tracker.log_artifact(out_dir / name)
     if tracker.cfg.log_checkpoint:
-        tracker.log_artifact(out_dir / "checkpoints" / "last.pt", "checkpoints")
+        with tempfile.TemporaryDirectory(
+            prefix="kdray-ckpt-"
+        ) as folder:  # one file, even from per-process parts
+            tracker.log_artifact(copy_checkpoint(out_dir / "checkpoints" / "last.pt", Path(folder) / "last.pt"),
+                                 "checkpoints")  # fmt: skip
 
 
 def _split_for(cfg: ExperimentConfig, split: str) -> str:

@@ -167,3 +167,31 @@ def test_the_probe_chooses_per_process_parts_only_where_every_worker_sees_the_fo
         KdrayError, match=r"checkpoint_writes: per_process .* node2 \(127\.0\.0\.3\) cannot see it"
     ):
         shared_checkpoint_folder("per_process", ckpt, _Ranks([True, False]), PLACEMENT, "a4")
+    # rank 0 cannot write the probe (the folder is under a file): every rank still leaves the probe together
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert shared_checkpoint_folder("auto", blocked / "ckpt", _Ranks([True, True]), PLACEMENT, "a5") is False
+    with pytest.raises(KdrayError, match="or rank 0 could not write there"):
+        shared_checkpoint_folder("per_process", blocked / "ckpt", _Ranks([True, True]), PLACEMENT, "a6")
+
+
+def test_a_copied_manifest_is_one_self_contained_file_and_a_gathered_file_is_copied_as_it_is(tmp_path):
+    from kdray.checkpoint import copy_checkpoint, is_manifest
+
+    _write(tmp_path / "run")
+    assert is_manifest(tmp_path / "run" / "last.pt")
+    copied = copy_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "study" / "best.pt")
+    assert not is_manifest(copied)
+    (tmp_path / "run").rename(tmp_path / "gone")  # the run folder's parts are no longer there
+    got, want = load_checkpoint(copied), load_checkpoint(tmp_path / "gone")
+    assert _same(got, want)
+    again = copy_checkpoint(copied, tmp_path / "tune" / "checkpoint.pt")  # a whole file: the same bytes
+    assert again.read_bytes() == copied.read_bytes() and not is_manifest(tmp_path / "nothing.pt")
+
+
+def test_an_unreadable_manifest_prunes_nothing(tmp_path):
+    _write(tmp_path, step=4, name="best.pt")
+    _write(tmp_path, step=8)
+    assert manifest_files(tmp_path / "absent.pt") == set()
+    (tmp_path / "best.pt").write_bytes(b"half a file")
+    assert manifest_files(tmp_path / "best.pt") is None

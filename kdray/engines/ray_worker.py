@@ -158,14 +158,20 @@ def shared_checkpoint_folder(
     if mode == "gather":
         return False
     probe = ckpt_dir / f".probe-{attempt}"
+    wrote = True
     if collective.rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("kdray: is this folder shared by every worker?\n")
-    collective.all_gather(None)  # the probe exists before anyone looks
-    seen = collective.all_gather(probe.is_file())
-    collective.all_gather(None)  # everyone has looked before it goes
-    if collective.rank == 0:
-        probe.unlink(missing_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("kdray: is this folder shared by every worker?\n")
+        except OSError:
+            wrote = False  # every rank learns it below (no rank may leave a collective the others are in)
+    if collective.all_gather(wrote)[0]:  # the probe exists before anyone looks
+        seen = collective.all_gather(probe.is_file())
+        collective.all_gather(None)  # everyone has looked before it goes
+        if collective.rank == 0:
+            probe.unlink(missing_ok=True)
+    else:
+        seen = [False] * collective.world
     if all(seen) or mode == "auto":
         return all(seen)
     blind = sorted(
@@ -173,8 +179,8 @@ def shared_checkpoint_folder(
     )
     raise KdrayError(
         f"engine.session.checkpoint_writes: per_process needs the run folder {ckpt_dir.parent} on every node, and "
-        f"the worker(s) on {', '.join(blind)} cannot see it; put --out on a file system every node mounts, or set "
-        "engine.session.checkpoint_writes: gather (or auto)"
+        f"the worker(s) on {', '.join(blind)} cannot see it (or rank 0 could not write there); put --out on a "
+        "file system every node mounts, or set engine.session.checkpoint_writes: gather (or auto)"
     )
 
 

@@ -24,7 +24,6 @@ import csv
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from kdray.checkpoint import copy_checkpoint
 from kdray.config import ExperimentConfig, apply_overrides, load_config, read_raw
 from kdray.errors import KdrayError, PlacementError
 from kdray.search.space import SearchSpace, load_space, parse_space, same_values
@@ -669,7 +669,7 @@ def write_outputs(
                 "# the final values, which `kdray train` uses from the first epoch.\n"
             )
         (study_dir / "best.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
-        shutil.copy2(trial_dir / "checkpoints" / "last.pt", study_dir / "best.pt")
+        copy_checkpoint(trial_dir / "checkpoints" / "last.pt", study_dir / "best.pt")
         artifacts += [(study_dir / "best.yaml", None), (study_dir / "best.pt", "checkpoints")]
     keys = list(study["space"]["params"])
     with (study_dir / "trials.csv").open("w", newline="") as fh:

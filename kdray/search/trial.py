@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdray.checkpoint import copy_checkpoint
 from kdray.config import ExperimentConfig
 
 OBJECTIVES = ("min_peer", "mean_peer", "ensemble")
@@ -207,10 +208,7 @@ class TuneReporter:
         folder = self.out / "tune_checkpoint"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        try:
-            (folder / CHECKPOINT_FILE).hardlink_to(checkpoint_path)
-        except OSError:
-            shutil.copy2(checkpoint_path, folder / CHECKPOINT_FILE)
+        copy_checkpoint(checkpoint_path, folder / CHECKPOINT_FILE)  # one file, even from per-process parts
         _write_json(folder / TRIAL_META, {"trial_id": self.trial_id, "epoch": epoch, "values": self.values})
         # Tune copies the folder into the study's storage before report returns (or stops this thread).
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(folder)))
