@@ -96,12 +96,10 @@ def test_a_trial_of_data_parallel_peers_resumes_from_its_own_checkpoint(ray_loca
     Tune checkpoint like any trial. The trial trains its 2 epochs, keeping the checkpoint it reported after epoch 1
     (what Tune hands back when the study driver died there); the next incarnation resumes from it ('own'), trains
     epoch 2 only, and ends where the uninterrupted trial ended (float64)."""
-    import shutil
-
     import torch
     from ray.tune import Checkpoint
 
-    from kdray.checkpoint import load_checkpoint
+    from kdray.checkpoint import copy_checkpoint, is_manifest, load_checkpoint
     from kdray.config import load_config
     from kdray.search.trial import CHECKPOINT_FILE, TRIAL_META, TrialPlan, _train_trial
 
@@ -123,12 +121,14 @@ def test_a_trial_of_data_parallel_peers_resumes_from_its_own_checkpoint(ray_loca
             self.epochs.append(int(metrics["epoch"]))
             if self.epochs[-1] == 1:
                 tune_checkpoint.mkdir()
-                shutil.copy2(checkpoint_path, tune_checkpoint / CHECKPOINT_FILE)
+                # as the trial's reporter does: one file, even from the workers' per-process parts
+                copy_checkpoint(checkpoint_path, tune_checkpoint / CHECKPOINT_FILE)
                 (tune_checkpoint / TRIAL_META).write_text(json.dumps({"trial_id": "t1", "epoch": 1}))
 
     first = Reporter()
     uninterrupted = _train_trial(None, cfg, out, first, plan, "t1", {}, [{}])
     assert first.epochs == [1, 2]
+    assert is_manifest(uninterrupted.checkpoint) and not is_manifest(tune_checkpoint / CHECKPOINT_FILE)
     ended = load_checkpoint(uninterrupted.checkpoint)
     second, incarnations = Reporter(), [{}]
     resumed = _train_trial(Checkpoint.from_directory(str(tune_checkpoint)), cfg, out, second, plan, "t1", {},
