@@ -335,10 +335,11 @@ class Tracker:
                     "reopening the run", lambda: self.client.update_run(resume_run_id, status="RUNNING")
                 )
                 self.run_id = resume_run_id
-                self._resume_backlog()
-                return self.run_id
             except Exception:  # noqa: BLE001 - the old store is gone: start a fresh run, say so in its tags
                 pass
+            else:  # reopened: its backlog's errors are its own, never a reason to open another run
+                self._resume_backlog()
+                return self.run_id
         tags = {"mlflow.runName": run_name}
         if resume_run_id:  # the run to continue could not be reopened
             tags["kdray.continues_run"] = resume_run_id
