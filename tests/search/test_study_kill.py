@@ -76,16 +76,22 @@ def _trials(study_dir: Path) -> list[tuple]:
     return [(t["status"], t["values"], t["objective"], t["epochs_trained"]) for t in study["trials"]]
 
 
-def test_a_study_killed_at_random_instants_resumes_to_the_same_trials(ray_local, tiny_raw, tmp_path):
-    tiny_raw["train"]["epochs"] = 2
-    tiny_raw["data"]["synthetic"]["train_len"] = 256  # 14 steps an epoch
-    tiny_raw["tracking"] = {"enabled": True, "experiment": "killed-study", "log_models": False}
+def _study_inputs(tiny_raw: dict, tmp_path: Path, experiment: str) -> tuple[Path, Path]:
+    """The tiny population's config (tracked in MLflow under ``experiment``) and a one-parameter search space."""
+    tiny_raw["tracking"] = {"enabled": True, "experiment": experiment, "log_models": False}
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_raw))
     space = tmp_path / "space.yaml"
     space.write_text(
         yaml.safe_dump({"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10}}})
     )
+    return cfg, space
+
+
+def test_a_study_killed_at_random_instants_resumes_to_the_same_trials(ray_local, tiny_raw, tmp_path):
+    tiny_raw["train"]["epochs"] = 2
+    tiny_raw["data"]["synthetic"]["train_len"] = 256  # 14 steps an epoch
+    cfg, space = _study_inputs(tiny_raw, tmp_path, "killed-study")
     common = [str(cfg), "--space", str(space), "--samples", "3", "--scheduler", "fifo", "--search", "tpe",
               "--seed", "3", "--max-concurrent", "1"]  # fmt: skip
 
@@ -149,13 +155,7 @@ def test_a_study_killed_at_random_instants_resumes_to_the_same_trials(ray_local,
 def test_two_studies_at_once_on_one_store_both_keep_their_trials(ray_local, tiny_raw, tmp_path):
     """Two ``kdray tune`` drivers started together, their folders under one parent (one new ``mlflow.db``, one
     experiment): both finish, each with its own parent run and one FINISHED nested run per trial."""
-    tiny_raw["tracking"] = {"enabled": True, "experiment": "two-studies", "log_models": False}
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_raw))
-    space = tmp_path / "space.yaml"
-    space.write_text(
-        yaml.safe_dump({"params": {"method.weights.kl": {"dist": "loguniform", "low": 0.1, "high": 10}}})
-    )
+    cfg, space = _study_inputs(tiny_raw, tmp_path, "two-studies")
     outs = [tmp_path / "runs" / f"study{i}" for i in range(2)]
     procs = [
         _tune([str(cfg), "--space", str(space), "--samples", "2", "--scheduler", "fifo", "--seed", str(i),
