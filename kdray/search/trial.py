@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class TuneReporter:
         self.engine_done_at: float | None = None  # the engine stops its clock right after its last callback
         self._run_id: str | None = None
         self._looked_up = False
+        self._outage_warned = False
         self.params = float(trained_params(cfg))  # constant per trial; reported with every epoch
         self._board: Any = None  # the study's board actor (False: none to post to)
         self._live_at = 0.0
@@ -186,6 +188,31 @@ class TuneReporter:
                 self._run_id = find_trial_run(self.cfg.tracking.uri, self.plan.parent_run_id, self.out)
         return self._run_id
 
+    def _log_epoch(self, objective: float, values: dict[str, float], epoch: int) -> None:
+        """The objective and searched values of this epoch on the trial's MLflow run. A tracking server that cannot
+        be reached stops nothing: the epoch stays in the trial's history file (and study.json), one warning says
+        so, and the next epochs are logged when the server is back."""
+        from kdray.search.mlflow_study import log_trial_epoch
+        from kdray.tracking import is_outage
+
+        uri = self.cfg.tracking.uri
+        try:
+            run_id = self._mlflow_run()
+            if run_id:
+                log_trial_epoch(uri, run_id, objective, values, epoch)
+        except Exception as exc:  # noqa: BLE001 - an outage is classified, anything else raised as before
+            if not is_outage(uri, exc):
+                raise
+            self._looked_up = self._run_id is not None  # look the run up again once the server is back
+            if not self._outage_warned:
+                self._outage_warned = True
+                print(
+                    f"kdray: warning: tracking server {uri} cannot be reached; trial {self.trial_id}'s objective "
+                    f"for epoch {epoch} is not in MLflow (it is in {self.out / HISTORY_FILE} and study.json); "
+                    "training goes on",
+                    file=sys.stderr,
+                )
+
     def report(self, metrics: dict[str, float], checkpoint_path: Path) -> None:
         from ray import tune
 
@@ -200,11 +227,7 @@ class TuneReporter:
         row["metrics"] = {k: v for k, v in report.items() if "/" in k and not k.startswith("hp/")}
         with (self.out / HISTORY_FILE).open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        run_id = self._mlflow_run()
-        if run_id:
-            from kdray.search.mlflow_study import log_trial_epoch
-
-            log_trial_epoch(self.cfg.tracking.uri, run_id, objective, {**hp, "params": self.params}, epoch)
+        self._log_epoch(objective, {**hp, "params": self.params}, epoch)
         folder = self.out / "tune_checkpoint"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

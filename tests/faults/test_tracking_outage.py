@@ -266,3 +266,45 @@ def test_a_resumed_run_writes_the_backlog_its_server_missed_first(tmp_path):
     tracker.log_metrics({"a": 3.0}, step=3)
     assert tracker._client.calls == [("reopen", "r1"), ("r1", "a", 2), ("r1", "a", 3)]
     assert not (tmp_path / tr.BACKLOG_FILE).exists()
+
+
+def test_a_study_trial_keeps_training_through_an_outage_and_says_so_once(tmp_path, monkeypatch, capsys):
+    """A ``kdray tune`` trial's per-epoch objective on its MLflow run: while the server cannot be reached, the trial
+    goes on (the epoch is in its history file), one warning line; once it is back, epochs are logged again. Any
+    other error is raised as before."""
+    import requests
+
+    import kdray.search.mlflow_study as ms
+    from kdray.search.trial import TuneReporter
+
+    logged, state = [], {"down": True}
+
+    def find(uri, parent, out):
+        if state["down"]:
+            raise requests.ConnectionError("refused")
+        return "run-1"
+
+    def log_epoch(uri, run_id, objective, values, epoch):
+        logged.append((run_id, epoch, objective))
+
+    monkeypatch.setattr(ms, "find_trial_run", find)
+    monkeypatch.setattr(ms, "log_trial_epoch", log_epoch)
+    reporter = object.__new__(TuneReporter)  # only what _log_epoch reads
+    reporter.cfg = type(
+        "C", (), {"tracking": type("T", (), {"uri": "http://127.0.0.1:9", "enabled": True})}
+    )()
+    reporter.plan = type("P", (), {"parent_run_id": "parent"})()
+    reporter.out, reporter.trial_id = tmp_path, "t1"
+    reporter._run_id, reporter._looked_up, reporter._outage_warned = None, False, False
+    reporter._log_epoch(0.5, {}, 1)
+    reporter._log_epoch(0.6, {}, 2)
+    state["down"] = False
+    reporter._log_epoch(0.7, {}, 3)
+    assert logged == [("run-1", 3, 0.7)]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "cannot be reached" in line]
+    assert len(warnings) == 1 and "trial t1's objective for epoch 1" in warnings[0]
+    state["down"] = True
+    reporter._run_id, reporter._looked_up = None, False
+    monkeypatch.setattr(ms, "find_trial_run", lambda *a: (_ for _ in ()).throw(ValueError("a real error")))
+    with pytest.raises(ValueError, match="a real error"):
+        reporter._log_epoch(0.8, {}, 4)
