@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdray.compare.table import DIFFS, mean_val_curve, paired_diff, peer_mean, stat
+from kdray.compare.table import DIFFS, paired_diff, peer_mean, row_curves, stat
 
 
 def _pyplot():
@@ -73,11 +73,7 @@ def plot_val_curves(records: Sequence[dict[str, Any]], labels: Sequence[str], pa
     marked: where a network starts fitting label noise, its curve peaks and falls. None if no run has a curve."""
     from kdray.plots import save_figure
 
-    rows = []
-    for label in labels:
-        curves = [c for r in records if r["label"] == label and (c := mean_val_curve(r)) is not None]
-        if curves and all(len(c) == len(curves[0]) for c in curves):
-            rows.append((label, curves))
+    rows = [(label, curves) for label in labels if (curves := row_curves(records, label))]
     if not rows:
         return None
     plt = _pyplot()

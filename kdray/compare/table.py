@@ -292,6 +292,16 @@ def mean_val_curve(run: Record) -> list[float] | None:
     return [statistics.mean(values) for values in zip(*curves)]
 
 
+def row_curves(records: Sequence[Record], label: str) -> list[list[float]]:
+    """A row's per-seed validation curves (peer mean), those of its most common length only (a run stopped early
+    has a shorter curve: it is left out of the row's curve figures rather than drawn against the others)."""
+    curves = [c for r in records if r["label"] == label and (c := mean_val_curve(r)) is not None]
+    if not curves:
+        return []
+    common = statistics.mode(len(c) for c in curves)
+    return [c for c in curves if len(c) == common]
+
+
 def memorisation_lines(records: Sequence[Record], labels: Sequence[str]) -> list[str]:
     """Per row, where its validation accuracy (peer mean, per seed) peaks and how far it has fallen by the last
     epoch: the sign of a network fitting its label noise. Each number is a mean ± std over seeds of that seed's
@@ -303,7 +313,7 @@ def memorisation_lines(records: Sequence[Record], labels: Sequence[str]) -> list
         "|---|---|---|---|---|---|",
     ]
     for label in labels:
-        curves = [c for r in records if r["label"] == label and (c := mean_val_curve(r)) is not None]
+        curves = row_curves(records, label)
         if not curves:
             continue
         peaks = [max(range(len(c)), key=c.__getitem__) for c in curves]
