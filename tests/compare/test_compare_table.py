@@ -185,3 +185,30 @@ def test_the_memorisation_table_finds_each_seeds_peak_and_its_fall_by_hand(tmp_p
     png = plot_val_curves(runs, ["ind", "flat", "nocurve"], tmp_path / "curves.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_val_curves(runs[3:], ["nocurve"], tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("study", ["selfkd_memorising", "online_memorising"])
+def test_the_memorising_regime_tables_regenerate_from_their_jsonl(study: str, tmp_path) -> None:
+    """docs/results.md's memorising-regime tables are what `kdray compare` writes from the committed records."""
+    from kdray.compare.runner import load_records, write_outputs
+    from kdray.compare.study import load_study
+
+    records = load_records(REPO / "benchmarks" / "results" / "studies" / f"{study}.jsonl")
+    text = write_outputs(load_study(REPO / "configs" / "studies" / f"{study}.yaml"), records, tmp_path)
+    made = [line for line in text.splitlines() if line.startswith("|")]
+    docs = set((REPO / "docs" / "results.md").read_text().splitlines())
+    missing = [line for line in made if line not in docs]
+    assert len(made) > 10 and not missing, missing[:3]
+
+
+def test_a_shorter_curve_of_an_unfinished_run_is_left_out_of_its_rows_curve_figures():
+    from kdray.compare.table import memorisation_lines, row_curves
+
+    runs = [
+        {**rec("r", s, 0.8, 0.8), "val_curve": {"a": curve, "b": curve}}
+        for s, curve in ((0, [0.5, 0.7, 0.6]), (1, [0.6, 0.8, 0.8]), (2, [0.9]))
+    ]
+    assert row_curves(runs, "r") == [[0.5, 0.7, 0.6], [0.6, 0.8, 0.8]]
+    assert memorisation_lines(runs, ["r"])[3].endswith(
+        "of 3 | 75.00 ± 7.07 | 70.00 ± 14.14 | 5.00 ± 7.07 | 2 |"
+    )
