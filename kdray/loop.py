@@ -11,10 +11,10 @@ What differs between engines is passed in as two small objects:
 
 Checkpoints: at every epoch end and every ``train.checkpoint_every_steps`` steps (and when a stop is requested),
 the population's state is gathered to the writer (the only process, or rank 0) and written atomically
-(:func:`checkpoint_payload` builds every file's payload) to
-``<out>/checkpoints/last.pt`` - or, where every process sees the checkpoint folder (``Collective.writes_parts``),
-each process writes its own part there and rank 0 writes ``last.pt`` as a manifest of the parts - (and ``best.pt`` when the selection metric improved), with where the loop stands
-(:class:`Progress`), so ``--resume`` continues exactly, mid-epoch included.
+(:func:`checkpoint_payload` builds every file's payload) to ``<out>/checkpoints/last.pt`` (and ``best.pt`` when
+the selection metric improved), with where the loop stands (:class:`Progress`), so ``--resume`` continues exactly,
+mid-epoch included. Where every process sees the checkpoint folder (``Collective.writes_parts``), each process
+writes its own part there instead, and rank 0 writes ``last.pt`` as a manifest of the parts.
 """
 
 from __future__ import annotations
