@@ -317,7 +317,8 @@ class SessionConfig(Section):
         description="how the population's checkpoint (<out>/checkpoints/last.pt) is written: per_process - every "
         "worker writes its own part into the run folder and rank 0 a small manifest (needs the run folder shared "
         "by every node; refused at start naming the nodes that cannot see it); gather - rank 0 gathers every peer's "
-        "state and writes one file; auto - per_process when every worker sees the run folder, else gather",
+        "state and writes one file; auto - per_process when every worker sees the run folder and nothing reads the "
+        "checkpoints in the driver during the run (a kdray tune trial does), else gather",
     )
 
 

@@ -106,6 +106,7 @@ class RayEngine(Engine):
                 "namespace": namespace,
                 "resume": ray.put(resume) if resume is not None else None,
                 "placement_plan": plan.record() if plan else None,  # every worker checks its node against it
+                "checkpoint_writes": checkpoint_writes(eng.session.checkpoint_writes, self.callbacks),
             }
             trainer = make_trainer(
                 loop_config,
@@ -315,6 +316,14 @@ def worker_config(cfg: ExperimentConfig) -> dict[str, Any]:
             peer["checkpoint"] = str(Path(peer["checkpoint"]).resolve())
     raw["train"]["progress"] = False
     return raw
+
+
+def checkpoint_writes(asked: str, callbacks: list) -> str:
+    """How the workers write the population's checkpoint. ``auto`` with epoch callbacks (a ``kdray tune`` trial's
+    reporter copies ``last.pt`` in the driver while the workers go on): ``gather``, one self-contained file per
+    checkpoint, because the per-process parts that the callback's manifest names may already be pruned by a newer
+    checkpoint when the driver reads them."""
+    return "gather" if asked == "auto" and callbacks else asked
 
 
 class WorkerFailed(KdrayError):

@@ -258,7 +258,11 @@ def train_worker(config: dict[str, Any]) -> None:
     check_worker_nodes(config.get("placement_plan"), placement)  # engine.placement.group_by, as planned
     ckpt_dir = Path(config["out_dir"]) / "checkpoints"
     collective.writes_parts = shared_checkpoint_folder(
-        cfg.engine.session.checkpoint_writes, ckpt_dir, collective, placement, attempt[0]
+        config.get("checkpoint_writes", cfg.engine.session.checkpoint_writes),
+        ckpt_dir,
+        collective,
+        placement,
+        attempt[0],
     )
     if rank == 0:
         for where in placement:

@@ -201,7 +201,9 @@ def test_ray_engine_matches_local_engine(case, tiny_raw, tmp_path, ray_local, mo
     assert history[-1].value == pytest.approx(local.summary["history"][-1][first_term], rel=1e-7)
 
     run_info = json.loads((ray.out_dir / "ray_run.json").read_text())
-    _check_checkpoint_writes(ray, run_info, engine.get("session", {}).get("checkpoint_writes", "auto"))
+    # a killed worker's run has an epoch callback (the killer): auto then gathers, as for a tune trial's reporter
+    asked = engine.get("session", {}).get("checkpoint_writes", "auto")
+    _check_checkpoint_writes(ray, run_info, "gather" if "killed" in case and asked == "auto" else asked)
     assert [p["rank"] for p in run_info["placement"]] == [0, 1, 2]
     assert [p["peer"] for p in run_info["placement"]] == [p["name"] for p in ray.summary["peers"]]
     for worker in run_info["placement"]:  # taken in each worker while training: the process group included
@@ -247,6 +249,17 @@ def _check_checkpoint_writes(ray, run_info: dict, asked: str) -> None:
         return
     assert manifest["peers"] == {} and len(manifest["parts"]) == 3  # one part per worker, no state in last.pt
     assert on_disk == manifest_files(ckpt / "last.pt") | manifest_files(ckpt / "best.pt")
+
+
+def test_auto_checkpoint_writes_gather_when_the_driver_reads_checkpoints_during_the_run():
+    from kdray.engines.ray_engine import checkpoint_writes
+
+    assert checkpoint_writes("auto", []) == "auto"
+    assert (
+        checkpoint_writes("auto", [print]) == "gather"
+    )  # an epoch callback copies last.pt while workers go on
+    assert checkpoint_writes("per_process", [print]) == "per_process"  # asked for: kept
+    assert checkpoint_writes("gather", []) == "gather"
 
 
 TEACHER_CASES = {

@@ -128,7 +128,9 @@ def test_a_trial_of_data_parallel_peers_resumes_from_its_own_checkpoint(ray_loca
     first = Reporter()
     uninterrupted = _train_trial(None, cfg, out, first, plan, "t1", {}, [{}])
     assert first.epochs == [1, 2]
-    assert is_manifest(uninterrupted.checkpoint) and not is_manifest(tune_checkpoint / CHECKPOINT_FILE)
+    # the trial's reporter reads last.pt in the driver while the workers go on: auto gathers one file per checkpoint
+    assert uninterrupted.summary["ray"]["checkpoint_writes"] == "gather"
+    assert not is_manifest(uninterrupted.checkpoint) and not is_manifest(tune_checkpoint / CHECKPOINT_FILE)
     ended = load_checkpoint(uninterrupted.checkpoint)
     second, incarnations = Reporter(), [{}]
     resumed = _train_trial(Checkpoint.from_directory(str(tune_checkpoint)), cfg, out, second, plan, "t1", {},
