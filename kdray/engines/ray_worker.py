@@ -258,7 +258,7 @@ def train_worker(config: dict[str, Any]) -> None:
     check_worker_nodes(config.get("placement_plan"), placement)  # engine.placement.group_by, as planned
     ckpt_dir = Path(config["out_dir"]) / "checkpoints"
     collective.writes_parts = shared_checkpoint_folder(
-        config.get("checkpoint_writes", cfg.engine.session.checkpoint_writes),
+        config["checkpoint_writes"],  # the driver's choice (ray_engine.checkpoint_writes)
         ckpt_dir,
         collective,
         placement,
