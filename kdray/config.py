@@ -629,14 +629,8 @@ class ExperimentConfig(Section):
                     "batch, so that the run's maths does not depend on the number of workers)",
                 )  # fmt: skip
         if max(workers) > 1 and len(set(workers)) > 1:
-            i = next(i for i, m in enumerate(workers) if m != workers[0])
-            raise ConfigError(
-                f"peers.{i}.workers", workers[i],
-                f"{workers[0]}, as peer '{self.peers[0].name}' has (the population's workers per peer: {workers}): "
-                "every peer needs the same number of workers, because shard m of each peer exchanges with shard m "
-                "of the others; peers of unequal workers (a gather of each peer's signals within its group, the "
-                "exchange, a scatter) are not supported yet",
-            )  # fmt: skip
+            # unequal: each peer's rows are gathered to its first worker, exchanged, scattered (exchange/regroup.py)
+            METHODS.lookup(self.method.name).check_unequal_workers(self)
         if max(workers) > 1:
             METHODS.lookup(self.method.name).check_data_parallel(self)
         return self

@@ -155,6 +155,8 @@ def exchange_figures(parts: list[dict[str, float]]) -> dict[str, float]:
         "exchange/bytes_per_step": sum(p["bytes_per_step"] for p in parts),
         "exchange/ms_per_step": sum(p["ms_per_step"] for p in parts) / len(parts),
     }
+    if any("group_bytes_per_step" in p for p in parts):  # within peer groups (K x M: stale, unequal M)
+        out["exchange/group_bytes_per_step"] = sum(p.get("group_bytes_per_step", 0.0) for p in parts)
     if all("wait_ms_per_step" in p for p in parts):  # engine.exchange.split_wait
         out["exchange/wait_ms_per_step"] = sum(p["wait_ms_per_step"] for p in parts) / len(parts)
     return out

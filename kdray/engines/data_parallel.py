@@ -13,6 +13,11 @@ the same order, once, at start (a torch.distributed rule):
   runs on it, so shard m's logits and feature maps go to shard m of the peers that learn from them, and nothing is
   gathered to one worker.
 
+Peers of unequal numbers of workers (``peers[i].workers`` differ) have no common shards: there is one group of the
+peers' first workers instead, and the exchange gathers each peer's rows to its first worker, exchanges whole-batch
+signals between the first workers and scatters them back (:mod:`kdray.exchange.regroup`); the stale exchange ships
+weights between the first workers as it does with equal M.
+
 Worker m of a peer trains on the m-th slice of every global batch (``data.batch_size`` split in M): the epoch's
 permutation and the augmentation are those of the whole batch, as with one worker. Losses are means over the
 shard; the average over the peer group of the shards' gradients is the gradient of the global batch's mean, so a
@@ -29,9 +34,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdray.config import ExperimentConfig
-from kdray.exchange import DistributedExchange, Wiring, make_exchange
+from kdray.exchange import Exchange, Wiring, make_exchange
+from kdray.exchange.regroup import RegroupedExchange
 from kdray.models.sync_bn import convert_batchnorm
 from kdray.population import Population
+from kdray.registry import EXCHANGES
 from kdray.replicas import exchange_plan
 from kdray.step import StepRunner
 
@@ -44,6 +51,7 @@ class PeerGroup:
     size: int
     shard: int
     ranks: list[int] = field(default_factory=list)  # the global ranks of the peer's workers, shard order
+    objects: object = None  # a gloo group of the same ranks, for small Python objects (unequal M's layouts)
     bytes: int = field(default=0)  # gradient bytes all-reduced so far (benchmarks/data_parallel.py)
     seconds: float = field(default=0.0)  # time spent in those all-reduces
 
@@ -88,6 +96,9 @@ class Groups:
     shard_group: object  # the exchange's group (None: the default group, K x 1)
     shard_object_group: object  # gloo group of the same ranks, for small Python objects
     shard_ranks: list[int]  # global rank of shard ``shard`` of every peer, in peer order
+    # peers of unequal numbers of workers: the exchange runs between the peers' first workers (shard_group is
+    # their group on a first worker, None on the others) and regroups each peer's rows around its first worker
+    unequal: bool = False
 
 
 def create_groups(cfg: ExperimentConfig, rank: int, object_group) -> Groups:
@@ -99,10 +110,23 @@ def create_groups(cfg: ExperimentConfig, rank: int, object_group) -> Groups:
         return Groups(peer, shard, None, None, object_group, list(range(len(workers))))
     ranks_of = [[r for r, (k, _) in enumerate(layout) if k == p] for p in range(len(workers))]
     peer_groups = [dist.new_group(ranks) for ranks in ranks_of]
-    shards = workers[0]  # equal workers per peer (the config refuses unequal ones)
+    gloo = dist.get_backend() == "gloo"
+    if len(set(workers)) > 1:  # unequal: the peers' first workers exchange; each peer regroups its rows
+        peer_objects = [
+            g if gloo else dist.new_group(r, backend="gloo") for g, r in zip(peer_groups, ranks_of)
+        ]
+        leaders = [ranks[0] for ranks in ranks_of]
+        leader_group = dist.new_group(leaders)
+        leader_objects = leader_group if gloo else dist.new_group(leaders, backend="gloo")
+        first = shard == 0
+        group = PeerGroup(peer_groups[peer], workers[peer], shard, ranks_of[peer], peer_objects[peer])
+        return Groups(
+            peer, shard, group, leader_group if first else None, leader_objects if first else None, leaders,
+            unequal=True,
+        )  # fmt: skip
+    shards = workers[0]
     shard_ranks = [[ranks_of[p][m] for p in range(len(workers))] for m in range(shards)]
     shard_groups = [dist.new_group(ranks) for ranks in shard_ranks]
-    gloo = dist.get_backend() == "gloo"
     shard_object_groups = [
         g if gloo else dist.new_group(r, backend="gloo") for g, r in zip(shard_groups, shard_ranks)
     ]
@@ -132,7 +156,7 @@ class Worker:
 
     groups: Groups
     pop: Population
-    exchange: DistributedExchange
+    exchange: Exchange
     runner: StepRunner
 
 
@@ -152,17 +176,34 @@ def build_worker(
     their workers here."""
     groups = create_groups(cfg, rank, object_group)
     peer, workers = groups.peer, cfg.peer_workers[groups.peer]
-    peer_group = groups.peer_group
+    # a peer of one worker among data-parallel ones (unequal M) needs no group: nothing to average or sync
+    peer_group = groups.peer_group if groups.peer_group is not None and groups.peer_group.size > 1 else None
     wiring = Wiring(
         peer, cfg.num_peers, device, group=groups.shard_group, object_group=groups.shard_object_group,
         run_name=run_name, namespace=namespace, attempt=attempt, global_ranks=groups.shard_ranks,
         peer_group=peer_group.group if peer_group else None, peer_ranks=peer_group.ranks if peer_group else None,
     )  # fmt: skip
-    exchange = make_exchange(cfg.engine.exchange, wiring)
+    exchange = (
+        regrouped_exchange(cfg, wiring, groups)
+        if groups.unequal
+        else make_exchange(cfg.engine.exchange, wiring)
+    )
     pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
     synced = peer_group is not None and cfg.peer_sync_bn(peer)
     if peer_group is not None:
         sync_batchnorm(pop, peer_group, cfg.peer_sync_bn(peer))
     # the stale exchange's copies of other peers run on this worker's shard: their BatchNorm like the peer's own
     exchange.attach(exchange_plan(pop, norm_group=peer_group.group if synced else None))
-    return Worker(groups, pop, exchange, StepRunner(pop, exchange, groups.peer_group))
+    return Worker(groups, pop, exchange, StepRunner(pop, exchange, peer_group))
+
+
+def regrouped_exchange(cfg: ExperimentConfig, wiring: Wiring, groups: Groups) -> Exchange:
+    """The exchange of a worker whose peers have unequal numbers of workers: the stale exchange as it is (weights
+    between the peers' first workers); any other wrapped in :class:`RegroupedExchange`, built on the first worker
+    of each peer only (the others never talk across peers)."""
+    kind = EXCHANGES.lookup(cfg.engine.exchange.name)
+    if kind.handles_peer_groups:
+        return make_exchange(cfg.engine.exchange, wiring)
+    inner = make_exchange(cfg.engine.exchange, wiring) if groups.shard == 0 else None
+    group = groups.peer_group
+    return RegroupedExchange(inner, groups.peer, wiring.device, group.group, group.objects, group.ranks)

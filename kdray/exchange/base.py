@@ -273,6 +273,10 @@ class DistributedExchange(Exchange):
 
     name = "distributed"
     Config: type[Section] = Section
+    # peers of unequal numbers of workers: False, the exchange moves per-sample signals between the peers' first
+    # workers and :class:`~kdray.exchange.regroup.RegroupedExchange` gathers and scatters them within each peer;
+    # True, it copes with the peer groups itself (the stale exchange: weights between first workers)
+    handles_peer_groups = False
 
     @classmethod
     def create(cls, cfg: Section, wiring: Wiring) -> DistributedExchange:

@@ -49,6 +49,9 @@ class StaleExchangeConfig(Section):
 class StaleExchange(DistributedExchange):
     name = "stale"
     Config = StaleExchangeConfig
+    handles_peer_groups = (
+        True  # weights go first worker to first worker, whatever the peers' numbers of workers
+    )
 
     @classmethod
     def create(cls, cfg: StaleExchangeConfig, wiring: Wiring) -> StaleExchange:

@@ -211,6 +211,21 @@ class Method:
             )  # fmt: skip
 
     @classmethod
+    def check_unequal_workers(cls, cfg: ExperimentConfig) -> None:
+        """Refuse peers of unequal numbers of workers where the method trains a shared module (ACN's, DFAD's or
+        MAD's generator): its gradient is summed over shard m of every peer, which exists only with equal M."""
+        if cls.build_shared_state is not Method.build_shared_state:
+            workers = cfg.peer_workers
+            i = next(i for i, m in enumerate(workers) if m != workers[0])
+            key = f"peers.{i}.workers" if cfg.peers[i].workers else "engine.placement.workers_per_peer"
+            raise ConfigError(
+                key, workers[i],
+                f"{workers[0]}, as peer '{cfg.peers[0].name}' has (the population's workers per peer: {workers}): "
+                f"method '{cls.name}' trains a module shared by the peers (a generator), whose gradient is summed "
+                "over shard m of every peer, so its peers need equal numbers of workers",
+            )  # fmt: skip
+
+    @classmethod
     def check_population(cls, cfg: ExperimentConfig) -> None:
         """Refuse populations the method cannot train (called while the config is validated)."""
         k = len(cfg.peers)

@@ -214,6 +214,79 @@ def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
     print(f"{case}: largest difference from K x 1 after {STEPS} steps: {moved:.3g}")
 
 
+# peers of unequal numbers of workers: each peer's rows gathered to its first worker, exchanged between the first
+# workers, scattered back (kdray/exchange/regroup.py); the stale exchange ships weights between first workers
+UNEQUAL = {
+    "dml-2+1": ("dml", [2, 1], "collective"),
+    # a ring (point to point between first workers) of three peers of two architectures, feature maps included
+    "afd-ring3-hetero-1+2+4": ("afd", [1, 2, 4], "collective"),
+    # per-sample memories all-gathered within a 4-worker peer, beside a peer of one worker
+    "pskd-in-dml-4+1": ("pskd", [4, 1], "collective"),
+    "kd-teacher-1-student-2": ("kd", [1, 2], "collective"),
+    "dml-1+2-stale": ("dml", [1, 2], {"name": "stale", "every": 2, "burn_in": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(UNEQUAL))
+def test_peers_of_unequal_workers_equal_k_by_one(case, tiny_raw, request):
+    """K peers of M_0, M_1, ... workers equal K x 1 (float64, the bound of the equal-M cases: the regrouping only
+    moves detached rows, so the maths differs from K x 1 by summation order alone). Bytes: what crosses between
+    peers is exactly K x 1's, on the first workers; within a peer, the first worker receives the other workers'
+    rows and each other worker its block of the sources' rows: counted exactly from the layouts."""
+    from kdray.exchange import SignalLayout
+
+    method, workers, exchange = UNEQUAL[case]
+    raw = _raw(tiny_raw, method, len(workers), 1)
+    raw["engine"]["exchange"] = exchange
+    if method == "kd":
+        raw["peers"][0].update(
+            frozen=True, checkpoint=request.getfixturevalue("teacher_checkpoint"), checkpoint_peer="net"
+        )
+    if method == "pskd":
+        raw["method"]["weights"] = {"kl": 1.0}
+        raw["train"]["epochs"] = 2
+    one = copy.deepcopy(raw)  # K x 1 on the same wiring: the bytes between peers to compare with
+    for p, m in zip(raw["peers"], workers):
+        p["workers"] = m
+    torch.set_num_threads(1)
+    want_one, extras_one = _k_by_m(one)
+    got, extras = _k_by_m(raw)
+    if exchange == "collective":
+        want, _ = _reference(one)
+    else:  # the local engine has no stale exchange: K x 1 on the RayEngine's wiring is the reference
+        want = {}
+        for _, _, _, state in want_one.values():
+            want.update(state)
+    assert len(got) == sum(workers)
+    batch = raw["data"]["batch_size"]
+    worst = 0.0
+    for rank, (peer, shard, rows, state) in sorted(got.items()):
+        assert rows == batch // workers[peer]
+        worst = max(worst, _worst(state, want))
+        stats, alone = extras["stats"][rank], extras_one["stats"][peer]
+        if shard == 0:  # what crossed between peers: exactly K x 1's
+            assert stats["bytes_per_step"] == alone["bytes_per_step"], (rank, stats, alone)
+        else:
+            assert stats["bytes_per_step"] == 0, (rank, stats)
+        if exchange != "collective" or workers[peer] == 1:
+            continue
+        # within the peer: the first worker gets M - 1 shards of its own logits (and, AFD, feature maps); every
+        # other worker one block of each source's, per round; DML's and KD's one round a step, AFD's two
+        logits = SignalLayout.of({"logits": torch.zeros(rows, 4, dtype=torch.float64)}).nbytes
+        if method == "afd":
+            assert stats["group_bytes_per_step"] > (workers[peer] - 1 if shard == 0 else 1) * logits
+            continue
+        sources = len(raw["peers"]) - 1 if method != "kd" else 1
+        if method == "kd" and peer == 0:  # the frozen teacher learns from nobody; it only sends
+            expected = (workers[peer] - 1) * logits if shard == 0 else SignalLayout.of({}).nbytes
+        else:
+            names = {f"{s}/logits": torch.zeros(rows, 4, dtype=torch.float64) for s in range(sources)}
+            expected = (workers[peer] - 1) * logits if shard == 0 else SignalLayout.of(names).nbytes
+        assert stats["group_bytes_per_step"] == expected, (rank, stats, expected)
+    assert worst <= TOL, worst
+    print(f"{case}: largest difference from K x 1 after {STEPS} steps: {worst:.3g}")
+
+
 def test_ranks_laid_out_shard_by_shard_train_the_same(tiny_raw):
     """``engine.placement.group_by: shard`` numbers the ranks shard by shard (shard m of every peer on one node):
     the process groups follow the layout, so 2 x 2 still equals 2 x 1, the collective exchange's and the stale
@@ -250,10 +323,12 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
     raw = _raw(tiny_raw, "dml", 2, 2)
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(raw, ["data.batch_size=15"])
+    load_config(raw, ["peers.0.workers=1"])  # unequal workers: regrouped (test above)
     with pytest.raises(
-        ConfigError, match=r"^config key 'peers\.1\.workers' = 2: 1, as peer 'peer0' has .*same"
+        ConfigError,
+        match=r"^config key 'engine.placement.workers_per_peer' = 2: 1, as peer 'peer0' has .*'acn' .*shared",
     ):
-        load_config(raw, ["peers.0.workers=1"])
+        load_config(raw, ["peers.0.workers=1", "method.name=acn"])
     load_config(raw, ["engine.exchange=stale"])  # one copy of the weights per peer group (test below)
     with pytest.raises(
         ConfigError, match="^config key 'engine.placement.workers_per_peer' = 2: 1 for .*class-pair"
