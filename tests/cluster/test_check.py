@@ -202,6 +202,34 @@ def test_too_few_machines_on_premise(experiment: Path) -> None:
     assert "add machines to provider.worker_ips" in placement
 
 
+def test_data_parallel_peers_are_counted_worker_by_worker(experiment: Path) -> None:
+    """K peers x M workers ask for K x M workers, and ``group_by`` needs each group whole on one node: the on-premise
+    file's head of 16 CPUs and three machines of 16 CPUs and 1 GPU each."""
+    kxm = [*SHARED, "engine.placement.gpus_per_peer=1", "engine.placement.workers_per_peer=2"]
+    gpus, *_ = _problems(ONPREM, config=experiment, overrides=kxm)  # 3 peers x 2 workers x 1 GPU
+    assert gpus.startswith(
+        "engine.placement.gpus_per_peer: 6 workers x 1 GPU = 6 GPUs, but the cluster has 3"
+    )
+    # two peers of two CPU workers, each peer's workers on one node: fits, one peer per machine
+    two = [*SHARED, "peers=[{arch: resnet8}, {arch: resnet8}]", "engine.placement.workers_per_peer=2"]
+    report = check_cluster(ONPREM, config=experiment, overrides=[*two, "engine.placement.group_by=peer"])
+    assert "pack: 4 workers of {CPU: 1, GPU: 0}; the cluster has room for" in "\n".join(report.experiment)
+    assert "group_by peer: 2 group(s) of up to 2 workers on 2 node(s)" in "\n".join(report.experiment)
+    # ... but not when a peer's 2 workers need 9 CPUs each: 18 CPUs on one 16-CPU machine
+    (group,) = _problems(
+        ONPREM,
+        config=experiment,
+        overrides=[*two, "engine.placement.group_by=peer", "engine.placement.cpus_per_peer=9"],
+    )
+    assert group.startswith(
+        "engine.placement.group_by: peer: 2 group(s) of 2 worker(s) (one per peer, its workers), each group on one "
+        "node, {CPU 9} per worker ({CPU 18} per group); no node has room for one group: the cluster has 4 node(s)"
+    ), group
+    assert "add machines to provider.worker_ips" in group
+    # group_by none: the same workers may sit on any node, one each
+    check_cluster(ONPREM, config=experiment, overrides=[*two, "engine.placement.cpus_per_peer=9"])
+
+
 @pytest.mark.parametrize(
     ("storage", "fault"),
     [
