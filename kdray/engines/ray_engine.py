@@ -269,7 +269,7 @@ class DriverView:
         done = self.finished
         history = done.history
         exchange: dict[str, Any] = {"name": self.cfg.engine.exchange.name}
-        for key in ("bytes_per_step", "ms_per_step", "wait_ms_per_step"):
+        for key in ("bytes_per_step", "group_bytes_per_step", "ms_per_step", "wait_ms_per_step"):
             values = [h[f"exchange/{key}"] for h in history if f"exchange/{key}" in h]
             exchange[key] = sum(values) / len(values) if values else None
         # epochs this engine trained (a run resumed from a LocalEngine checkpoint has earlier ones without exchange)
@@ -280,8 +280,9 @@ class DriverView:
             if exchange["wait_ms_per_step"] is not None:  # split_wait: what moving the bytes alone costs
                 moving = exchange["ms_per_step"] - exchange["wait_ms_per_step"]
                 exchange["transfer_share_of_step"] = moving / exchange["step_ms"]
-        if exchange["wait_ms_per_step"] is None:
-            del exchange["wait_ms_per_step"]
+        for key in ("wait_ms_per_step", "group_bytes_per_step"):  # only where measured
+            if exchange[key] is None:
+                del exchange[key]
         return {
             "history": history,
             "best": done.best,

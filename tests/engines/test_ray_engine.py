@@ -449,21 +449,24 @@ def test_an_unexpected_worker_error_names_its_rank_and_peer_in_full(tiny_raw):
     assert "ZeroDivisionError: division by zero" in text  # the worker's traceback, whole
 
 
-@pytest.mark.parametrize("exchange", ["collective", pytest.param("actor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("exchange", "workers"),
+    [("collective", (2, 2)), pytest.param("actor", (2, 2), marks=pytest.mark.slow), ("collective", (2, 1))],
+    ids=["collective-2x2", "actor-2x2", "collective-2+1"],
+)
 def test_data_parallel_peers_on_ray_match_one_worker_per_peer_across_a_killed_worker(
-    exchange, tiny_raw, tmp_path, ray_local
+    exchange, workers, tiny_raw, tmp_path, ray_local
 ):
     """K = 2 peers x M = 2 workers on the RayEngine (synced BatchNorm; the collective exchange per shard group, or
-    the actor exchange keyed by worker) against the LocalEngine's K x 1 at the same global batch; the second worker
-    of the first peer is killed from outside after epoch 1 and the group resumes from its last checkpoint. Equal to
-    1e-9 in float64."""
+    the actor exchange keyed by worker), or peers of 2 and 1 workers (each round regrouped around the peers' first
+    workers), against the LocalEngine's K x 1 at the same global batch; the second worker of the first peer is
+    killed from outside after epoch 1 and the group resumes from its last checkpoint. Equal to 1e-9 in float64."""
     raw = _population(tiny_raw, "dml")
     raw["peers"] = raw["peers"][:2]
     raw["train"]["checkpoint_every_steps"] = 2
     local = kdray.train(raw, out=tmp_path / "local")
     ray_raw = copy.deepcopy(raw)
-    ray_raw["peers"][0]["workers"] = 2
-    ray_raw["peers"][1]["workers"] = 2
+    ray_raw["peers"][0]["workers"], ray_raw["peers"][1]["workers"] = workers
     ray_raw["engine"] = {
         "name": "ray", "placement": {"cpus_per_peer": 0.5}, "fault_tolerance": {"max_failures": 1},
         "exchange": exchange,
@@ -482,9 +485,12 @@ def test_data_parallel_peers_on_ray_match_one_worker_per_peer_across_a_killed_wo
     assert run_info["attempts"] == 2  # restarted once, resumed from the last checkpoint
     names = [p["name"] for p in ray.summary["peers"]]
     assert [(w["rank"], w["peer"], w["shard"]) for w in run_info["placement"]] == [
-        (0, names[0], "1/2"), (1, names[0], "2/2"), (2, names[1], "1/2"), (3, names[1], "2/2"),
-    ]  # fmt: skip
+        (rank, names[peer], f"{shard + 1}/{workers[peer]}")
+        for rank, (peer, shard) in enumerate((p, m) for p, count in enumerate(workers) for m in range(count))
+    ]
     assert ray.summary["exchange"]["bytes_per_step"] > 0
+    if workers[0] != workers[1]:  # peer 0's second worker's rows went through its first worker, both ways
+        assert ray.summary["exchange"]["group_bytes_per_step"] > 0
 
 
 def test_the_public_ray_train_path_matches_the_local_engine(tiny_raw, tmp_path, ray_local, monkeypatch):
