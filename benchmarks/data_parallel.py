@@ -8,6 +8,10 @@ speed-up figure here but the cost of the extra communication and of the oversubs
 what a cluster would move.
 
     python benchmarks/data_parallel.py --peers 2 --workers 1 2 --steps 30 --batch 64
+
+A layout ``2+1`` gives the peers unequal numbers of workers (peer 0 two, peer 1 one): each exchange round is then
+gathered to the peers' first workers and scattered back (``kdray/exchange/regroup.py``), and ``group KB`` is what that
+moved within the peers (results in ``data_parallel_cpu_unequal.json``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,17 @@ from step_timing import write_rows  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 
 
-def config(peers: int, workers: int, batch: int, steps: int, width: int, sync_bn: bool) -> dict:
+def layout(text: str, peers: int) -> list[int]:
+    """``2`` -> every peer on 2 workers; ``2+1`` -> peer 0 on 2, peer 1 on 1."""
+    counts = [int(m) for m in text.split("+")]
+    if len(counts) == 1:
+        return counts * peers
+    if len(counts) != peers:
+        raise SystemExit(f"--workers {text}: {len(counts)} numbers for {peers} peers")
+    return counts
+
+
+def config(peers: int, workers: list[int], batch: int, steps: int, width: int, sync_bn: bool) -> dict:
     return {
         "name": "dp-bench",
         "seed": 0,
@@ -47,10 +61,10 @@ def config(peers: int, workers: int, batch: int, steps: int, width: int, sync_bn
                 "train_len": batch * (steps + 1),
             },
         },
-        "peers": [{"arch": "resnet8", "arch_kwargs": {"width": width}} for _ in range(peers)],
+        "peers": [{"arch": "resnet8", "arch_kwargs": {"width": width}, "workers": m} for m in workers],
         "method": {"name": "dml"},
         "train": {"epochs": 1, "threads": 1, "steps_per_epoch": steps},
-        "engine": {"name": "ray", "placement": {"workers_per_peer": workers, "sync_bn": sync_bn}},
+        "engine": {"name": "ray", "placement": {"sync_bn": sync_bn}},
         "tracking": {"enabled": False},
     }
 
@@ -66,6 +80,8 @@ def worker(rank: int, world: int, init_file: str, raw: dict, warm: int, results)
     for step, batch in enumerate(pop.batches(0)):
         if step == warm:  # the layouts are agreed in the first step; count from here
             exchange.meter.reset()
+            if hasattr(exchange, "group_bytes"):
+                exchange.group_bytes = 0
             if groups.peer_group is not None:
                 groups.peer_group.bytes, groups.peer_group.seconds = 0, 0.0
         dist.barrier()
@@ -80,6 +96,8 @@ def worker(rank: int, world: int, init_file: str, raw: dict, warm: int, results)
         "exchange_bytes": exchange.meter.bytes / measured,
         "allreduce_ms": 1000 * group.seconds / measured if group else 0.0,
         "allreduce_bytes": group.bytes / measured if group else 0,
+        # unequal workers: the rows gathered to a peer's first worker and scattered back
+        "group_bytes": getattr(exchange, "group_bytes", 0) / measured,
     }
     dist.destroy_process_group()
 
@@ -103,13 +121,14 @@ def measure(raw: dict, warm: int) -> dict:
         "exchange_bytes_per_step": sum(r["exchange_bytes"] for r in ranks.values()),
         "allreduce_ms": statistics.mean(r["allreduce_ms"] for r in ranks.values()),
         "allreduce_bytes_per_step": sum(r["allreduce_bytes"] for r in ranks.values()),
+        "group_bytes_per_step": sum(r["group_bytes"] for r in ranks.values()),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, default=2)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", nargs="+", default=["1", "2"], help="M per peer, or per-peer counts: 2+1")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
@@ -118,11 +137,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     rows = []
-    for m in args.workers:
-        raw = config(args.peers, m, args.batch, args.steps, args.width, not args.no_sync_bn)
+    for text in args.workers:
+        counts = layout(text, args.peers)
+        raw = config(args.peers, counts, args.batch, args.steps, args.width, not args.no_sync_bn)
         row = {
             "peers": args.peers,
-            "workers_per_peer": m,
+            "workers_per_peer": counts[0] if len(set(counts)) == 1 else "+".join(map(str, counts)),
             "global_batch": args.batch,
             **measure(raw, args.warm),
         }
@@ -131,14 +151,17 @@ def main() -> None:
         rows.append(row)
     base = rows[0]["step_ms"]
     print(f"{'K x M':>7} {'step ms':>8} {'vs K x 1':>8} {'exch ms':>8} {'exch %':>6} {'exch KB':>8} "
-          f"{'allred ms':>9} {'allred %':>8} {'allred KB':>9}")  # fmt: skip
+          f"{'allred ms':>9} {'allred %':>8} {'allred KB':>9} {'group KB':>8}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['peers']:>3} x {r['workers_per_peer']:<2} {r['step_ms']:8.1f} {r['step_ms'] / base:8.2f} "
+            f"{r['peers']:>3} x {r['workers_per_peer']!s:<3} {r['step_ms']:7.1f} {r['step_ms'] / base:8.2f} "
             f"{r['exchange_ms']:8.2f} {100 * r['exchange_share']:6.1f} {r['exchange_bytes_per_step'] / 1e3:8.1f} "
-            f"{r['allreduce_ms']:9.2f} {100 * r['allreduce_share']:8.1f} {r['allreduce_bytes_per_step'] / 1e3:9.1f}"
+            f"{r['allreduce_ms']:9.2f} {100 * r['allreduce_share']:8.1f} {r['allreduce_bytes_per_step'] / 1e3:9.1f} "
+            f"{r['group_bytes_per_step'] / 1e3:8.1f}"
         )
     name = "data_parallel_cpu_no_sync_bn.json" if args.no_sync_bn else "data_parallel_cpu.json"
+    if any("+" in text for text in args.workers):
+        name = name.replace(".json", "_unequal.json")
     path = write_rows(args.out, name, rows)
     print(f"written: {path}")
 

@@ -110,19 +110,26 @@ class RegroupedExchange(Exchange):
         self.meter.step(step)
         with self.meter.timed():
             if self.size == 1:  # a peer of one worker: its rows are the global batch's
-                return self.inner.exchange(phase, topology, step, published)
+                return self._between(phase, topology, step, published)
             mine = published.get(self.peer)
             if mine is None:  # the peer does not forward in this phase (on all its workers alike)
                 if self.inner is not None:  # ... but the other peers' leaders count on its leader
-                    self.inner.exchange(phase, topology, step, {})
+                    self._between(phase, topology, step, {})
                 return {}
             rows = self._rows(phase, mine)
             sources = list(topology.sources_of(self.peer))
             whole = self._gather(phase, mine)
             received = None
             if self.inner is not None:
-                received = self.inner.exchange(phase, topology, step, {self.peer: whole})[self.peer]
+                received = self._between(phase, topology, step, {self.peer: whole})[self.peer]
             return {self.peer: self._scatter(phase, sources, received, rows)}
+
+    def _between(self, phase: str, topology: Topology, step: int, published: dict[int, Signals]):
+        """The wrapped exchange's round between the first workers; its bytes counted in this meter too."""
+        before = self.inner.meter.bytes
+        received = self.inner.exchange(phase, topology, step, published)
+        self.meter.bytes += self.inner.meter.bytes - before
+        return received
 
     def _rows(self, phase: str, mine: Signals) -> int:
         """The shard's rows, checked to be every signal's first dimension (a per-sample signal)."""
