@@ -13,13 +13,19 @@ from kdray.errors import ConfigError, KdrayError
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from kdray.compare.runner import run_compare
-    from kdray.compare.study import from_configs, is_study_file, load_study
+    from kdray.compare.study import from_configs, is_study_file, load_study, select_rows
 
     if len(args.files) == 1 and is_study_file(args.files[0]):
         study = load_study(args.files[0])
         if args.seeds:
             study.seeds = list(args.seeds)
+        if args.rows:
+            if args.baseline is not None:
+                study.baseline = args.baseline
+            study.rows = select_rows(study, args.rows)
     else:
+        if args.rows:
+            raise ConfigError("--rows", " ".join(args.rows), "row labels of a study file (given alone)")
         for f in args.files:
             if is_study_file(f):
                 raise ConfigError(
@@ -39,6 +45,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         "compare-" + re.sub(r"[^A-Za-z0-9._-]+", "_", "-vs-".join(study.labels()))[:80]
     )
     command = ["kdray", "compare", *args.files, *(["--seeds", *map(str, args.seeds)] if args.seeds else [])]
+    command += ["--rows", *args.rows] if args.rows else []
     for flag, value in (("--baseline", args.baseline), ("--out", str(out)), ("--jobs", args.jobs)):
         command += [flag, str(value)] if value is not None else []
     command += [item for kv in args.set for item in ("--set", kv)]
@@ -67,6 +74,10 @@ def add_parser(sub) -> None:
         "files", nargs="+", metavar="CONFIG", help="experiment YAMLs (one row each), or one study file"
     )
     p.add_argument("--seeds", type=int, nargs="+", help="the seeds (default 0 1 2, or the study file's)")
+    p.add_argument(
+        "--rows", nargs="+", metavar="LABEL",
+        help="only these rows of the study file (the baseline among them), e.g. to add seeds to some rows",
+    )  # fmt: skip
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every row"
     )

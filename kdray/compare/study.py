@@ -157,6 +157,21 @@ def load_study(path: str | Path) -> Study:
     return check(study)
 
 
+def select_rows(study: Study, labels: list[str]) -> list[Row]:
+    """The study's rows named in ``labels`` (``--rows``), in the study's order; the baseline must be one of them,
+    as the table's paired differences subtract it."""
+    known = study.labels()
+    unknown = [lab for lab in labels if lab not in known]
+    if unknown:
+        raise ConfigError("--rows", " ".join(unknown), f"row labels of the study: {', '.join(known)}")
+    if study.baseline not in labels:
+        raise ConfigError(
+            "--rows", " ".join(labels), f"a selection that includes the baseline row '{study.baseline}' "
+            "(the paired differences subtract it), or --baseline one of them",
+        )  # fmt: skip
+    return [r for r in study.rows if r.label in labels]
+
+
 def from_configs(paths: list[str], seeds: list[int] | None) -> Study:
     """One row per config file, labelled by the file's name (without .yaml)."""
     rows = []

@@ -14,8 +14,9 @@ from helpers import train_until_stopped
 
 from kdray.cli import main
 from kdray.compare import runner
-from kdray.compare.study import from_configs, load_study
+from kdray.compare.study import from_configs, load_study, select_rows
 from kdray.compare.table import peer_mean
+from kdray.errors import ConfigError
 from tests.conftest import TINY
 
 
@@ -191,6 +192,15 @@ def test_a_study_file_rows_overrides_and_order(tmp_path) -> None:
     b = study.config(study.rows[1], 4, ["train.epochs=9"])
     assert (a["method"]["name"], a["train"]["epochs"], a["seed"], a["name"]) == ("dml", 5, 3, "a-s3")
     assert (b["method"]["name"], b["train"]["epochs"], b["seed"]) == ("independent", 9, 4)  # --set comes last
+    # --rows: a subset, in the study's order, the baseline among it
+    assert [r.label for r in select_rows(study, ["b"])] == ["b"]
+    assert [r.label for r in select_rows(study, ["b", "a"])] == ["a", "b"]
+    with pytest.raises(
+        ConfigError, match=r"^config key '--rows' = 'a': a selection that includes the baseline"
+    ):
+        select_rows(study, ["a"])
+    with pytest.raises(ConfigError, match=r"^config key '--rows' = 'c': row labels of the study: a, b"):
+        select_rows(study, ["a", "c"])
 
 
 def test_jobs_and_threads_share_the_cores() -> None:
@@ -214,30 +224,34 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
 @pytest.mark.parametrize(
     "name, methods",
     [
-        ("online_memorising", ["independent", "dml", "afd"]),
-        ("selfkd_memorising", ["independent", "independent", "pskd", "cskd", "tfkd"]),
-        ("ban_memorising", ["independent"]),
+        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"]]),
+        (
+            "selfkd_memorising",
+            [["independent"], ["independent"], ["pskd"], ["cskd"], ["tfkd"], ["independent", "aikd"]],
+        ),
+        ("ban_memorising", [["independent", "kd", "kd"]]),
     ],
 )
 def test_the_memorising_study_files_share_one_regime_and_every_row_validates(name, methods) -> None:
+    """Every row, and every stage of a staged row (AI-KD's pre-training, born-again generations), trains in the one
+    regime: 1,000 noisy training images, a clean 300-image validation split, 80 epochs, weight decay 5e-5."""
     from kdray.config import validate
     from kdray.stages import is_staged, stage_configs
 
     study = load_study(Path(__file__).resolve().parents[2] / "configs" / "studies" / f"{name}.yaml")
-    for row, method in zip(study.rows, methods, strict=True):
+    for row, stage_methods in zip(study.rows, methods, strict=True):
         raw = study.config(row, 1)
         stages = [cfg for _, cfg in stage_configs(raw)] if is_staged(raw) else [validate(raw)]
-        assert len(stages) == (3 if name.startswith("ban") else 1)
-        assert [c.method.name for c in stages[1:]] == ["kd"] * (len(stages) - 1)
-        cfg = stages[0]
-        assert cfg.method.name == method and cfg.seed == 1
-        assert (cfg.data.train_size, cfg.data.val_split, cfg.data.clean_val, cfg.train.epochs) == (
-            1300,
-            300,
-            True,
-            80,
-        )
-        assert cfg.data.label_noise.rate == 0.4 and cfg.train.optimizer.weight_decay == 5.0e-5
+        assert [c.method.name for c in stages] == stage_methods, row.label
+        for cfg in stages:
+            assert cfg.seed == 1
+            assert (cfg.data.train_size, cfg.data.val_split, cfg.data.clean_val, cfg.train.epochs) == (
+                1300,
+                300,
+                True,
+                80,
+            )
+            assert cfg.data.label_noise.rate == 0.4 and cfg.train.optimizer.weight_decay == 5.0e-5
 
 
 def test_ctrl_c_stops_the_runs_at_a_safe_point_and_exits_130(tmp_path) -> None:
