@@ -230,6 +230,7 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
             [["independent"], ["independent"], ["pskd"], ["cskd"], ["tfkd"], ["independent", "aikd"]],
         ),
         ("ban_memorising", [["independent", "kd", "kd"]]),
+        ("online_memorising_unequal", [["independent"], ["dml"]]),
     ],
 )
 def test_the_memorising_study_files_share_one_regime_and_every_row_validates(name, methods) -> None:
