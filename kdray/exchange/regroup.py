@@ -175,12 +175,11 @@ class RegroupedExchange(Exchange):
         if received is not None:
             blocks = [{} for _ in range(self.size)]
             names: list[tuple[int, str]] = []
-            whole = (
-                rows * self.size or None
-            )  # the global batch's rows (unknown when the peer publishes nothing)
+            # the global batch's rows (from the sources' signals when the peer itself publishes nothing)
+            whole = rows * self.size or None
             for s in sources:
                 for name, t in received[s].items():
-                    whole = whole or t.shape[0]
+                    whole = whole or (t.shape[0] if t.dim() else None)
                     if t.dim() == 0 or t.shape[0] != whole or whole % self.size:
                         raise ExchangeError(
                             f"phase '{phase}': peer {s}'s signal '{name}' has shape {tuple(t.shape)}, not one row "

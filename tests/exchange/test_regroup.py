@@ -1,0 +1,34 @@
+"""Peers of unequal numbers of workers: what the regrouping refuses (the maths: tests/engines/test_data_parallel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdray.exchange import ExchangeError, LocalExchange
+from kdray.exchange.regroup import RegroupedExchange
+
+
+def _leader() -> RegroupedExchange:
+    inner = LocalExchange()
+    return RegroupedExchange(inner, peer=0, device=torch.device("cpu"), group=None, objects=None, ranks=[0])
+
+
+def test_only_per_sample_signals_can_be_regrouped():
+    ex = _leader()
+    assert ex._rows("logit", {"logits": torch.zeros(8, 4), "feat": torch.zeros(8, 2, 3, 3)}) == 8
+    assert ex._rows("logit", {}) == 0
+    with pytest.raises(ExchangeError, match=r"phase 'logit': peer 0 publishes \{'logits': 8, 'temp': None\}"):
+        ex._rows("logit", {"logits": torch.zeros(8, 4), "temp": torch.tensor(1.0)})
+    with pytest.raises(ExchangeError, match="per-sample signals only"):
+        ex._rows("logit", {"logits": torch.zeros(8, 4), "proto": torch.zeros(4, 16)})
+
+
+def test_the_first_worker_and_it_alone_exchanges_between_peers():
+    with pytest.raises(ValueError, match="the first worker of a peer, and it alone"):
+        RegroupedExchange(None, peer=0, device=torch.device("cpu"), group=None, objects=None, ranks=[0])
+
+
+def test_a_shared_module_is_refused():
+    with pytest.raises(ExchangeError, match="shared module"):
+        _leader().reduce_shared_grads([torch.nn.Parameter(torch.zeros(2))])
