@@ -189,6 +189,8 @@ def build_worker(
         else make_exchange(cfg.engine.exchange, wiring)
     )
     pop = Population(cfg, local_ids=[peer], device=device, shard=(groups.shard, workers))
+    if isinstance(exchange, RegroupedExchange):  # how the phases stack their samples' rows
+        exchange.blocks = {ph.name: pop.method.input_blocks(ph) for ph in pop.method.phases()}
     synced = peer_group is not None and cfg.peer_sync_bn(peer)
     if peer_group is not None:
         sync_batchnorm(pop, peer_group, cfg.peer_sync_bn(peer))

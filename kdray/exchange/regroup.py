@@ -11,9 +11,17 @@ worker 1 of 4 rows 16-31), so each peer's signals are regrouped around its first
 3. **scatter** within the peer group: the first worker cuts each received source's signals into the peer's M_i
    row blocks and sends block m to worker m, so each worker learns from the rows of the samples it holds.
 
-A signal must therefore be per-sample (its first dimension the shard's rows); anything else is refused with an
-:class:`ExchangeError` naming it. Published signals are detached, so nothing here carries a gradient and the maths
-is that of one worker per peer: ``tests/engines/test_data_parallel.py`` holds K x (M_0, M_1, ...) equal to K x 1.
+A signal must therefore be per-sample: its first dimension the shard's rows, or ``Method.input_blocks`` stacked
+blocks of them (ACN's peer phase forwards ``[x, x~]``, MAD's student phase ``[G(z), G~(z')]``: each block is
+gathered and scattered on its own, so the whole batch's signals are stacked as one worker stacks them); anything
+else is refused with an :class:`ExchangeError` naming it. Published signals are detached, so nothing here carries a
+gradient and the maths is that of one worker per peer: ``tests/engines/test_data_parallel.py`` holds
+K x (M_0, M_1, ...) equal to K x 1.
+
+A shared module (ACN's, DFAD's or MAD's generator) gets the population's gradient on every worker: each peer's
+part is the mean over its workers (an all-reduce within the peer: the gradient of its loss on the global batch),
+the parts are summed between the first workers (the wrapped exchange's sum, as for one worker per peer), and the
+sum is broadcast within each peer.
 
 Traffic: the exchange between leaders moves what K x 1 moves (``bytes_per_step`` on the first workers); the gather
 and the scatter move, within each peer group, the peer's own rows in and its sources' rows out
@@ -21,7 +29,7 @@ and the scatter move, within each peer group, the peer's own rows in and its sou
 scatter). A peer of one worker skips both.
 
 The stale exchange needs none of this (it ships weights between the first workers and every worker runs its copies
-on its own rows): it declares ``handles_peer_groups`` and is used as it is.
+on its own rows): it declares ``handles_peer_groups`` and is used as it is (not with a shared module: refused).
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ class RegroupedExchange(Exchange):
             raise ValueError("the first worker of a peer, and it alone, exchanges between peers")
         self.group_bytes = 0
         self.meter = ExchangeMeter()  # this worker's whole round (gather, exchange, scatter)
+        # phase -> how many blocks of per-sample rows its signals stack (Method.input_blocks; set by the worker)
+        self.blocks: dict[str, int] = {}
         self._sent: dict[str, SignalLayout] = {}  # phase -> the layout of a worker's published rows
         self._received: dict[str, tuple[SignalLayout, list[tuple[int, str]]]] = {}  # phase -> scatter layout
 
@@ -80,10 +90,42 @@ class RegroupedExchange(Exchange):
         return self.inner.distilling(step) if self.inner is not None else True
 
     def reduce_shared_grads(self, params: list[nn.Parameter]) -> None:
-        if any(p.requires_grad for p in params):
-            raise ExchangeError(
-                "a shared module (a generator) cannot be trained by peers of unequal numbers of workers"
-            )
+        """The shared module's gradient of the population: each peer's, the mean over its workers' shards (the
+        gradient of its loss on the global batch), summed over the peers between their first workers (the wrapped
+        exchange's sum), then broadcast within each peer, so every replica takes the same update. (The step then
+        averages it over the peer's workers: identical values, unchanged.) Within a peer every worker runs the
+        same code, so a parameter has a gradient on all of its workers or on none."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        with self.meter.timed():
+            own = [p for p in params if p.grad is not None]
+            if self.size > 1 and own:
+                flat = torch.cat([p.grad.reshape(-1) for p in own])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+                flat.div_(self.size)
+                self.group_bytes += flat.numel() * flat.element_size()
+                _unflatten(flat, own)
+            if self.inner is not None:
+                before = self.inner.meter.bytes
+                self.inner.reduce_shared_grads(params)
+                self.meter.bytes += self.inner.meter.bytes - before
+            if self.size > 1:  # the sum, from the first worker to the peer's others
+                dtype = params[0].dtype
+                has = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=params[0].device)
+                dist.broadcast(has, src=self.ranks[0], group=self.group)
+                got = [p for p, h in zip(params, has.tolist()) if h > 0]
+                if got:
+                    flat = torch.cat(
+                        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in got]
+                    )
+                    dist.broadcast(flat, src=self.ranks[0], group=self.group)
+                    if self.inner is None:
+                        self.group_bytes += flat.numel() * flat.element_size()
+                    for p in got:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    _unflatten(flat, got)
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict() if self.inner is not None else {}
@@ -116,13 +158,14 @@ class RegroupedExchange(Exchange):
                 if self.inner is not None:  # ... but the other peers' leaders count on its leader
                     self._between(phase, topology, step, {})
                 return {}
-            rows = self._rows(phase, mine)
+            blocks = self.blocks.get(phase, 1)
+            rows = self._rows(phase, mine, blocks)
             sources = list(topology.sources_of(self.peer))
-            whole = self._gather(phase, mine)
+            whole = self._gather(phase, mine, blocks)
             received = None
             if self.inner is not None:
                 received = self._between(phase, topology, step, {self.peer: whole})[self.peer]
-            return {self.peer: self._scatter(phase, sources, received, rows)}
+            return {self.peer: self._scatter(phase, sources, received, rows, blocks)}
 
     def _between(self, phase: str, topology: Topology, step: int, published: dict[int, Signals]):
         """The wrapped exchange's round between the first workers; its bytes counted in this meter too."""
@@ -131,11 +174,12 @@ class RegroupedExchange(Exchange):
         self.meter.bytes += self.inner.meter.bytes - before
         return received
 
-    def _rows(self, phase: str, mine: Signals) -> int:
-        """The shard's rows, checked to be every signal's first dimension (a per-sample signal)."""
+    def _rows(self, phase: str, mine: Signals, blocks: int = 1) -> int:
+        """The rows of this worker's signals, checked to be every signal's first dimension and ``blocks`` equal
+        blocks of the shard's samples (per-sample signals)."""
         lengths = {name: (t.shape[0] if t.dim() else None) for name, t in mine.items()}
         rows = {n for n in lengths.values()}
-        if len(rows) > 1 or None in rows:
+        if len(rows) > 1 or None in rows or any(n % blocks for n in rows):
             raise ExchangeError(
                 f"phase '{phase}': peer {self.peer} publishes {lengths} (first dimension per signal): peers of "
                 "unequal numbers of workers exchange per-sample signals only (one row per sample of the shard); "
@@ -143,8 +187,9 @@ class RegroupedExchange(Exchange):
             )
         return rows.pop() if rows else 0
 
-    def _gather(self, phase: str, mine: Signals) -> Signals:
-        """Every worker's rows to the first worker, concatenated in shard order (the global batch's rows)."""
+    def _gather(self, phase: str, mine: Signals, blocks: int = 1) -> Signals:
+        """Every worker's rows to the first worker, concatenated in shard order within each block (the global
+        batch's rows: ``[block 1 of shards 1..M, block 2 of shards 1..M, ...]``, as one worker stacks them)."""
         layout = self._sent.get(phase)
         if layout is None:
             layout = self._sent[phase] = SignalLayout.of(mine)
@@ -163,34 +208,43 @@ class RegroupedExchange(Exchange):
         dist.gather(send, chunks, dst=self.ranks[0], group=self.group)
         self.group_bytes += send.numel() * (self.size - 1)
         parts = [layout.unpack(c, f"worker {m} of peer {self.peer}") for m, c in enumerate(chunks)]
-        return {name: torch.cat([p[name] for p in parts]) for name in mine}
+        out = {}
+        for name in mine:
+            pieces = [p[name].chunk(blocks) for p in parts]  # worker m's block j: pieces[m][j]
+            out[name] = torch.cat([pieces[m][j] for j in range(blocks) for m in range(self.size)])
+        return out
 
     def _scatter(
-        self, phase: str, sources: list[int], received: dict[int, Signals] | None, rows: int
+        self, phase: str, sources: list[int], received: dict[int, Signals] | None, rows: int, blocks: int = 1
     ) -> dict[int, Signals]:
-        """The first worker cuts each source's whole-batch signals into the peer's row blocks; worker m gets block
-        m. The layout of a block is sent once per phase (a small object broadcast)."""
+        """The first worker cuts each source's whole-batch signals into the peer's shards (within each block);
+        worker m gets shard m of every block, stacked. The layout of what a worker gets is sent once per phase (a
+        small object broadcast)."""
         known = self._received.get(phase)
-        blocks: list[dict[str, torch.Tensor]] | None = None
+        parts: list[dict[str, torch.Tensor]] | None = None
         if received is not None:
-            blocks = [{} for _ in range(self.size)]
+            parts = [{} for _ in range(self.size)]
             names: list[tuple[int, str]] = []
             # the global batch's rows (from the sources' signals when the peer itself publishes nothing)
             whole = rows * self.size or None
             for s in sources:
                 for name, t in received[s].items():
                     whole = whole or (t.shape[0] if t.dim() else None)
-                    if t.dim() == 0 or t.shape[0] != whole or whole % self.size:
+                    if t.dim() == 0 or t.shape[0] != whole or whole % (self.size * blocks):
                         raise ExchangeError(
                             f"phase '{phase}': peer {s}'s signal '{name}' has shape {tuple(t.shape)}, not one row "
-                            f"per sample of the global batch ({whole}, split over {self.size} workers): peers of "
-                            "unequal numbers of workers exchange per-sample signals only"
+                            f"per sample of the global batch ({whole} rows in {blocks} block(s), split over "
+                            f"{self.size} workers): peers of unequal numbers of workers exchange per-sample signals "
+                            "only"
                         )
                     names.append((s, name))
-                    for m, block in enumerate(t.split(whole // self.size)):
-                        blocks[m][f"{s}/{name}"] = block
+                    n = whole // (self.size * blocks)  # a shard's rows of one block
+                    for m in range(self.size):
+                        parts[m][f"{s}/{name}"] = torch.cat(
+                            [t[(j * self.size + m) * n : (j * self.size + m + 1) * n] for j in range(blocks)]
+                        )
             if known is None:
-                known = (SignalLayout.of(blocks[0]), names)
+                known = (SignalLayout.of(parts[0]), names)
         if phase not in self._received:
             box = [None if known is None else (known[0].describe(), known[1])]
             dist.broadcast_object_list(box, src=self.ranks[0], group=self.objects)
@@ -198,11 +252,20 @@ class RegroupedExchange(Exchange):
             known = self._received[phase] = (SignalLayout.from_description(desc), [tuple(n) for n in names])
         layout, names = known
         out = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-        if blocks is not None:
-            packed = [layout.pack(b, out=torch.zeros_like(out)) for b in blocks]
+        if parts is not None:
+            packed = [layout.pack(b, out=torch.zeros_like(out)) for b in parts]
             dist.scatter(out, packed, src=self.ranks[0], group=self.group)
         else:
             dist.scatter(out, None, src=self.ranks[0], group=self.group)
             self.group_bytes += out.numel()
         signals = layout.unpack(out, f"the first worker of peer {self.peer}")
         return {s: {name: signals[f"{s}/{name}"] for s2, name in names if s2 == s} for s in sources}
+
+
+def _unflatten(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Copy consecutive slices of ``flat`` into the gradients of ``params``."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n

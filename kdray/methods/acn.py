@@ -110,6 +110,9 @@ class ACN(Method):
             delta = delta * scale.view(-1, *([1] * (delta.dim() - 1)))
         return x + delta
 
+    def input_blocks(self, phase: Phase) -> int:
+        return 1 if phase.name == "gen" else 2  # [x, x~]
+
     def phase_inputs(self, phase: Phase, batch, shared, rng) -> Tensor:
         if phase.name == "gen":
             return self.perturb(batch.x, shared)

@@ -213,16 +213,17 @@ class Method:
     @classmethod
     def check_unequal_workers(cls, cfg: ExperimentConfig) -> None:
         """Refuse peers of unequal numbers of workers where the method trains a shared module (ACN's, DFAD's or
-        MAD's generator): its gradient is summed over shard m of every peer, which exists only with equal M."""
-        if cls.build_shared_state is not Method.build_shared_state:
+        MAD's generator) and the exchange is ``stale``: the stale exchange sums the shared gradient over the
+        peers' first workers only (the other exchanges are regrouped: ``kdray/exchange/regroup.py``)."""
+        if cls.build_shared_state is not Method.build_shared_state and cfg.engine.exchange.name == "stale":
             workers = cfg.peer_workers
             i = next(i for i, m in enumerate(workers) if m != workers[0])
             key = f"peers.{i}.workers" if cfg.peers[i].workers else "engine.placement.workers_per_peer"
             raise ConfigError(
                 key, workers[i],
                 f"{workers[0]}, as peer '{cfg.peers[0].name}' has (the population's workers per peer: {workers}): "
-                f"method '{cls.name}' trains a module shared by the peers (a generator), whose gradient is summed "
-                "over shard m of every peer, so its peers need equal numbers of workers",
+                f"method '{cls.name}' trains a module shared by the peers (a generator), and with "
+                "engine.exchange: stale its peers need equal numbers of workers (or use engine.exchange: collective)",
             )  # fmt: skip
 
     @classmethod
@@ -288,6 +289,13 @@ class Method:
     def phase_topology(self, phase: Phase) -> Topology:
         """Who receives whose signals in this phase (default: the method's topology for every phase)."""
         return self.topology
+
+    def input_blocks(self, phase: Phase) -> int:
+        """How many blocks of per-sample rows this phase's inputs stack (default 1): ACN's peer phase forwards
+        ``[x, x~]``, MAD's student phase ``[G(z), G~(z')]``. A worker of a data-parallel peer stacks its shard of
+        each block, so the rows of its signals are ``blocks x shard``; peers of unequal numbers of workers regroup
+        them block by block (:mod:`kdray.exchange.regroup`)."""
+        return 1
 
     def weight(self, term: str) -> float:
         return float(self.cfg.weights.get(term, 1.0))

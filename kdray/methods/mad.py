@@ -92,9 +92,10 @@ class MAD(DFAD):
         """``ema_batch: half`` draws batch_size / 2 samples of each generator: a data-parallel peer's workers
         split each half into equal shards."""
         super().check_data_parallel(cfg)
-        workers = max(cfg.peer_workers)
         half = max(cfg.data.batch_size // 2, 1)
-        if cfg.method.ema_batch == "half" and half % workers:
+        uneven = [m for m in cfg.peer_workers if half % m]
+        workers = max(uneven, default=1)
+        if cfg.method.ema_batch == "half" and uneven:
             raise ConfigError(
                 "data.batch_size", cfg.data.batch_size,
                 f"with method.ema_batch: half and {workers} workers per peer, a batch size whose half is a multiple "
@@ -104,6 +105,9 @@ class MAD(DFAD):
 
     def per_generator(self) -> int:
         return self.pop.batch_size if self.cfg.ema_batch == "full" else max(self.pop.batch_size // 2, 1)
+
+    def input_blocks(self, phase: Phase) -> int:
+        return 2 if phase.name == "student" else 1  # [G(z), G~(z')]
 
     def student_inputs(self, shared: nn.Module, rng: torch.Generator) -> Tensor:
         """``[G(z [+ e_y]), G~(z' [+ e_y'])]``: z, y drawn first, then z', y'."""

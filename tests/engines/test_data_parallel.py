@@ -224,6 +224,12 @@ UNEQUAL = {
     "pskd-in-dml-4+1": ("pskd", [4, 1], "collective"),
     "kd-teacher-1-student-2": ("kd", [1, 2], "collective"),
     "dml-1+2-stale": ("dml", [1, 2], {"name": "stale", "every": 2, "burn_in": 1}),
+    # a shared generator: each peer's gradient the mean over its workers, summed over the peers' first workers,
+    # broadcast within each peer; its BatchNorm over the global batch within a peer of several workers
+    "acn-2+1": ("acn", [2, 1], "collective"),
+    # data-free: a one-worker teacher, students on 2 and 1 workers; MAD's EMA generator and labels
+    "dfad-teacher-1-students-2+1": ("dfad", [1, 2, 1], "collective"),
+    "mad-conditional-1+2": ("mad", [1, 2], "collective"),
 }
 
 
@@ -238,7 +244,7 @@ def test_peers_of_unequal_workers_equal_k_by_one(case, tiny_raw, request):
     method, workers, exchange = UNEQUAL[case]
     raw = _raw(tiny_raw, method, len(workers), 1)
     raw["engine"]["exchange"] = exchange
-    if method == "kd":
+    if method in ("kd", "dfad", "mad"):
         raw["peers"][0].update(
             frozen=True, checkpoint=request.getfixturevalue("teacher_checkpoint"), checkpoint_peer="net"
         )
@@ -259,6 +265,8 @@ def test_peers_of_unequal_workers_equal_k_by_one(case, tiny_raw, request):
             want.update(state)
     assert len(got) == sum(workers)
     batch = raw["data"]["batch_size"]
+    if method in ("dfad", "mad"):  # rank 0's preview: the K x 1 generator's
+        assert (extras["preview"] - extras_one["preview"]).abs().max() <= TOL
     worst = 0.0
     for rank, (peer, shard, rows, state) in sorted(got.items()):
         assert rows == batch // workers[peer]
@@ -268,8 +276,8 @@ def test_peers_of_unequal_workers_equal_k_by_one(case, tiny_raw, request):
             assert stats["bytes_per_step"] == alone["bytes_per_step"], (rank, stats, alone)
         else:
             assert stats["bytes_per_step"] == 0, (rank, stats)
-        if exchange != "collective" or workers[peer] == 1:
-            continue
+        if exchange != "collective" or workers[peer] == 1 or method in ("acn", "dfad", "mad"):
+            continue  # (a generator's gradient moves within the peers too: counted, not derived here)
         # within the peer: the first worker gets M - 1 shards of its own logits (and, AFD, feature maps); every
         # other worker one block of each source's, per round; DML's and KD's one round a step, AFD's two
         logits = SignalLayout.of({"logits": torch.zeros(rows, 4, dtype=torch.float64)}).nbytes
@@ -324,11 +332,12 @@ def test_a_data_parallel_peer_refuses_what_it_cannot_shard(tiny_raw):
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(raw, ["data.batch_size=15"])
     load_config(raw, ["peers.0.workers=1"])  # unequal workers: regrouped (test above)
+    load_config(raw, ["peers.0.workers=1", "method.name=acn"])  # ... a shared generator too
     with pytest.raises(
         ConfigError,
-        match=r"^config key 'engine.placement.workers_per_peer' = 2: 1, as peer 'peer0' has .*'acn' .*shared",
+        match=r"^config key 'engine.placement.workers_per_peer' = 2: 1, as peer 'peer0' has .*'acn' .*stale",
     ):
-        load_config(raw, ["peers.0.workers=1", "method.name=acn"])
+        load_config(raw, ["peers.0.workers=1", "method.name=acn", "engine.exchange=stale"])
     load_config(raw, ["engine.exchange=stale"])  # one copy of the weights per peer group (test below)
     with pytest.raises(
         ConfigError, match="^config key 'engine.placement.workers_per_peer' = 2: 1 for .*class-pair"

@@ -27,8 +27,3 @@ def test_only_per_sample_signals_can_be_regrouped():
 def test_the_first_worker_and_it_alone_exchanges_between_peers():
     with pytest.raises(ValueError, match="the first worker of a peer, and it alone"):
         RegroupedExchange(None, peer=0, device=torch.device("cpu"), group=None, objects=None, ranks=[0])
-
-
-def test_a_shared_module_is_refused():
-    with pytest.raises(ExchangeError, match="shared module"):
-        _leader().reduce_shared_grads([torch.nn.Parameter(torch.zeros(2))])
