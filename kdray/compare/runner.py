@@ -416,7 +416,9 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
     )
 
     labels = study.labels()
-    seeds = ", ".join(map(str, study.seeds))
+    # the seeds the records hold (a row may have more than another: `--rows ... --seeds 3 4` added to some rows)
+    present = sorted({r["seed"] for r in records if r.get("label") in labels and "seed" in r})
+    seeds = ", ".join(map(str, present or study.seeds))
     lines = [
         f'Test accuracy (%), mean ± sample std (ddof 1) over seeds {seeds}; peers\' columns and "peer mean", '
         '"ensemble", "ECE": the selected checkpoint\'s (best.pt); "last epoch": last.pt\'s.',
