@@ -157,8 +157,9 @@ def exchange_figures(parts: list[dict[str, float]]) -> dict[str, float]:
     }
     if any("group_bytes_per_step" in p for p in parts):  # within peer groups (K x M: stale, unequal M)
         out["exchange/group_bytes_per_step"] = sum(p.get("group_bytes_per_step", 0.0) for p in parts)
-    if all("wait_ms_per_step" in p for p in parts):  # engine.exchange.split_wait
-        out["exchange/wait_ms_per_step"] = sum(p["wait_ms_per_step"] for p in parts) / len(parts)
+    waits = [p["wait_ms_per_step"] for p in parts if "wait_ms_per_step" in p]  # engine.exchange.split_wait
+    if waits:  # (unequal workers per peer: only the peers' first workers wait for the other peers)
+        out["exchange/wait_ms_per_step"] = sum(waits) / len(waits)
     return out
 
 

@@ -209,9 +209,12 @@ class StepRunner:
                     pred = outs[p.index]["logits"][: len(batch.y)].detach().argmax(1)
                     metrics.add(f"{p.name}/train_acc", (pred == batch.y).float().mean())
                 contexts.append(ctx)
+        # a process holding some of the peers reports its share of one report: the shares add up to 1; a worker of a
+        # peer on M workers holds 1/M of that peer (its part: the mean of the peer's workers' values)
+        workers = self.data_parallel.size if self.data_parallel is not None else 1
         for t, v in shared_terms.items():
-            # a process holding some of the peers reports its share of one report: the shares add up to 1
-            metrics.add(f"shared/loss_{t}", v, count=len(participants) / self.pop.spec.num_peers)
+            share = len(participants) / (self.pop.spec.num_peers * workers)
+            metrics.add(f"shared/loss_{t}", v / workers, count=share)
         # Zero only the groups this phase steps; each group zeroes before its own backward, so grads that
         # another phase's loss left on these parameters never leak into this update.
         if shared_scope:
@@ -227,7 +230,9 @@ class StepRunner:
         if shared_scope:
             params = list(self.shared.module.parameters())
             exchange.reduce_shared_grads(params)  # summed over the peers (of this shard)
-            if self.data_parallel is not None:  # ... and averaged over the shards
+            if (
+                self.data_parallel is not None and not exchange.averages_shared_grads
+            ):  # ... averaged over the shards
                 self.data_parallel.average(params)
             self._clip(params)
             self.shared.optimizer.step()

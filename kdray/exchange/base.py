@@ -190,6 +190,11 @@ class ExchangePlan:
 class Exchange:
     """Moves published signals between peers."""
 
+    # True: reduce_shared_grads leaves the population's gradient on every worker, averaged within data-parallel
+    # peers already (the regrouped exchange of peers of unequal numbers of workers); the step then skips its own
+    # average over the peer's workers
+    averages_shared_grads = False
+
     def attach(self, plan: ExchangePlan) -> None:
         """Called once, after this process's peers are built."""
 

@@ -59,6 +59,8 @@ class RegroupedExchange(Exchange):
     peer; ``group`` / ``objects``: the peer group (signals) and a gloo group of the same ranks (layouts);
     ``ranks``: the peer's workers' global ranks in shard order (``ranks[0]``, the leader, is the first worker)."""
 
+    averages_shared_grads = True
+
     def __init__(
         self,
         inner: DistributedExchange | None,
@@ -92,9 +94,9 @@ class RegroupedExchange(Exchange):
     def reduce_shared_grads(self, params: list[nn.Parameter]) -> None:
         """The shared module's gradient of the population: each peer's, the mean over its workers' shards (the
         gradient of its loss on the global batch), summed over the peers between their first workers (the wrapped
-        exchange's sum), then broadcast within each peer, so every replica takes the same update. (The step then
-        averages it over the peer's workers: identical values, unchanged.) Within a peer every worker runs the
-        same code, so a parameter has a gradient on all of its workers or on none."""
+        exchange's sum), then broadcast within each peer, so every replica takes the same update (the step does not
+        average it again: ``averages_shared_grads``). Within a peer every worker runs the same code, so a parameter
+        has a gradient on all of its workers or on none."""
         params = [p for p in params if p.requires_grad]
         if not params:
             return
@@ -158,9 +160,15 @@ class RegroupedExchange(Exchange):
                 if self.inner is not None:  # ... but the other peers' leaders count on its leader
                     self._between(phase, topology, step, {})
                 return {}
-            blocks = self.blocks.get(phase, 1)
-            rows = self._rows(phase, mine, blocks)
             sources = list(topology.sources_of(self.peer))
+            if (
+                not mine and not sources
+            ):  # nothing to send or receive (independent training): no gather, no scatter
+                if self.inner is not None:
+                    self._between(phase, topology, step, {self.peer: mine})
+                return {self.peer: {}}
+            blocks = self.blocks.get(phase, 1)
+            rows = self._rows(phase, mine, blocks, inputs)
             whole = self._gather(phase, mine, blocks)
             received = None
             if self.inner is not None:
@@ -174,16 +182,20 @@ class RegroupedExchange(Exchange):
         self.meter.bytes += self.inner.meter.bytes - before
         return received
 
-    def _rows(self, phase: str, mine: Signals, blocks: int = 1) -> int:
-        """The rows of this worker's signals, checked to be every signal's first dimension and ``blocks`` equal
-        blocks of the shard's samples (per-sample signals)."""
+    def _rows(self, phase: str, mine: Signals, blocks: int = 1, inputs: torch.Tensor | None = None) -> int:
+        """The rows of this worker's signals, checked to be every signal's first dimension, the rows of the phase's
+        inputs, and ``blocks`` equal blocks of the shard's samples (per-sample signals)."""
         lengths = {name: (t.shape[0] if t.dim() else None) for name, t in mine.items()}
         rows = {n for n in lengths.values()}
+        if inputs is not None and inputs.dim():
+            rows.add(inputs.shape[0])
         if len(rows) > 1 or None in rows or any(n % blocks for n in rows):
+            rows_in = f", its inputs {inputs.shape[0]} rows" if inputs is not None and inputs.dim() else ""
             raise ExchangeError(
-                f"phase '{phase}': peer {self.peer} publishes {lengths} (first dimension per signal): peers of "
-                "unequal numbers of workers exchange per-sample signals only (one row per sample of the shard); "
-                "give every peer the same number of workers"
+                f"phase '{phase}': peer {self.peer} publishes {lengths} (first dimension per signal){rows_in}: "
+                "peers of unequal numbers of workers exchange per-sample signals only (one row per row of the "
+                f"phase's inputs, in {blocks} block(s): Method.input_blocks); give every peer the same number of "
+                "workers"
             )
         return rows.pop() if rows else 0
 
@@ -198,9 +210,7 @@ class RegroupedExchange(Exchange):
                 f"phase '{phase}': peer {self.peer}'s signals changed layout between steps (the exchange of peers "
                 "of unequal numbers of workers needs fixed shapes per phase)"
             )
-        send = (
-            layout.pack(mine) if mine else torch.zeros(layout.nbytes, dtype=torch.uint8, device=self.device)
-        )
+        send = layout.pack(mine, out=torch.zeros(layout.nbytes, dtype=torch.uint8, device=self.device))
         if self.inner is None:
             dist.gather(send, None, dst=self.ranks[0], group=self.group)
             return {}

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdray.config import load_config
+from kdray.metrics import MetricSums
 from kdray.population import Population
 from kdray.step import StepRunner
 
@@ -74,10 +75,13 @@ def _state(pop: Population) -> dict[str, torch.Tensor]:
     return out
 
 
-def _train(pop: Population, runner: StepRunner, epochs: int) -> None:
+def _train(pop: Population, runner: StepRunner, epochs: int) -> MetricSums:
+    """Train; the steps' metrics, as sums and counts (a worker's share of the population's)."""
+    metrics = MetricSums()
     for epoch in range(epochs):
         for i, batch in enumerate(pop.batches(epoch)):
-            runner.step(batch, epoch, epoch * pop.steps_per_epoch + i)
+            metrics.merge(runner.step(batch, epoch, epoch * pop.steps_per_epoch + i))
+    return metrics
 
 
 def _reference(raw: dict) -> tuple[dict[str, torch.Tensor], Population]:
@@ -101,8 +105,9 @@ def _worker(rank: int, world: int, init_file: str, raw: dict, results) -> None:
     cfg = load_config(raw)
     worker = build_worker(cfg, rank, torch.device("cpu"))
     pop, groups = worker.pop, worker.groups
-    _train(pop, worker.runner, cfg.train.epochs)
+    metrics = _train(pop, worker.runner, cfg.train.epochs)
     results[rank] = (groups.peer, groups.shard, _shard_size(pop), _state(pop))
+    results[("metrics", rank)] = metrics.state()
     results[("stats", rank)] = worker.exchange.stats()
     # the loop draws a generator's preview on rank 0 alone: its BatchNorm must not wait for rank 1
     if rank == 0:
@@ -133,7 +138,13 @@ def _k_by_m(raw: dict) -> tuple[dict[int, tuple], dict]:
         )  # fmt: skip
         got = dict(results)
         manager.shutdown()
-    extras = {"preview": got.pop("preview"), "stats": {r: got.pop(("stats", r)) for r in range(world)}}
+    metrics = MetricSums()  # every rank's shares merged, as the loop merges them
+    for r in range(world):
+        metrics.merge(MetricSums.from_state(got.pop(("metrics", r))))
+    extras = {
+        "preview": got.pop("preview"), "stats": {r: got.pop(("stats", r)) for r in range(world)},
+        "metrics": metrics.means(),
+    }  # fmt: skip
     return got, extras
 
 
@@ -218,6 +229,8 @@ def test_k_peers_by_m_workers_equal_k_by_one(case, tiny_raw, request):
 # workers, scattered back (kdray/exchange/regroup.py); the stale exchange ships weights between first workers
 UNEQUAL = {
     "dml-2+1": ("dml", [2, 1], "collective"),
+    # nothing exchanged (each peer alone): no gather, no scatter
+    "independent-2+1": ("independent", [2, 1], "collective"),
     # a ring (point to point between first workers) of three peers of two architectures, feature maps included
     "afd-ring3-hetero-1+2+4": ("afd", [1, 2, 4], "collective"),
     # per-sample memories all-gathered within a 4-worker peer, beside a peer of one worker
@@ -267,6 +280,11 @@ def test_peers_of_unequal_workers_equal_k_by_one(case, tiny_raw, request):
     batch = raw["data"]["batch_size"]
     if method in ("dfad", "mad"):  # rank 0's preview: the K x 1 generator's
         assert (extras["preview"] - extras_one["preview"]).abs().max() <= TOL
+    # the population's metrics merged over every worker: K x 1's (the shared objective counted once per peer)
+    shared = [k for k in extras_one["metrics"] if k.startswith("shared/")]
+    assert bool(shared) == (method in ("acn", "dfad", "mad"))
+    for key in shared:
+        assert extras["metrics"][key] == pytest.approx(extras_one["metrics"][key], rel=1e-9, abs=1e-12), key
     worst = 0.0
     for rank, (peer, shard, rows, state) in sorted(got.items()):
         assert rows == batch // workers[peer]
@@ -276,7 +294,9 @@ def test_peers_of_unequal_workers_equal_k_by_one(case, tiny_raw, request):
             assert stats["bytes_per_step"] == alone["bytes_per_step"], (rank, stats, alone)
         else:
             assert stats["bytes_per_step"] == 0, (rank, stats)
-        if exchange != "collective" or workers[peer] == 1 or method in ("acn", "dfad", "mad"):
+        if method == "independent":  # nothing between peers, nothing within them
+            assert stats["bytes_per_step"] == stats["group_bytes_per_step"] == 0, (rank, stats)
+        if exchange != "collective" or workers[peer] == 1 or method in ("acn", "dfad", "mad", "independent"):
             continue  # (a generator's gradient moves within the peers too: counted, not derived here)
         # within the peer: the first worker gets M - 1 shards of its own logits (and, AFD, feature maps); every
         # other worker one block of each source's, per round; DML's and KD's one round a step, AFD's two
