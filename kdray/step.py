@@ -230,9 +230,8 @@ class StepRunner:
         if shared_scope:
             params = list(self.shared.module.parameters())
             exchange.reduce_shared_grads(params)  # summed over the peers (of this shard)
-            if (
-                self.data_parallel is not None and not exchange.averages_shared_grads
-            ):  # ... averaged over the shards
+            averaged = exchange.averages_shared_grads  # (unequal M: the regrouped exchange averaged them)
+            if self.data_parallel is not None and not averaged:  # ... and averaged over the shards
                 self.data_parallel.average(params)
             self._clip(params)
             self.shared.optimizer.step()
