@@ -5,7 +5,7 @@ most ``max_workers``); Ray's refusals become problems named by key path.
 
 Neither contacts a cloud: ``ray up`` does that in two steps kdray skips, the detection of each instance type's
 CPUs/GPUs (``fillout_available_node_types_resources``, the EC2 API) and the provider's ``bootstrap_config`` (IAM, key
-pair, subnets). That Ray API is private, so it is used only with the Ray version kdray pins (:data:`RAY_VERSION`).
+pair, subnets). That Ray API is private, so it is used only on the Ray releases it was tested on (:data:`TESTED_RAY`).
 """
 
 from __future__ import annotations
@@ -22,19 +22,32 @@ from typing import Any
 from kdray.cluster.problems import ClusterCheckError, Problem, key_path
 from kdray.errors import KdrayError
 
-RAY_VERSION = (
-    "2.60.0"  # kdray's pin (pyproject.toml); the private autoscaler API below is known at this version
-)
+
+def _installed_ray() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ray")
+    except PackageNotFoundError:  # pragma: no cover - ray is a dependency
+        return "unknown"
+
+
+# The Ray every node of the cluster must run: the one installed here, where `ray up` and the driver run (Ray refuses
+# a cluster of mixed versions). The private autoscaler API below is used only on the releases it was tested on: the
+# two ends of pyproject.toml's Ray range.
+RAY_VERSION = _installed_ray()
+TESTED_RAY = ("2.55.", "2.60.")
 
 
 def _ray_private_api():
-    """Ray's own config preparation and validation (private: guarded by the version kdray pins)."""
+    """Ray's own config preparation and validation (private: guarded by the releases it was tested on)."""
     import ray
 
-    if ray.__version__ != RAY_VERSION:
+    if not ray.__version__.startswith(TESTED_RAY):
+        tested = ", ".join(f"{p}x" for p in TESTED_RAY)
         raise KdrayError(
-            f"kdray cluster check validates with Ray's private autoscaler API as of ray=={RAY_VERSION}, but this "
-            f"environment has ray=={ray.__version__}; install kdray's pin: pip install 'ray[default]=={RAY_VERSION}'"
+            f"kdray cluster check validates with Ray's private autoscaler API, tested on ray {tested}, but this "
+            f"environment has ray=={ray.__version__}; install one of those: pip install 'ray[default]==2.60.0'"
         )
     try:
         from ray.autoscaler._private import providers, util

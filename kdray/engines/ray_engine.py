@@ -54,6 +54,13 @@ def make_trainer(
     )
 
 
+def train_logging(train_module, verbose: bool) -> dict[str, Any]:
+    """``RunConfig``'s ``logging_config``: Ray Train's own progress lines (every report and checkpoint) only with
+    ``train.verbose``. ``ray.train.LoggingConfig`` is public in Ray 2.60 and absent from 2.55, where Train logs at its default level."""
+    config = getattr(train_module, "LoggingConfig", None)
+    return {"logging_config": config(log_level="INFO" if verbose else "WARNING")} if config else {}
+
+
 @ENGINES.register
 class RayEngine(Engine):
     name = "ray"
@@ -62,7 +69,8 @@ class RayEngine(Engine):
 
     def run(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        import ray.train
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
         from kdray.engines.placement import planned_placement, worker_resources
         from kdray.engines.ray_board import create_board
@@ -127,8 +135,7 @@ class RayEngine(Engine):
                     storage_path=storage,
                     failure_config=FailureConfig(max_failures=eng.fault_tolerance.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
-                    # Ray Train's own progress lines (every report and checkpoint) only with train.verbose
-                    logging_config=LoggingConfig(log_level="INFO" if cfg.train.verbose else "WARNING"),
+                    **train_logging(ray.train, cfg.train.verbose),
                 ),
             )
             try:

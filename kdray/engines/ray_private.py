@@ -16,20 +16,32 @@ import logging
 import os
 
 import ray
-from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.train.v2._internal.execution.controller import TrainController
-from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from kdray.engines.ray_backend import NodeBoundTorchConfig
+
+try:  # Ray's internals move between releases: on one where they are elsewhere, only the public path is used
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    INTERNALS_FOUND = True
+except ImportError:  # pragma: no cover - depends on the installed Ray
+    ControllerCallback = TrainController = FixedScalingPolicy = object
+    INTERNALS_FOUND = False
 
 TESTED = ("2.60.",)  # Ray releases (prefixes) these internals were written and tested against
 PUBLIC_ONLY_ENV = "KDRAY_RAY_PUBLIC"
 
 
+def tested_release() -> bool:
+    """True when the installed Ray is one these internals were written and tested against."""
+    return INTERNALS_FOUND and ray.__version__.startswith(TESTED)
+
+
 def available() -> bool:
     """True on a tested Ray, unless ``KDRAY_RAY_PUBLIC=1`` asks for the public path alone."""
-    return ray.__version__.startswith(TESTED) and os.environ.get(PUBLIC_ONLY_ENV, "") != "1"
+    return tested_release() and os.environ.get(PUBLIC_ONLY_ENV, "") != "1"
 
 
 def free_resources_per_node() -> dict[str, dict[str, float]]:
@@ -45,6 +57,8 @@ def quiet_train_reports() -> None:
     (set to WARNING by the driver) filters the ``ray.train`` loggers, but Ray 2.60's report line comes from a logger
     named after its file (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/context.py``), which
     no filter reaches: that logger is set to WARNING here. Warnings and errors still pass."""
+    if not tested_release():
+        return
     from ray.train.v2._internal.execution import context
 
     logger = getattr(context, "logger", None)

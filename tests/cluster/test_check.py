@@ -16,6 +16,13 @@ from kdray.cluster.ray_schema import RAY_VERSION
 from kdray.cluster.storage import mount_targets
 from kdray.errors import KdrayError
 
+# The shipped cluster files pin the Ray that `make install` puts in .venv, and the check holds every node to the Ray
+# installed where it runs: on the other end of pyproject's Ray range (.ci/range) they would be refused,
+# rightly, so the module runs on the pinned release only.
+pytestmark = pytest.mark.skipif(
+    RAY_VERSION != "2.60.0",
+    reason=f"the example cluster files pin ray 2.60.0; this environment has {RAY_VERSION}",
+)
 REPO = Path(__file__).resolve().parents[2]
 AWS = REPO / "cluster.yaml"
 ONPREM = REPO / "deploy" / "onprem.yaml"
@@ -99,7 +106,9 @@ def test_other_ray_version_is_refused_clearly(monkeypatch) -> None:
     import ray
 
     monkeypatch.setattr(ray, "__version__", "2.61.0")
-    with pytest.raises(KdrayError, match=r"private autoscaler API as of ray==2\.60\.0.*has ray==2\.61\.0"):
+    with pytest.raises(
+        KdrayError, match=r"private autoscaler API, tested on ray 2\.55\.x, 2\.60\.x.*has ray==2\.61\.0"
+    ):
         check_cluster(AWS)
 
 

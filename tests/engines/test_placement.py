@@ -100,15 +100,25 @@ def test_shard_keeps_shard_m_of_every_peer_on_one_node(tiny_raw):
 
 
 def test_ray_trains_own_numbering_gives_every_rank_its_planned_node(tiny_raw):
-    """Ray 2.60's own rank assignment (``WorkerGroup._assign_worker_ranks``: grouped by node in bundle order, then
+    """Ray's own rank assignment (2.55 and 2.60's ``WorkerGroup._assign_worker_ranks``: grouped by node in bundle order, then
     by GPU id) run on workers at the planned nodes: rank r lands on node_ids[r], for both groupings. A plan that
     interleaved the nodes (peer-major ranks with shard grouping) would not survive it: the guard below."""
+    import dataclasses
+
     from ray.train.v2._internal.execution.worker_group.worker import ActorMetadata, Worker
     from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
 
+    # Ray 2.60 sorts by each worker's bundle index; 2.55 keeps the workers in creation (= bundle) order
+    bundle = "placement_group_bundle_index" in {f.name for f in dataclasses.fields(Worker)}
+
     def ranks_after_ray(node_ids: list[str], gpu_ids: list[int]) -> list[str]:
         workers = [
-            Worker(None, ActorMetadata("h", n, n, i, {"GPU": [g]}), {}, placement_group_bundle_index=i)
+            Worker(
+                None,
+                ActorMetadata("h", n, n, i, {"GPU": [g]}),
+                {},
+                **({"placement_group_bundle_index": i} if bundle else {}),
+            )  # fmt: skip
             for i, (n, g) in enumerate(zip(node_ids, gpu_ids, strict=True))
         ]
         ranked = WorkerGroup._assign_worker_ranks(workers)

@@ -9,7 +9,14 @@ import pytest
 
 from kdray.config import EngineConfig
 from kdray.engines.ray_engine import process_started_at, startup_breakdown
+from kdray.engines.ray_private import tested_release
 from kdray.engines.ray_runtime import cluster_address
+
+# kdray's start-up shortcuts subclass Ray Train's internals and are used only on the Ray release they were tested
+# on; on any other release in pyproject's range the RayEngine runs Ray's public trainer (tested everywhere).
+internals = pytest.mark.skipif(
+    not tested_release(), reason="Ray internals are used only on the tested Ray release"
+)
 
 
 @pytest.mark.parametrize(
@@ -93,11 +100,14 @@ def test_the_backend_config_unpickles_without_torch():
         out.stdout + out.stderr
     )
     # and the trainer still hands Train V2 that config (the torch process group is set up by it)
+    if not tested_release():
+        return
     trainer = PopulationTrainer(lambda: None, torch_config=NodeBoundTorchConfig(backend="gloo"))
     assert isinstance(trainer.backend_config, NodeBoundTorchConfig)
     assert trainer.backend_config.backend == "gloo"
 
 
+@internals
 def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
     """Train V2's fixed policy creates Ray Data's AutoscalingCoordinator actor and waits for it before starting the
     workers; on a cluster that cannot grow (every node on loopback) kdray's trainer swaps in a policy without it."""
@@ -137,6 +147,7 @@ def test_a_loopback_cluster_gets_no_autoscaler_coordinator(monkeypatch):
     assert policy._coordinator_client is None
 
 
+@internals
 def test_train_placement_group_cleaner_only_where_the_job_outlives_the_run():
     """Train V2's PlacementGroupCleaner is one more process that the controller waits for before the training
     function starts; kdray's trainer leaves it out when asked (a run whose job ends with it)."""
@@ -165,6 +176,7 @@ def _no_train_settings(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
+@internals
 def test_workers_start_without_the_controllers_environment(monkeypatch):
     """Train V2 hands its controller's settings (health-check poll, preemption watcher, the async-get warning) on
     to every worker as ``runtime_env.env_vars``; a worker with a runtime environment cannot be a process the
@@ -203,6 +215,7 @@ def test_workers_start_without_the_controllers_environment(monkeypatch):
     assert RuntimeEnv(**WorkerGroup._get_worker_runtime_env({})).serialize() == "{}"  # the raylet's fast path
 
 
+@internals
 def test_the_controller_gets_its_settings_as_an_argument_not_a_runtime_env(monkeypatch):
     """Train's own controller start gives it ``runtime_env.env_vars``, which every worker would inherit. kdray's
     starts it without a runtime environment and hands it the same variables, set before Train's ``__init__``
@@ -457,11 +470,28 @@ def test_ray_internals_are_used_only_on_a_tested_release(monkeypatch):
         )  # fmt: skip
 
     monkeypatch.delenv(ray_private.PUBLIC_ONLY_ENV, raising=False)
-    assert ray.__version__.startswith(ray_private.TESTED)
-    assert type(trainer()) is ray_private.PopulationTrainer
+    on_tested = ray.__version__.startswith(ray_private.TESTED)
+    assert type(trainer()) is (ray_private.PopulationTrainer if on_tested else TorchTrainer)
     monkeypatch.setattr(ray, "__version__", "2.99.0")
     public = trainer()
     assert type(public) is TorchTrainer and isinstance(public.backend_config, NodeBoundTorchConfig)
     monkeypatch.undo()
     monkeypatch.setenv(ray_private.PUBLIC_ONLY_ENV, "1")
     assert type(trainer()) is TorchTrainer
+
+
+def test_train_logging_is_set_only_where_ray_has_it():
+    """Ray 2.60's public ``ray.train.LoggingConfig`` quiets Train's per-report lines unless train.verbose; Ray 2.55
+    has none, and the RunConfig is built without it."""
+    import types
+
+    from kdray.engines.ray_engine import train_logging
+
+    class LoggingConfig:
+        def __init__(self, log_level):
+            self.log_level = log_level
+
+    with_it = types.SimpleNamespace(LoggingConfig=LoggingConfig)
+    assert train_logging(with_it, verbose=False)["logging_config"].log_level == "WARNING"
+    assert train_logging(with_it, verbose=True)["logging_config"].log_level == "INFO"
+    assert train_logging(types.SimpleNamespace(), verbose=False) == {}
