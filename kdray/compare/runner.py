@@ -410,6 +410,8 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
     from kdray.compare.table import (
         COMPARE_COLUMNS,
         diff_table,
+        generation_diff_lines,
+        generation_lines,
         markdown_table,
         memorisation_lines,
         table_json,
@@ -433,6 +435,11 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
             "",
             *diff_table(records, labels, study.baseline),
         ]
+    for label in labels:  # born-again rows: each generation, and each against generation 1
+        staged = [r for r in records if r.get("label") == label and r.get("generations")]
+        if staged:
+            lines += ["", f"Generations of **{label}** (generation 1 is plain training; test accuracy, %):"]
+            lines += [*generation_lines(staged), *generation_diff_lines(staged)]
     curve = memorisation_lines(records, labels)
     if curve:
         lines += ["", "Validation curves (curves.png): where each row's validation accuracy peaks, and its fall by the "

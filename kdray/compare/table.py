@@ -244,6 +244,25 @@ def generation_lines(records: Sequence[Record]) -> list[str]:
     return lines
 
 
+def generation_diff_lines(records: Sequence[Record]) -> list[str]:
+    """Born-again generations against generation 1 (the plain baseline) of the same seed: each later generation
+    alone and the ensemble of generations 1..k, at test, in points (mean ± standard error, as ``paired_diff``)."""
+    gens = [r for r in records if r.get("generations")]
+    if not gens:
+        return []
+    k = len(gens[0]["generations"]["test_acc"])
+    head = "| generation - generation 1 (same seed) | alone (test) | ensemble of 1..k (test) | paired seeds |"
+    lines = ["", head, "|---|---|---|---|"]
+    for i in range(1, k):
+        cols = []
+        for key in ("test_acc", "ensemble_test_acc"):
+            diffs = [r["generations"][key][i] - r["generations"][key][0] for r in gens]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+            cols.append(fmt_diff({"mean": statistics.mean(diffs), "se": se}))
+        lines.append(f"| {i + 1} | {cols[0]} | {cols[1]} | {len(gens)} |")
+    return lines
+
+
 def largest_drop(curve: Sequence[float]) -> float:
     """The largest fall of validation accuracy from one evaluation to the next (0 if it never falls)."""
     return max([0.0, *(a - b for a, b in zip(curve, curve[1:]))])

@@ -212,3 +212,30 @@ def test_a_shorter_curve_of_an_unfinished_run_is_left_out_of_its_rows_curve_figu
     assert memorisation_lines(runs, ["r"])[3].endswith(
         "of 3 | 75.00 ± 7.07 | 70.00 ± 14.14 | 5.00 ± 7.07 | 2 |"
     )
+
+
+def test_born_again_generations_are_differenced_against_generation_1_of_the_same_seed(tmp_path) -> None:
+    """Generation k minus generation 1, seed by seed: seeds 0 and 1 give generation 2 alone +2 and +4 points (mean
+    +3.00, sd 1.414, se 1.00) and the ensemble +1 and +1 (se 0.00); `kdray compare`'s table carries both tables."""
+    from kdray.compare.runner import write_outputs
+    from kdray.compare.study import Row, Study
+    from kdray.compare.table import generation_diff_lines, generation_lines
+
+    def staged(seed, alone, ens):
+        return {
+            **rec("ban", seed, alone[-1], alone[-1]),
+            "generations": {"test_acc": alone, "ensemble_test_acc": ens},
+        }
+
+    runs = [
+        staged(0, [0.70, 0.72, 0.71], [0.70, 0.71, 0.72]),
+        staged(1, [0.60, 0.64, 0.66], [0.60, 0.61, 0.63]),
+    ]
+    lines = generation_diff_lines(runs)
+    assert lines[3] == "| 2 | +3.00 ± 1.00 | +1.00 ± 0.00 | 2 |"
+    assert lines[4] == "| 3 | +3.50 ± 2.50 | +2.50 ± 0.50 | 2 |"
+    assert generation_diff_lines([rec("x", 0, 0.5, 0.5)]) == []
+    study = Study(rows=[Row(label="ban", config=Path("c.yaml"))], seeds=[0, 1], baseline="ban")
+    text = write_outputs(study, runs, tmp_path)
+    assert "Generations of **ban**" in text
+    assert all(line in text.splitlines() for line in generation_lines(runs)[1:] + lines[1:])
