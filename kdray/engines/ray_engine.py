@@ -56,7 +56,8 @@ def make_trainer(
 
 def train_logging(train_module, verbose: bool) -> dict[str, Any]:
     """``RunConfig``'s ``logging_config``: Ray Train's own progress lines (every report and checkpoint) only with
-    ``train.verbose``. ``ray.train.LoggingConfig`` is public in Ray 2.60 and absent from 2.55, where Train logs at its default level."""
+    ``train.verbose``. ``ray.train.LoggingConfig`` is public in Ray 2.60 and absent from 2.55, where Train logs at
+    its default level (the workers then quiet the ``ray.train`` logger: ``ray_private.quiet_train_reports``)."""
     config = getattr(train_module, "LoggingConfig", None)
     return {"logging_config": config(log_level="INFO" if verbose else "WARNING")} if config else {}
 
