@@ -187,7 +187,9 @@ def test_the_memorisation_table_finds_each_seeds_peak_and_its_fall_by_hand(tmp_p
     assert plot_val_curves(runs[3:], ["nocurve"], tmp_path / "none.png") is None
 
 
-@pytest.mark.parametrize("study", ["selfkd_memorising", "online_memorising", "online_memorising_unequal"])
+@pytest.mark.parametrize(
+    "study", ["selfkd_memorising", "online_memorising", "online_memorising_unequal", "ban_memorising"]
+)
 def test_the_memorising_regime_tables_regenerate_from_their_jsonl(study: str, tmp_path) -> None:
     """docs/results.md's memorising-regime tables are what `kdray compare` writes from the committed records."""
     from kdray.compare.runner import load_records, write_outputs
