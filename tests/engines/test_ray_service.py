@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdray.engines import ray_service
+from kdray.engines import ray_private, ray_service
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -64,8 +64,12 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
         info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
         assert info["session"] == "attached"  # no Ray of its own: the kept one
         assert all(w["node_ip"] == "127.0.0.1" for w in info["placement"])
+        # the start-up shortcuts (kdray/engines/ray_private.py) on the Ray release they were tested on; any other
+        # release in pyproject's range runs Ray's public trainer, which has neither
+        shortcuts = ray_private.available()
         # the workers were started without a runtime environment (Train's controller-only variables left out)
-        assert [w["runtime_env"] for w in info["placement"]] == ["{}", "{}"]
+        if shortcuts:
+            assert [w["runtime_env"] for w in info["placement"]] == ["{}", "{}"]
         # each worker records its torch threads: Ray gives a worker of half a CPU one (OMP_NUM_THREADS)
         assert [w["threads"] for w in info["placement"]] == [1, 1]
         # the run's job ended with it (Ray removed its placement group): no Train cleaner actor was started for it
@@ -78,7 +82,10 @@ def test_a_run_attaches_to_the_kept_ray_and_stop_stops_it_all(tiny_raw, tmp_path
             env={**env, **ray_service.attach_environment(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout  # fmt: skip
-        assert "ControllerWithSettings" in actors and "PlacementGroupCleaner" not in actors, actors
+        if shortcuts:
+            assert "ControllerWithSettings" in actors and "PlacementGroupCleaner" not in actors, actors
+        else:
+            assert "TrainController" in actors, actors
     finally:
         ray_service.stop()
     assert ray_service.running() is None

@@ -31,7 +31,9 @@ SEED = 30
 
 
 def _tune(args: list[str], address: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # RAY_AUTH_MODE as the session's Ray left it: Ray 2.60 turns token authentication on for a new local Ray (in
+    # this process's environment too), 2.55 leaves it off
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTEST_CURRENT_TEST", None)
     return subprocess.Popen(
         [sys.executable, "-m", "kdray", "tune", *args, *(["--address", address] if "--resume" not in args else [])],

@@ -41,7 +41,8 @@ def test_killed_study_resumes_without_rerunning_finished_trials(ray_local, tiny_
     )
     out = tmp_path / "runs" / "study"
     # The driver attaches to this session's Ray (saves starting one); killing it ends its job and the job's actors.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # RAY_AUTH_MODE as the session's Ray left it (on with Ray 2.60, off with 2.55)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "kdray", "tune", str(cfg), "--space", str(space), "--samples", "3",
          "--scheduler", "fifo", "--max-concurrent", "1", "--out", str(out), "--address", str(ray_local)],
