@@ -224,7 +224,7 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
 @pytest.mark.parametrize(
     "name, methods",
     [
-        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"]]),
+        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"], ["afd"]]),
         (
             "selfkd_memorising",
             [["independent"], ["independent"], ["pskd"], ["cskd"], ["tfkd"], ["independent", "aikd"]],
@@ -253,6 +253,8 @@ def test_the_memorising_study_files_share_one_regime_and_every_row_validates(nam
                 80,
             )
             assert cfg.data.label_noise.rate == 0.4 and cfg.train.optimizer.weight_decay == 5.0e-5
+        if row.label == "afd_noadv":  # the control: AFD's adversary off, everything else AFD's
+            assert stages[0].method.weights == {"ce": 1.0, "kl": 1.0, "adv": 0.0, "disc": 0.0}
 
 
 def test_ctrl_c_stops_the_runs_at_a_safe_point_and_exits_130(tmp_path) -> None:
