@@ -67,7 +67,7 @@ LAYERS = (
         "checkpoint",
     ),
     ("config",),
-    ("data", "tracking", "optim", "schedules", "cluster"),
+    ("data", "tracking", "optim", "schedules"),
     ("methods", "exchange"),
     ("population",),
     ("step", "evaluation", "replicas", "plots", "exporter"),
@@ -75,7 +75,12 @@ LAYERS = (
     ("engines",),
     ("run",),
     ("generations", "stages"),
-    ("api", "search", "compare"),
+    (
+        "api",
+        "search",
+        "compare",
+        "cluster",
+    ),  # cluster: `kdray cluster check` runs the engine's placement planner
     ("cli", "__main__", "kdray"),
 )
 
