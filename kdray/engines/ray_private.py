@@ -54,14 +54,13 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
 
 def quiet_train_reports() -> None:
     """Ray Train logs one INFO line per report and per checkpoint from every worker. Its ``LoggingConfig`` level
-    (set to WARNING by the driver where Ray has one: 2.60, not 2.55) filters the ``ray.train`` loggers; without it
-    they are set to WARNING here. Ray's report line (2.55 and 2.60) comes from a logger named after its file
+    (set to WARNING by the driver where Ray has one: 2.60, not 2.55) filters the ``ray.train`` loggers; they are set
+    to WARNING here too, for Ray releases without it. Ray's report line (2.55 and 2.60) comes from a logger named after its file
     (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/context.py``), which no filter reaches:
     that logger is set to WARNING too, where it is found. Warnings and errors still pass."""
-    import ray.train
-
-    if not hasattr(ray.train, "LoggingConfig"):
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(
+        logging.WARNING
+    )  # what LoggingConfig("WARNING") sets, where Ray has it
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # pragma: no cover - depends on the installed Ray

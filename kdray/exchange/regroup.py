@@ -161,9 +161,8 @@ class RegroupedExchange(Exchange):
                     self._between(phase, topology, step, {})
                 return {}
             sources = list(topology.sources_of(self.peer))
-            if (
-                not mine and not sources
-            ):  # nothing to send or receive (independent training): no gather, no scatter
+            # nothing to send or receive (independent training): no gather, no scatter
+            if not mine and not sources:
                 if self.inner is not None:
                     self._between(phase, topology, step, {self.peer: mine})
                 return {self.peer: {}}
