@@ -9,10 +9,13 @@ A config with ``generations:`` trains N generations of the same population in on
       count: 4                                  # generations 1..4
       labels: true                              # false: the students learn from the teacher's soft targets only
       method: {name: kd, temperature: 1.0, weights: {ce: 1.0, kd: 1.0}}    # generations 2..N (this is the default)
+      teacher_checkpoint: last                  # best: each generation teaches from its selected epoch (best.pt)
 
 Generation 1 is the config itself (its method: ``independent``, or a DML population of K peers). Generation k + 1
 trains fresh peers of the same architectures with the ``generations.method`` (Hinton KD by default) from *every*
-peer of generation k, frozen, in eval mode, loaded from its final weights (``last.pt``); with K peers each student
+peer of generation k, frozen, in eval mode, loaded from its final weights (``last.pt``, as in the paper, where each
+generation trains to the end of its schedule; ``teacher_checkpoint: best`` hands on its selected epoch, ``best.pt``,
+instead: the two differ where a generation fits label noise late in training); with K peers each student
 learns from the mean of the K teachers' KL terms, and no mutual term is added inside generations 2..N. The paper's
 BAN students learn from the teacher's soft targets only (``labels: false``: the CE weight is 0); with
 ``labels: true`` they also see the labels. A ``generations.method`` named ``kd`` is merged over the default above
@@ -53,10 +56,12 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             "generations", gens, "a count such as 4, or a mapping such as {count: 4, labels: true}"
         )
-    unknown = sorted(set(gens) - {"count", "labels", "method"})
+    unknown = sorted(set(gens) - {"count", "labels", "method", "teacher_checkpoint"})
     if unknown:
         raise ConfigError(
-            f"generations.{unknown[0]}", gens[unknown[0]], "accepted keys: count, labels, method"
+            f"generations.{unknown[0]}",
+            gens[unknown[0]],
+            "accepted keys: count, labels, method, teacher_checkpoint",
         )
     count = gens.get("count")
     if not isinstance(count, int) or isinstance(count, bool) or not 2 <= count <= MAX_GENERATIONS:
@@ -88,6 +93,13 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             "generations.labels", labels, "true (CE + KD) or false (the teacher's soft targets only)"
         )
+    which = gens.get("teacher_checkpoint", "last")
+    if which not in ("last", "best"):
+        raise ConfigError(
+            "generations.teacher_checkpoint", which,
+            "last (each generation teaches from its final weights, last.pt) or best (from its selected epoch, "
+            "best.pt, chosen on data.select_on)",
+        )  # fmt: skip
     method = gens.get("method") or {}
     if not isinstance(method, dict):
         raise ConfigError("generations.method", method, "a method mapping such as {name: kd, temperature: 2}")
@@ -113,6 +125,7 @@ def expand_generations(raw: dict[str, Any]) -> dict[str, Any]:
                 "name": f"gen{k - 1}_{n}",
                 "frozen": True,
                 "from_stage": f"gen{k - 1}",
+                "from_stage_checkpoint": which,
                 "checkpoint_peer": n,
             }
             for p, n in zip(peers, names)

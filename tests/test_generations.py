@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,44 @@ def test_soft_targets_only_is_a_switch(tiny_raw):
     assert expand_generations(short) == expand_generations({**short, "generations": {"count": 3}})
     with pytest.raises(ConfigError, match="a count such as 4"):
         expand_generations({**short, "generations": "three"})
+
+
+def test_a_generation_can_teach_from_its_selected_epoch(tiny_raw):
+    """``teacher_checkpoint: best`` hands every generation's teachers the previous generation's ``best.pt``
+    (``last``, the default, its ``last.pt``, as the paper's schedule does); anything else is refused with the key."""
+    from kdray.stages import _resolved, stage_configs
+
+    def teacher_files(staged_raw) -> list[str]:
+        return [
+            Path(_resolved(cfg, Path("/r"), "file:/u").peers[0].checkpoint).relative_to("/r").as_posix()
+            for _, cfg in stage_configs(staged_raw)[1:]
+        ]
+
+    default = expand_generations(_born_again(tiny_raw))
+    assert teacher_files(default) == ["stages/gen1/checkpoints/last.pt", "stages/gen2/checkpoints/last.pt"]
+    best = expand_generations(_born_again(tiny_raw, teacher_checkpoint="best"))
+    assert [
+        p["from_stage_checkpoint"] for s in best["stages"][1:] for p in s["peers"] if p.get("frozen")
+    ] == [
+        "best",
+        "best",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"peers\.0\.from_stage_checkpoint.*best"
+    ):  # best.pt not written yet
+        teacher_files(best)
+    with pytest.raises(ConfigError, match=r"generations\.teacher_checkpoint.*last \(each generation"):
+        expand_generations(_born_again(tiny_raw, teacher_checkpoint="final"))
+
+
+def test_teacher_checkpoint_best_trains_each_generation_from_the_previous_ones_selected_weights(
+    tiny_raw, tmp_path
+):
+    kdray.train(_born_again(tiny_raw, count=2, teacher_checkpoint="best"), out=tmp_path / "ban")
+    stages = tmp_path / "ban" / "stages"
+    best = load_checkpoint(stages / "gen1" / "checkpoints" / "best.pt")["peers"]["net"]["net"]
+    frozen = load_checkpoint(stages / "gen2" / "checkpoints" / "last.pt")["peers"]["gen1_net"]["net"]
+    assert all(torch.equal(best[name], frozen[name]) for name in best)
 
 
 def test_a_stop_in_generation_three_resumes_there(tiny_raw, tmp_path):
