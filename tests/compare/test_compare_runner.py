@@ -227,9 +227,17 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
         ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"], ["afd"]]),
         (
             "selfkd_memorising",
-            [["independent"], ["independent"], ["pskd"], ["cskd"], ["tfkd"], ["independent", "aikd"]],
+            [
+                ["independent"],
+                ["independent"],
+                ["pskd"],
+                ["cskd"],
+                ["tfkd"],
+                ["independent", "aikd"],
+                ["independent", "tfkd"],
+            ],
         ),
-        ("ban_memorising", [["independent", "kd", "kd"]]),
+        ("ban_memorising", [["independent", "kd", "kd"], ["independent", "kd", "kd"]]),
         ("online_memorising_unequal", [["independent"], ["dml"]]),
     ],
 )
@@ -255,6 +263,13 @@ def test_the_memorising_study_files_share_one_regime_and_every_row_validates(nam
             assert cfg.data.label_noise.rate == 0.4 and cfg.train.optimizer.weight_decay == 5.0e-5
         if row.label == "afd_noadv":  # the control: AFD's adversary off, everything else AFD's
             assert stages[0].method.weights == {"ce": 1.0, "kl": 1.0, "adv": 0.0, "disc": 0.0}
+        # teachers handed on at their selected epoch: TF-KD's self-teacher, born-again's best-epoch row
+        handed = [p.from_stage_checkpoint for cfg in stages for p in cfg.peers if p.from_stage]
+        assert handed == {
+            "tfkd_self": ["best"],
+            "born_again_best": ["best", "best"],
+            "born_again": ["last", "last"],
+        }.get(row.label, handed), row.label
 
 
 def test_ctrl_c_stops_the_runs_at_a_safe_point_and_exits_130(tmp_path) -> None:
