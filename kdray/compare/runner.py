@@ -427,13 +427,14 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
         "",
         *markdown_table(records, labels, COMPARE_COLUMNS),
     ]
-    if len(labels) > 1:
+    diffs = diff_table(records, labels, study.baseline)
+    if len(diffs) > 2:  # a row besides the baseline has records (a study's other rows may not have run yet)
         lines += [
             "",
             f"Paired differences against **{study.baseline}** (same seed), in points: mean ± standard error "
             "(sd of the differences, ddof 1, / sqrt(n)).",
             "",
-            *diff_table(records, labels, study.baseline),
+            *diffs,
         ]
     for label in labels:  # born-again rows: each generation, and each against generation 1
         staged = [r for r in records if r.get("label") == label and r.get("generations")]

@@ -241,3 +241,18 @@ def test_born_again_generations_are_differenced_against_generation_1_of_the_same
     text = write_outputs(study, runs, tmp_path)
     assert "Generations of **ban**" in text
     assert all(line in text.splitlines() for line in generation_lines(runs)[1:] + lines[1:])
+
+
+def test_paired_differences_appear_once_a_row_besides_the_baseline_has_runs(tmp_path) -> None:
+    """A study whose other rows have not run yet gets no empty difference table (a header without a row)."""
+    from kdray.compare.runner import write_outputs
+    from kdray.compare.study import Row, Study
+
+    study = Study(
+        rows=[Row("base", Path("b.yaml")), Row("x", Path("x.yaml"))], seeds=[0, 1, 2], baseline="base"
+    )
+    alone = write_outputs(study, BASE, tmp_path)
+    assert "Paired differences" not in alone and "| row - base |" not in alone
+    both = write_outputs(study, BASE + X, tmp_path)
+    assert "Paired differences against **base**" in both
+    assert "| x | +2.00 ± 0.58 |" in both
