@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kdray.errors import KdrayError
 
@@ -42,6 +43,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         + f"); {study['compute']['epochs_trained']}/{study['compute']['epochs_budget']} epochs trained"
     )
+    if study.get("status") == "interrupted":
+        print(
+            f"kdray tune: interrupted with {study['unfinished_trials']} trial(s) unfinished; the study's state is "
+            f"saved: continue it with kdray tune --resume {result.study_dir}",
+            file=sys.stderr,
+        )
+        return 130
     if best is None:
         print("no trial produced a finite objective")
         return 1
@@ -56,7 +64,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         )
         print(
             f"the config's own values: {study['metric']} {own['objective']:.4f} (trial {own['trial_id']}, {how})"
-            + ("; --keep-baseline lets them train to the end" if own["status"] == "stopped" else "")
+            + (
+                "; --keep-baseline lets them train to the end"
+                if own["status"] == "stopped" and not study["settings"].get("keep_baseline")
+                else ""
+            )
         )
     if study["settings"].get("multi_objective"):
         print(f"Pareto front ({len(study['pareto'])} trial(s), smallest first; plots/pareto.png):")

@@ -490,6 +490,12 @@ def run_study(
             grid = tuner.fit()
             state["timing"] = {"fit_s": round(time.time() - fit_start, 2)}
             study = summarise_study(state, grid, base, space_obj, study_dir)
+            unfinished = _unfinished_trials(grid)
+            if unfinished:
+                study.update(status="interrupted", unfinished_trials=unfinished, best=None)
+                _write_json(study_dir / STUDY_FILE, study)
+                status = "KILLED"  # the parent run ends KILLED below; --resume reopens it
+                return StudyResult(study_dir, study)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -504,6 +510,16 @@ def run_study(
         study["mlflow"]["children"] = len(tracking.child_runs())
         _write_json(study_dir / STUDY_FILE, study)
     return StudyResult(study_dir, study)
+
+
+def _unfinished_trials(grid) -> int:
+    """Trials the study did not end (Ctrl-C, SIGINT, or SIGUSR1: Tune saves its state one last time and returns
+    early). Read from that saved state (``ExperimentAnalysis``), where such trials are pending, running or paused:
+    the returned grid's own statuses call the stopped trials terminated."""
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(grid.experiment_path).trials
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
 def _study_params(settings: StudySettings, space: SearchSpace, res: TrialResources) -> dict[str, Any]:

@@ -111,12 +111,12 @@ def test_the_cli_says_how_the_configs_own_values_did(tmp_path, tiny_raw, capsys,
     from kdray.search.study import StudyResult
 
     def fake(*a, settings, **k):
-        assert settings.keep_baseline is False
         best = {"trial_id": "t2", "objective": 0.75, "values": {"method.temperature": 2.5}}
         own = {"trial_id": "t1", "objective": 0.5, "epoch": 1, "status": "stopped", "values": {}}
         trials = [{"status": "finished"}, {"status": "stopped"}]
         study = {"name": "s", "trials": trials, "best": best, "baseline": own, "metric": "mean_peer",
-                 "settings": {}, "compute": {"epochs_trained": 3, "epochs_budget": 4}}  # fmt: skip
+                 "settings": {"keep_baseline": settings.keep_baseline},
+                 "compute": {"epochs_trained": 3, "epochs_budget": 4}}  # fmt: skip
         return StudyResult(tmp_path, study)
 
     monkeypatch.setattr(study_module, "run_study", fake)
@@ -127,3 +127,7 @@ def test_the_cli_says_how_the_configs_own_values_did(tmp_path, tiny_raw, capsys,
     assert (
         "the config's own values: mean_peer 0.5000 (trial t1, stopped after epoch 1); --keep-baseline" in out
     )
+    # with --keep-baseline given (its values stopped by an epoch budget, say), the flag is not suggested again
+    assert main(["tune", str(cfg), "--space", str(cfg), "--keep-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "(trial t1, stopped after epoch 1)" in out and "--keep-baseline" not in out

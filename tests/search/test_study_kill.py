@@ -189,3 +189,47 @@ def test_two_studies_at_once_on_one_store_both_keep_their_trials(ray_local, tiny
     runs = client.search_runs([experiment])
     assert len(parents) == 2 and len(runs) == 2 + 4
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_ctrl_c_leaves_a_study_interrupted_and_resumable_not_finished(ray_local, tiny_raw, tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group) mid-trial: Tune saves its state and returns early; kdray tune
+    says how to continue and exits 130, study.json says interrupted (no best trial is named, no best.yaml written)
+    and the MLflow parent run is KILLED; --resume then finishes every trial, each epoch reported once."""
+    tiny_raw["train"]["epochs"] = 30
+    tiny_raw["data"]["synthetic"]["train_len"] = 64
+    cfg, space = _study_inputs(tiny_raw, tmp_path, "interrupted-study")
+    out = tmp_path / "study"
+    proc = _tune([str(cfg), "--space", str(space), "--samples", "2", "--scheduler", "fifo", "--seed", "3",
+                  "--max-concurrent", "1", "--out", str(out)], ray_local)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            progress = json.loads((out / "progress.json").read_text())
+        except (OSError, ValueError):
+            progress = {}
+        if any(v.get("status") == "running" and (v.get("epoch") or 0) >= 2 for v in progress.values()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the study ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"kdray tune --resume {out}" in err and "Traceback" not in err
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "interrupted" and study["unfinished_trials"] >= 1 and study["best"] is None
+    assert not (out / "best.yaml").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=study["mlflow"]["uri"])
+    assert client.get_run(study["mlflow"]["parent_run_id"]).info.status == "KILLED"
+
+    _finish(_tune(["--resume", str(out)], ray_local))
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "finished" and study["best"] is not None and (out / "best.yaml").is_file()
+    assert [t["status"] for t in study["trials"]] == ["finished", "finished"]
+    for t in study["trials"]:
+        assert [r["epoch"] for r in t["history"] if not r.get("superseded")] == list(range(1, 31)), t[
+            "trial_id"
+        ]
+    assert client.get_run(study["mlflow"]["parent_run_id"]).info.status == "FINISHED"
