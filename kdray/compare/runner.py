@@ -205,10 +205,23 @@ def record_of(
         "machine": machine(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    teachers = teachers_of(summary)
+    if teachers:
+        record["teachers"] = teachers
     staged = summary.get("staged") or {}
     if staged.get("generations"):
         record["generations"] = staged["generations"]
     return record
+
+
+def teachers_of(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run's frozen peers (KD teachers; a staged run's: its last stage's), with their test accuracy: the same
+    weights at the selected and the last epoch, so the student can be read against its own teacher."""
+    return {
+        p["name"]: {"arch": p["arch"], "test_acc": p.get("test_acc")}
+        for p in summary["peers"]
+        if p.get("frozen")
+    }
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
@@ -415,6 +428,7 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
         markdown_table,
         memorisation_lines,
         table_json,
+        teacher_lines,
     )
 
     labels = study.labels()
@@ -441,6 +455,14 @@ def write_outputs(study: Study, records: list[dict[str, Any]], out: Path) -> str
         if staged:
             lines += ["", f"Generations of **{label}** (generation 1 is plain training; test accuracy, %):"]
             lines += [*generation_lines(staged), *generation_diff_lines(staged)]
+    for label in labels:  # rows that learn from frozen teachers: the student against its own teacher
+        taught = [r for r in records if r.get("label") == label and r.get("teachers")]
+        if taught:
+            lines += [
+                "",
+                f"The frozen teachers of **{label}** (test accuracy, %; the student against its own teacher):",
+            ]
+            lines += teacher_lines(taught)
     curve = memorisation_lines(records, labels)
     if curve:
         lines += ["", "Validation curves (curves.png): where each row's validation accuracy peaks, and its fall by the "

@@ -263,6 +263,35 @@ def generation_diff_lines(records: Sequence[Record]) -> list[str]:
     return lines
 
 
+def teacher_lines(records: Sequence[Record]) -> list[str]:
+    """A row whose runs learn from frozen teachers (TF-KD's self-teacher, KD): each teacher's test accuracy, and the
+    student (its peer mean) minus its own teacher of the same run, at the selected and the last epoch, in points
+    (mean ± standard error over the runs, as ``paired_diff``)."""
+    runs = [r for r in records if r.get("teachers")]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "| teacher (frozen) | teacher (test) | student - teacher: selected | student - teacher: last epoch | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for name in runs[0]["teachers"]:
+        have = [r for r in runs if (r["teachers"].get(name) or {}).get("test_acc") is not None]
+        cols = []
+        for key in ("test_acc", "last_test_acc"):
+            diffs = [
+                peer_mean(r, key) - r["teachers"][name]["test_acc"]
+                for r in have
+                if peer_mean(r, key) is not None
+            ]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+            cols.append(fmt_diff({"mean": statistics.mean(diffs), "se": se}) if diffs else "-")
+        title = f"{name} ({runs[0]['teachers'][name]['arch']})"
+        teacher = fmt([r["teachers"][name]["test_acc"] for r in have])
+        lines.append(f"| {title} | {teacher} | {cols[0]} | {cols[1]} | {len(have)} |")
+    return lines
+
+
 def largest_drop(curve: Sequence[float]) -> float:
     """The largest fall of validation accuracy from one evaluation to the next (0 if it never falls)."""
     return max([0.0, *(a - b for a, b in zip(curve, curve[1:]))])

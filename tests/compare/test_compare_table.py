@@ -256,3 +256,27 @@ def test_paired_differences_appear_once_a_row_besides_the_baseline_has_runs(tmp_
     both = write_outputs(study, BASE + X, tmp_path)
     assert "Paired differences against **base**" in both
     assert "| x | +2.00 ± 0.58 |" in both
+
+
+def test_a_student_is_read_against_its_own_frozen_teacher_of_the_same_run(tmp_path) -> None:
+    """Runs 0 and 1: students .72 / .74 at the selected epoch and .70 / .73 at the last, teachers .70 / .71: student
+    minus teacher +2 and +3 points selected (mean +2.50, sd .707, se .50), 0 and +2 last (+1.00 ± 1.00)."""
+    from kdray.compare.runner import teachers_of, write_outputs
+    from kdray.compare.study import Row, Study
+    from kdray.compare.table import teacher_lines
+
+    def taught(seed, student, last, teacher):
+        r = {**rec("self", seed, student, student, last, last), "teachers": {}}
+        r["teachers"]["teacher"] = {"arch": "resnet8", "test_acc": teacher}
+        return r
+
+    runs = [taught(0, 0.72, 0.70, 0.70), taught(1, 0.74, 0.73, 0.71)]
+    lines = teacher_lines(runs)
+    assert lines[-1] == "| teacher (resnet8) | 70.50 ± 0.71 | +2.50 ± 0.50 | +1.00 ± 1.00 | 2 |"
+    assert teacher_lines([rec("x", 0, 0.5, 0.5)]) == []
+    text = write_outputs(Study([Row("self", Path("s.yaml"))], [0, 1], "self"), runs, tmp_path)
+    assert "The frozen teachers of **self**" in text and lines[-1] in text.splitlines()
+    # a run's frozen peers are its teachers; trained peers are not
+    summary = {"peers": [{"name": "teacher", "arch": "resnet8", "frozen": True, "test_acc": 0.7},
+                         {"name": "net", "arch": "resnet8", "test_acc": 0.72}]}  # fmt: skip
+    assert teachers_of(summary) == {"teacher": {"arch": "resnet8", "test_acc": 0.7}}
