@@ -70,6 +70,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 else ""
             )
         )
+    finished = [t for t in study["trials"] if t["status"] == "finished"]
+    if (
+        len(study["trials"]) > 1
+        and len(finished) == 1
+        and own is not None
+        and finished[0].get("trial_id") == own["trial_id"]
+    ):
+        print(
+            "note: only the config's own values trained to the end (the scheduler stopped every other trial early), "
+            "and the best trial is chosen among finished ones, so the study could not pick other values: give "
+            "more --samples, a later --grace-period, or --scheduler fifo"
+        )
     if study["settings"].get("multi_objective"):
         print(f"Pareto front ({len(study['pareto'])} trial(s), smallest first; plots/pareto.png):")
         for t in study["pareto"]:

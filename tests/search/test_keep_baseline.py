@@ -131,3 +131,19 @@ def test_the_cli_says_how_the_configs_own_values_did(tmp_path, tiny_raw, capsys,
     assert main(["tune", str(cfg), "--space", str(cfg), "--keep-baseline"]) == 0
     out = capsys.readouterr().out
     assert "(trial t1, stopped after epoch 1)" in out and "--keep-baseline" not in out
+
+    # only the config's own values finished: the best could be nothing else, and the CLI says so
+    def only_own(*a, settings, **k):
+        own = {"trial_id": "t1", "objective": 0.5, "epoch": 4, "status": "finished", "values": {}}
+        trials = [{"status": "finished", "trial_id": "t1"}, {"status": "stopped", "trial_id": "t2"}]
+        study = {"name": "s", "trials": trials, "best": {**own, "values": {"method.temperature": 1.0}},
+                 "baseline": own, "metric": "mean_peer", "settings": {"keep_baseline": True},
+                 "compute": {"epochs_trained": 5, "epochs_budget": 8}}  # fmt: skip
+        return StudyResult(tmp_path, study)
+
+    monkeypatch.setattr(study_module, "run_study", only_own)
+    assert main(["tune", str(cfg), "--space", str(cfg), "--keep-baseline"]) == 0
+    assert "note: only the config's own values trained to the end" in capsys.readouterr().out
+    monkeypatch.setattr(study_module, "run_study", fake)  # two finished trials: no note
+    assert main(["tune", str(cfg), "--space", str(cfg)]) == 0
+    assert "note: only" not in capsys.readouterr().out
