@@ -490,7 +490,7 @@ def run_study(
             grid = tuner.fit()
             state["timing"] = {"fit_s": round(time.time() - fit_start, 2)}
             study = summarise_study(state, grid, base, space_obj, study_dir)
-            unfinished = _unfinished_trials(grid)
+            unfinished = _unfinished_trials(grid, None if settings.epoch_budget else settings.samples)
             if unfinished:
                 study.update(status="interrupted", unfinished_trials=unfinished, best=None)
                 _write_json(study_dir / STUDY_FILE, study)
@@ -512,14 +512,16 @@ def run_study(
     return StudyResult(study_dir, study)
 
 
-def _unfinished_trials(grid) -> int:
+def _unfinished_trials(grid, samples: int | None) -> int:
     """Trials the study did not end (Ctrl-C, SIGINT, or SIGUSR1: Tune saves its state one last time and returns
-    early). Read from that saved state (``ExperimentAnalysis``), where such trials are pending, running or paused:
-    the returned grid's own statuses call the stopped trials terminated."""
+    early). Read from that saved state (``ExperimentAnalysis``), where such trials are pending, running or paused
+    (the returned grid's own statuses call the stopped trials terminated), plus, where the study runs ``samples``
+    trials (no epoch budget that may end it sooner), those the searcher had not suggested yet."""
     from ray.tune import ExperimentAnalysis
 
     saved = ExperimentAnalysis(grid.experiment_path).trials
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    unended = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    return unended + max(0, (samples or 0) - len(saved))
 
 
 def _study_params(settings: StudySettings, space: SearchSpace, res: TrialResources) -> dict[str, Any]:

@@ -395,3 +395,19 @@ def test_tune_and_optuna_stay_quiet_unless_verbose(ray_local, tiny_raw, tmp_path
     out = "".join(capfd.readouterr())
     assert not [n for n in noise if n in out] and "trial " in out
     assert os.environ.get("RAY_AIR_NEW_OUTPUT") == before and optuna.logging.get_verbosity() == level
+
+
+def test_an_epoch_budget_ends_the_study_finished_not_interrupted(ray_local, tiny_raw, tmp_path):
+    """--epoch-budget 4 with 4 trials of 3 epochs, one at a time: the study stops early (fewer than the 12 epochs of
+    4 whole trials), and says finished, not interrupted (a budget is not a Ctrl-C), with a best trial."""
+    tiny_raw["train"]["epochs"] = 3
+    out = tmp_path / "budget"
+    result = run_study(
+        tiny_raw,
+        ASHA_SPACE,
+        out=out,
+        settings=StudySettings(samples=4, max_concurrent=1, seed=3, scheduler="fifo", epoch_budget=4),
+    )
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "finished" and result.best is not None and (out / "best.yaml").is_file()
+    assert study["compute"]["epochs_trained"] < 12
