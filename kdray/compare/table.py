@@ -51,6 +51,12 @@ def peer_mean(record: Record, key: str = "test_acc") -> float | None:
     return None if not values or None in values else statistics.mean(values)
 
 
+def mean_se(diffs: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "se", "n"}`` of differences (``se`` = sd(d, ddof 1) / sqrt(n), None for one difference)."""
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"mean": statistics.mean(diffs), "se": se, "n": len(diffs)}
+
+
 def paired_diff(
     runs: Sequence[Record], baseline: Sequence[Record], value: Callable[[Record], float | None]
 ) -> dict[str, Any] | None:
@@ -65,14 +71,7 @@ def paired_diff(
     if not pairs:
         return None
     diffs = [d for _, d in pairs]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return {
-        "mean": statistics.mean(diffs),
-        "se": se,
-        "n": len(diffs),
-        "seeds": [s for s, _ in pairs],
-        "diffs": diffs,
-    }
+    return {**mean_se(diffs), "seeds": [s for s, _ in pairs], "diffs": diffs}
 
 
 def fmt_diff(diff: dict[str, Any] | None) -> str:
@@ -256,9 +255,9 @@ def generation_diff_lines(records: Sequence[Record]) -> list[str]:
     for i in range(1, k):
         cols = []
         for key in ("test_acc", "ensemble_test_acc"):
-            diffs = [r["generations"][key][i] - r["generations"][key][0] for r in gens]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-            cols.append(fmt_diff({"mean": statistics.mean(diffs), "se": se}))
+            cols.append(
+                fmt_diff(mean_se([r["generations"][key][i] - r["generations"][key][0] for r in gens]))
+            )
         lines.append(f"| {i + 1} | {cols[0]} | {cols[1]} | {len(gens)} |")
     return lines
 
@@ -284,8 +283,7 @@ def teacher_lines(records: Sequence[Record]) -> list[str]:
                 for r in have
                 if peer_mean(r, key) is not None
             ]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-            cols.append(fmt_diff({"mean": statistics.mean(diffs), "se": se}) if diffs else "-")
+            cols.append(fmt_diff(mean_se(diffs)) if diffs else "-")
         title = f"{name} ({runs[0]['teachers'][name]['arch']})"
         teacher = fmt([r["teachers"][name]["test_acc"] for r in have])
         lines.append(f"| {title} | {teacher} | {cols[0]} | {cols[1]} | {len(have)} |")

@@ -55,12 +55,11 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
 def quiet_train_reports() -> None:
     """Ray Train logs one INFO line per report and per checkpoint from every worker. Its ``LoggingConfig`` level
     (set to WARNING by the driver where Ray has one: 2.60, not 2.55) filters the ``ray.train`` loggers; they are set
-    to WARNING here too, for Ray releases without it. Ray's report line (2.55 and 2.60) comes from a logger named after its file
-    (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/context.py``), which no filter reaches:
-    that logger is set to WARNING too, where it is found. Warnings and errors still pass."""
-    logging.getLogger("ray.train").setLevel(
-        logging.WARNING
-    )  # what LoggingConfig("WARNING") sets, where Ray has it
+    to WARNING here too, for Ray releases without it. Ray's report line (2.55 and 2.60) comes from a logger named
+    after its file (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/context.py``), which no
+    filter reaches: that logger is set to WARNING too, where it is found. Warnings and errors still pass."""
+    # what LoggingConfig("WARNING") sets, where Ray has it
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # pragma: no cover - depends on the installed Ray
