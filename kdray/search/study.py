@@ -368,6 +368,20 @@ def _build_tuner(plan: TrialPlan, space: SearchSpace, base: ExperimentConfig, se
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
+def _refuse_staged(raw: dict[str, Any], what: str) -> None:
+    """A study searches one training run: a staged config (stages:, generations:) is refused with the way round."""
+    from kdray.stages import is_staged
+
+    if isinstance(raw, dict) and is_staged(raw):
+        key = "stages" if "stages" in raw else "generations"
+        raise StudyError(
+            f"{what} has '{key}:', and kdray tune searches one training run, not a staged one. Tune one stage on "
+            "its own: train the stages before it once (kdray train), then give that stage as a plain config whose "
+            "frozen peers load their checkpoints (checkpoint: <run>/checkpoints/last.pt); docs/tune.md, 'Tuning "
+            "one stage of a staged config'"
+        )
+
+
 def run_study(
     config: str | Path | dict[str, Any] | None = None,
     space: str | Path | dict[str, Any] | SearchSpace | None = None,
@@ -397,9 +411,12 @@ def run_study(
             raise StudyError("kdray tune: give a CONFIG and --space (or --resume STUDY_DIR)")
         settings = settings or StudySettings()
         if isinstance(config, dict):
+            _refuse_staged(config, "the config")
             raw = apply_overrides(config, overrides)
         else:
             path = Path(config)
+            if path.is_file():
+                _refuse_staged(read_raw(path), f"'{config}'")
             load_config(path)  # a clear error for a missing or invalid file
             raw = apply_overrides(read_raw(path), overrides)
         space_obj = space if isinstance(space, SearchSpace) else load_space(space)

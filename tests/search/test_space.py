@@ -116,6 +116,27 @@ def test_cli_refuses_missing_space_and_bad_settings(tmp_path, tiny_raw, capsys):
     assert not (tmp_path / "mo").exists()
 
 
+@pytest.mark.parametrize("key", ["stages", "generations"])
+def test_a_staged_config_is_refused_with_the_way_round(tmp_path, tiny_raw, capsys, key):
+    """kdray tune searches one run: a staged config gets one line saying how to tune a stage, and nothing is
+    written (before, its first stage's missing 'peers' was reported)."""
+    raw = {k: v for k, v in tiny_raw.items() if k not in ("peers", "method")}
+    if key == "stages":
+        raw["stages"] = [{"name": "a", "method": {"name": "independent"}, "peers": tiny_raw["peers"][:1]}]
+    else:
+        raw["generations"] = {"count": 2, "peers": tiny_raw["peers"][:1]}
+    cfg = tmp_path / "staged.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({"method": "independent", "params": {
+        "train.optimizer.lr": {"dist": "loguniform", "low": 0.01, "high": 0.3}}}))  # fmt: skip
+    out = tmp_path / "study"
+    assert main(["tune", str(cfg), "--space", str(space), "--samples", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"has '{key}:'" in err and "checkpoint:" in err, err
+    assert not out.exists()
+
+
 def test_pareto_front_keeps_exactly_the_undominated_trials():
     from kdray.search.study import pareto_front
 
