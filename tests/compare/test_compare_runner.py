@@ -239,6 +239,7 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
                 ["independent"],
                 ["cskd"],
                 ["independent", "aikd"],
+                ["independent"],
             ],
         ),
         ("ban_memorising", [["independent", "kd", "kd"], ["independent", "kd", "kd"]]),
