@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,17 @@ from tests.conftest import (
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = Path(__file__).resolve().parent / "hooks"
+
+
+# A line Ray's log monitor forwards to its driver, "(raylet) ..." or "(pid=N) ...", colour codes or not. A Ray
+# cluster another test of this session started may still run, with this pytest process as its driver: its daemons'
+# warnings (a nearly full disk, once, in CI) land on the stderr captured here, but they are not the CLI's output.
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)*\((raylet|pid=\d+|\w+ pid=\d+)(, [^)]*)?\)")
+
+
+def without_ray_forwarded(err: str) -> str:
+    """``err`` less the lines Ray forwarded from a cluster's daemons (see ``RAY_FORWARDED``)."""
+    return "".join(line for line in err.splitlines(keepends=True) if not RAY_FORWARDED.match(line))
 
 
 def tiny(**train) -> dict:

@@ -15,7 +15,6 @@ import io
 import os
 import pickle
 import random
-import re
 import warnings
 import zipfile
 from collections import Counter
@@ -28,19 +27,10 @@ import yaml
 from kdray.checkpoint import FORMAT, SEAL, SEAL_LEN, VERSION, load_checkpoint, seal
 from kdray.cli import main
 
-from .conftest import REPO, kdray_proc, tiny, write_yaml
+from .conftest import REPO, kdray_proc, tiny, without_ray_forwarded, write_yaml
 
 CATEGORIES: dict[str, Counter] = {}  # category -> tried / survived / lost (written to $KDRAY_FAULTS_REPORT)
 REPORT_LABEL = "fuzz"  # the "file" of this module's rows in $KDRAY_FAULTS_REPORT
-# A line Ray's log monitor forwards to its driver, "(raylet) ..." or "(pid=N) ...", colour codes or not. A Ray
-# cluster another test of this session started may still run, with this pytest process as its driver: its daemons'
-# warnings (a nearly full disk, once, in CI) land on the stderr captured here, but they are not the CLI's output.
-RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)*\((raylet|pid=\d+|\w+ pid=\d+)(, [^)]*)?\)")
-
-
-def without_ray_forwarded(err: str) -> str:
-    """``err`` less the lines Ray forwarded from a cluster's daemons (see ``RAY_FORWARDED``)."""
-    return "".join(line for line in err.splitlines(keepends=True) if not RAY_FORWARDED.match(line))
 
 
 def verdict(

@@ -30,7 +30,7 @@ import yaml
 
 from kdray.cli import main
 
-from .conftest import REPO, kdray_proc, write_yaml
+from .conftest import REPO, kdray_proc, without_ray_forwarded, write_yaml
 
 CATEGORIES: dict[str, Counter] = {}  # category -> tried / survived / lost (written to $KDRAY_FAULTS_REPORT)
 REPORT_LABEL = "values"
@@ -115,7 +115,7 @@ class ValueBattery:
                 resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         took = time.perf_counter() - start
         self.slowest = max(self.slowest, (took, label))
-        err = self.capsys.readouterr().err
+        err = without_ray_forwarded(self.capsys.readouterr().err)
         hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
         err += "".join(
             f"{w.category.__name__}: {w.message}\n" for w in said if not issubclass(w.category, hidden)

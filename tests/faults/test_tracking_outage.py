@@ -26,7 +26,7 @@ import pytest
 import kdray.tracking as tr
 from kdray.cli import main
 
-from .conftest import env, kdray_proc, tiny, write_yaml
+from .conftest import env, kdray_proc, tiny, without_ray_forwarded, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -224,7 +224,7 @@ def test_a_backlog_replays_in_order_and_only_outages_are_kept(tmp_path, monkeypa
     tracker.end()
     assert tracker._client.calls == [("a", 1), ("a", 2), ("a", 3), ("a", 4), ("a", 5), ("end", "FINISHED")]
     assert not (tmp_path / tr.BACKLOG_FILE).exists()
-    err = capsys.readouterr().err.strip().splitlines()
+    err = without_ray_forwarded(capsys.readouterr().err).strip().splitlines()
     assert len(err) == 2 and "warning" in err[0] and "answers again: the 3 call(s)" in err[1], err
 
     sqlite = tr.Tracker(TrackingConfig(uri="sqlite:////tmp/never.db"), tmp_path)
