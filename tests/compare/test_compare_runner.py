@@ -224,7 +224,7 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
 @pytest.mark.parametrize(
     "name, methods",
     [
-        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"], ["afd"]]),
+        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"], ["afd"], ["dml"]]),
         (
             "selfkd_memorising",
             [
