@@ -241,6 +241,8 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
                 ["independent", "aikd"],
                 ["independent"],
                 ["independent", "aikd"],
+                ["tfkd"],
+                ["independent", "tfkd"],
             ],
         ),
         ("ban_memorising", [["independent", "kd", "kd"], ["independent", "kd", "kd"]]),
@@ -275,6 +277,7 @@ def test_the_memorising_study_files_share_one_regime_and_every_row_validates(nam
         handed = [p.from_stage_checkpoint for cfg in stages for p in cfg.peers if p.from_stage]
         assert handed == {
             "tfkd_self": ["best"],
+            "tfkd_self_tuned": ["best"],
             "aikd_best": ["best"],
             "born_again_best": ["best", "best"],
             "born_again": ["last", "last"],
