@@ -243,6 +243,7 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
                 ["independent", "aikd"],
                 ["tfkd"],
                 ["independent", "tfkd"],
+                ["independent", "aikd"],
             ],
         ),
         ("ban_memorising", [["independent", "kd", "kd"], ["independent", "kd", "kd"]]),
@@ -269,7 +270,7 @@ def test_the_memorising_study_files_share_one_regime_and_every_row_validates(nam
                 80,
             )
             # weight decay searched on seed 100 (the tuned rows and their control; AI-KD's second stage only)
-            tuned = (row.label.endswith("_tuned") or row.label == "baseline_pskd_optim") and cfg is stages[-1]
+            tuned = ("_tuned" in row.label or row.label == "baseline_pskd_optim") and cfg is stages[-1]
             assert cfg.data.label_noise.rate == 0.4 and (tuned or cfg.train.optimizer.weight_decay == 5.0e-5)
         if row.label == "afd_noadv":  # the control: AFD's adversary off, everything else AFD's
             assert stages[0].method.weights == {"ce": 1.0, "kl": 1.0, "adv": 0.0, "disc": 0.0}
@@ -278,6 +279,7 @@ def test_the_memorising_study_files_share_one_regime_and_every_row_validates(nam
         assert handed == {
             "tfkd_self": ["best"],
             "tfkd_self_tuned": ["best"],
+            "aikd_tuned_best": ["best"],
             "aikd_best": ["best"],
             "born_again_best": ["best", "best"],
             "born_again": ["last", "last"],
