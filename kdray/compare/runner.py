@@ -26,6 +26,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,28 @@ def _signal_all(running: list[Running], sig: int) -> None:
                 r.proc.send_signal(sig)
 
 
+@contextlib.contextmanager
+def _stop_signals():
+    """While the runs go on, Ctrl-C and SIGTERM raise KeyboardInterrupt in the command (main thread only), whatever
+    it inherited: a shell's background job starts with SIGINT ignored, and Python then leaves it ignored, while
+    each run installs its own handler; a Ctrl-C to the group would otherwise stop the runs and not the command,
+    which then counted them as failed. SIGTERM (a scheduler's stop) is a Ctrl-C here: the runs are asked to stop
+    at a safe point, where SIGTERM's default would end the command and leave them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def execute(
     todo: list[Job],
     jobs: int,
@@ -320,8 +343,8 @@ def execute(
     done_before: int,
     show_progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Run ``todo``, at most ``jobs`` processes at once; returns (new records, failure lines). Ctrl-C: every running
-    run is asked to stop at its next safe point (SIGTERM; a second Ctrl-C stops them at once) and
+    """Run ``todo``, at most ``jobs`` processes at once; returns (new records, failure lines). Ctrl-C or SIGTERM:
+    every running run is asked to stop at its next safe point (SIGTERM; a second Ctrl-C stops them at once) and
     :class:`CompareStopped` is raised once they have."""
     from tqdm import tqdm
 
@@ -330,51 +353,52 @@ def execute(
                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
     pending, running = list(todo), []
     records, failures = [], []
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                running.append(_start(pending.pop(0), threads, out))
-            bar.set_postfix_str(", ".join(r.job.name for r in running)[:80])
-            time.sleep(0.2)
-            for r in [r for r in running if r.proc.poll() is not None]:
-                running.remove(r)
-                r.log.close()
-                rc, job = r.proc.returncode, r.job
-                if rc == 0 and (job.folder / SUMMARY).is_file():
-                    summary = json.loads((job.folder / SUMMARY).read_text())
-                    status = "resumed" if job.resume else "trained"
-                    record = record_of(job, summary, status, time.monotonic() - r.t0, command)
-                    _append(out / RECORDS, record)
-                    records.append(record)
-                    accs = ", ".join(f"{n} {p['test_acc']:.4f}" for n, p in record["peers"].items()
-                                     if p["test_acc"] is not None)  # fmt: skip
-                    bar.write(f"{job.name}: {status}, test {accs} ({record['wall_s']} s)")
-                else:
-                    failures.append(f"{job.name}: exit {rc}: {_last_line(job.log)} (log: {job.log})")
-                    bar.write(f"FAILED {failures[-1]}")
-                bar.update(1)
-    except KeyboardInterrupt:
-        bar.write(
-            f"kdray compare: stopping {len(running)} run(s) at their next safe point (Ctrl-C again: at once)"
-        )
-        _signal_all(running, signal.SIGTERM)
+    with _stop_signals():
         try:
-            for r in running:
-                r.proc.wait()
+            while pending or running:
+                while pending and len(running) < jobs:
+                    running.append(_start(pending.pop(0), threads, out))
+                bar.set_postfix_str(", ".join(r.job.name for r in running)[:80])
+                time.sleep(0.2)
+                for r in [r for r in running if r.proc.poll() is not None]:
+                    running.remove(r)
+                    r.log.close()
+                    rc, job = r.proc.returncode, r.job
+                    if rc == 0 and (job.folder / SUMMARY).is_file():
+                        summary = json.loads((job.folder / SUMMARY).read_text())
+                        status = "resumed" if job.resume else "trained"
+                        record = record_of(job, summary, status, time.monotonic() - r.t0, command)
+                        _append(out / RECORDS, record)
+                        records.append(record)
+                        accs = ", ".join(f"{n} {p['test_acc']:.4f}" for n, p in record["peers"].items()
+                                         if p["test_acc"] is not None)  # fmt: skip
+                        bar.write(f"{job.name}: {status}, test {accs} ({record['wall_s']} s)")
+                    else:
+                        failures.append(f"{job.name}: exit {rc}: {_last_line(job.log)} (log: {job.log})")
+                        bar.write(f"FAILED {failures[-1]}")
+                    bar.update(1)
         except KeyboardInterrupt:
-            _signal_all(running, signal.SIGINT)
+            bar.write(
+                f"kdray compare: stopping {len(running)} run(s) at their next safe point (Ctrl-C again: at once)"
+            )
+            _signal_all(running, signal.SIGTERM)
+            try:
+                for r in running:
+                    r.proc.wait()
+            except KeyboardInterrupt:
+                _signal_all(running, signal.SIGINT)
+                for r in running:
+                    try:
+                        r.proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        r.proc.kill()
             for r in running:
-                try:
-                    r.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    r.proc.kill()
-        for r in running:
-            r.log.close()
-        raise CompareStopped(
-            "stopped; every run keeps its last checkpoint: run the same command again to continue"
-        ) from None
-    finally:
-        bar.close()
+                r.log.close()
+            raise CompareStopped(
+                "stopped; every run keeps its last checkpoint: run the same command again to continue"
+            ) from None
+        finally:
+            bar.close()
     return records, failures
 
 
