@@ -322,9 +322,8 @@ def test_ctrl_c_stops_the_runs_at_a_safe_point_and_exits_130(tmp_path, how) -> N
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(
-            signal.SIGINT, inherited
-        ),  # what a shell hands on, whatever pytest has
+        # the disposition a shell hands on, whatever pytest's own is
+        preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
     )
     last = out / "runs" / "independent-s0" / "checkpoints" / "last.pt"
     # generous limits: a loaded 2-core machine (the suite beside study runs) has taken minutes to start a run
