@@ -90,12 +90,20 @@ class ProgressBoard:
     def stop_requested(self) -> bool:
         return self.stop
 
+    def node_ip(self) -> str:
+        """Where the board runs (``ray_run.json`` records it: a run's driver lives as long as this node)."""
+        import ray
+
+        return ray.util.get_node_ip_address()
+
 
 def create_board(namespace: str | None = None, name: str | None = None):
     """A board actor; a named one (``name``) is found by processes that were not handed it (Tune trials). It lives on
     the head node (a cluster that loses its head is gone anyway): on another node it would die with that node and
     take the run's driver with it, even where the workers could restart on the nodes left
-    (``fault_tolerance.max_failures``)."""
+    (``fault_tolerance.max_failures``). The affinity is hard: a soft one let Ray place the board on a worker node
+    when the head was slow to lease it a worker process (seen on a loaded 2-core loopback cluster, whose head starts
+    one worker at a time), and losing that node then ended the run."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -107,7 +115,7 @@ def create_board(namespace: str | None = None, name: str | None = None):
     except Exception:  # noqa: BLE001 - no node list: Ray places it
         heads = []
     if heads:
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True)
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=heads[0], soft=False)
     if name is not None:
         options.update(name=name, get_if_exists=True)
     return ray.remote(num_cpus=0)(ProgressBoard).options(**options).remote()

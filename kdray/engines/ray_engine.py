@@ -102,6 +102,7 @@ class RayEngine(Engine):
             marks["placement_ready"] = time.time()
             namespace = ray.get_runtime_context().namespace
             board = create_board(namespace)
+            board_ip = ray.get(board.node_ip.remote())  # the head's, where Ray lets it (create_board)
             shared_actors = EXCHANGES.lookup(eng.exchange.name).prepare(run_name, namespace)
             loop_config = {
                 "config": worker_config(cfg),
@@ -140,7 +141,7 @@ class RayEngine(Engine):
                 ),
             )
             try:
-                outcome = DriverView(self, t0).follow(trainer, board)
+                outcome = DriverView(self, t0, board_ip).follow(trainer, board)
             finally:
                 for actor in (*shared_actors, board):
                     if actor is not None:
@@ -158,6 +159,7 @@ class RayEngine(Engine):
             "attempts": outcome.pop("attempts"),
             "first_step_at": outcome.pop("first_step_at"),  # unix time: launch-to-first-step measurements
             "placement_plan": plan.record() if plan else None,  # engine.placement.group_by: each rank's node
+            "board_node_ip": board_ip,  # the progress board's node: losing it ends the run (create_board)
         }
         outcome["ray"]["startup_s"] = startup_breakdown(
             marks, outcome.pop("first_placement"), outcome["ray"]["first_step_at"]
@@ -181,8 +183,8 @@ class RayEngine(Engine):
 class DriverView:
     """The driver's side of a Ray run: the events of the workers, turned into what the user sees and keeps."""
 
-    def __init__(self, engine: RayEngine, t0: float):
-        self.engine, self.cfg, self.t0 = engine, engine.cfg, t0
+    def __init__(self, engine: RayEngine, t0: float, board_ip: str | None = None):
+        self.engine, self.cfg, self.t0, self.board_ip = engine, engine.cfg, t0, board_ip
         self.bar = EpochBar(self.cfg, live_listeners(engine.callbacks))
         self.live: dict[int, Live] = {}  # each rank's latest
         self.bar_epoch = -1
@@ -211,12 +213,12 @@ class DriverView:
         try:
             while thread.is_alive():
                 thread.join(DRAIN_EVERY_S)
-                for event in drain(board):
+                for event in drain(board, out_dir=self.engine.out_dir, node_ip=self.board_ip):
                     self.handle(event)
                 if not self.stop_sent and self.engine.stop():
                     board.request_stop.remote()
                     self.stop_sent = True
-            for event in drain(board):
+            for event in drain(board, out_dir=self.engine.out_dir, node_ip=self.board_ip):
                 self.handle(event)
         finally:
             self.bar.close()
@@ -242,7 +244,10 @@ class DriverView:
                 # where every peer runs, as soon as it is known (process ids included: a user can watch them)
                 write_atomic(
                     self.engine.out_dir / "ray_run.json",
-                    json.dumps({"attempts": self.attempts, "placement": placement}, indent=2).encode(),
+                    json.dumps(
+                        {"attempts": self.attempts, "placement": placement, "board_node_ip": self.board_ip},
+                        indent=2,
+                    ).encode(),
                 )
             case FirstStep(time=at) if self.first_step_at is None:
                 self.first_step_at = at
@@ -354,11 +359,13 @@ def describe_failure(error: BaseException, cfg: ExperimentConfig) -> str:
     return "\n".join(parts)
 
 
-def drain(board, wait_s: float = 30.0) -> list[Any]:
+def drain(board, wait_s: float = 30.0, out_dir: Path | None = None, node_ip: str | None = None) -> list[Any]:
     """The board's events. A board Ray calls "temporarily unavailable" (``ActorUnavailableError``: seen on the driver
-    while another node of the cluster went away) is asked again for up to ``wait_s`` seconds; a dead one raises."""
+    while another node of the cluster went away) is asked again for up to ``wait_s`` seconds; a dead one (its node
+    lost: with the board on the head, the cluster itself) is one ``KdrayError`` line naming its node and the resume
+    command."""
     import ray
-    from ray.exceptions import ActorUnavailableError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -368,6 +375,16 @@ def drain(board, wait_s: float = 30.0) -> list[Any]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+        except ActorDiedError as exc:
+            where = f" on Ray node {node_ip}" if node_ip else ""
+            resume = (
+                f"`kdray train --resume {out_dir}` continues from it" if out_dir else "a resume continues"
+            )
+            reason = str(exc).strip().splitlines()[-1].strip()
+            raise KdrayError(
+                f"the run's progress board{where} died mid-run ({reason}), so its driver cannot follow the workers; "
+                f"the last checkpoint is intact: {resume} once the cluster is whole"
+            ) from None
 
 
 # Ray's errors for a worker whose process or node went away (not an error the worker's code raised), and what a

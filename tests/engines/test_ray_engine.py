@@ -405,6 +405,30 @@ def test_a_stop_ends_a_fault_tolerant_ray_run_without_a_restart(tiny_raw, tmp_pa
     assert stopped["epoch"] < 3  # it stopped; it did not train on to the end
 
 
+def test_a_dead_progress_board_is_one_line_naming_its_node_and_the_resume(ray_local, tmp_path):
+    """The driver follows the workers through the board actor; if it dies (its node lost), the run ends with one
+    KdrayError line naming the board's node and the resume command, not Ray's traceback. The board runs on the
+    head (create_board), which ray_run.json records as ``board_node_ip``; the multi-node tests check it there."""
+    import ray
+
+    from kdray.engines.ray_board import create_board
+    from kdray.engines.ray_engine import drain
+    from kdray.errors import KdrayError
+
+    board = create_board(ray.get_runtime_context().namespace)
+    ip = ray.get(board.node_ip.remote())
+    head = next(n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    assert ip == head["NodeManagerAddress"]
+    board.post.remote("an event")
+    assert drain(board, out_dir=tmp_path, node_ip=ip) == ["an event"]
+    ray.kill(board)
+    with pytest.raises(KdrayError) as info:
+        drain(board, out_dir=tmp_path, node_ip=ip)
+    message = str(info.value)
+    assert "\n" not in message and f"progress board on Ray node {ip} died mid-run" in message, message
+    assert f"`kdray train --resume {tmp_path}`" in message, message
+
+
 def test_the_live_bar_gives_the_exchange_time_and_its_share_of_the_step():
     from kdray.engines.ray_board import Live
     from kdray.engines.ray_engine import exchange_text

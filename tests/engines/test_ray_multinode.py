@@ -108,24 +108,54 @@ def _loopback(nodes: tuple[str, ...]):
             "--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats",
         ]  # fmt: skip
 
-    commands = [
-        [RAY, "start", "--head", f"--port={port}", f"--dashboard-host={nodes[0]}",
-         f"--dashboard-port={picker.port(nodes[0])}", *node_args(nodes[0], "head")],
-    ] + [[RAY, "start", f"--address={address}", *node_args(ip, f"node{i}")] for i, ip in enumerate(nodes[1:], 1)]  # fmt: skip
+    def commands() -> list[list[str]]:
+        head = [RAY, "start", "--head", f"--port={port}", f"--dashboard-host={nodes[0]}",
+                f"--dashboard-port={picker.port(nodes[0])}", *node_args(nodes[0], "head")]  # fmt: skip
+        return [head] + [[RAY, "start", f"--address={address}", *node_args(ip, f"node{i}")] for i, ip in enumerate(nodes[1:], 1)]  # fmt: skip
+
     started: list[subprocess.Popen] = []
+    start_log = Path(temp_dir) / "ray_start.log"
+    log = open(start_log, "w")  # noqa: SIM115 - closed below
     try:
-        log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 - closed below
-        started.append(subprocess.Popen(commands[0], env=env, stdout=log, stderr=log))
-        time.sleep(8)  # the workers need the head's GCS up
-        for cmd in commands[1:]:
-            started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
-        yield address, env, Path(temp_dir) / "ray_start.log", worker_ports
+        # Start the nodes one at a time and wait for each to say it is up: under load (a 2-core machine running
+        # other work) a node can miss Ray's 30-second registration deadline and its `ray start` exits; the cluster
+        # is then started again on fresh ports, up to three times, before the test fails naming the log.
+        for attempt in range(3):
+            if attempt:
+                _stop(_descendants({p.pid for p in started}))
+                started.clear()
+                port = picker.port(nodes[0])
+                address = f"{nodes[0]}:{port}"
+                worker_ports.clear()
+                log.write(f"--- kdray test: cluster start attempt {attempt + 1}\n")
+                log.flush()
+            if _start_nodes(commands(), env, log, start_log, started):
+                break
+        else:
+            pytest.fail(
+                "the loopback Ray cluster did not start in 3 attempts:\n" + start_log.read_text()[-3000:]
+            )
+        yield address, env, start_log, worker_ports
     finally:
         _stop(_descendants({p.pid for p in started}))
         log.close()
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start_nodes(commands, env, log, start_log: Path, started: list[subprocess.Popen]) -> bool:
+    """Run each ``ray start --block`` in turn, waiting (up to 120 s) for its "Ray runtime started." line; False as
+    soon as one exits or stays silent (the caller stops what did start)."""
+    for n, cmd in enumerate(commands, 1):
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        started.append(proc)
+        deadline = time.monotonic() + 120
+        while start_log.read_text().count("Ray runtime started.") < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+    return True
 
 
 def _train_on_the_cluster(
@@ -163,6 +193,7 @@ def test_ring_of_three_spreads_over_three_loopback_nodes(loopback_cluster, tiny_
     _train_on_the_cluster(raw, tmp_path, loopback_cluster)
     info = json.loads((tmp_path / "run" / "ray_run.json").read_text())
     assert info["session"] == "attached"  # joined the three-node cluster; started no Ray of its own
+    assert info["board_node_ip"] == NODES[0]  # the driver's progress board on the head
     placement = info["placement"]
     assert [p["rank"] for p in placement] == [0, 1, 2]
     assert len({p["node_id"] for p in placement}) == 3  # strict_spread: one peer per node
@@ -299,8 +330,11 @@ def _kill_a_worker_node_mid_run(
             assert proc.poll() is None, proc.stderr.read()[-3000:] + start_log.read_text()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.1)
-        placement = json.loads((run / "ray_run.json").read_text())["placement"]
-        victim = next(p["node_ip"] for p in placement if p["node_ip"] != NODES[0])
+        info = json.loads((run / "ray_run.json").read_text())
+        assert (
+            info["board_node_ip"] == NODES[0]
+        )  # on the head: losing another node leaves the driver its board
+        victim = next(p["node_ip"] for p in info["placement"] if p["node_ip"] != NODES[0])
         ours = _descendants({os.getpid()})  # the fixture's `ray start` processes are this test's children
         pids = _raylet_pids(victim, ours)
         assert len(pids) == 1, (victim, pids)
