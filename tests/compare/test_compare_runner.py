@@ -224,7 +224,7 @@ def test_the_shipped_study_file_loads_and_every_row_validates() -> None:
 @pytest.mark.parametrize(
     "name, methods",
     [
-        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"], ["afd"], ["dml"]]),
+        ("online_memorising", [["independent"], ["dml"], ["afd"], ["acn"], ["afd"], ["dml"], ["afd"]]),
         (
             "selfkd_memorising",
             [
@@ -274,6 +274,10 @@ def test_the_memorising_study_files_share_one_regime_and_every_row_validates(nam
             assert cfg.data.label_noise.rate == 0.4 and (tuned or cfg.train.optimizer.weight_decay == 5.0e-5)
         if row.label == "afd_noadv":  # the control: AFD's adversary off, everything else AFD's
             assert stages[0].method.weights == {"ce": 1.0, "kl": 1.0, "adv": 0.0, "disc": 0.0}
+        if row.label == "afd_tuned":  # the searched values (seed 100); the discriminator's weight stays AFD's
+            m = stages[0].method
+            got = (m.weights["kl"], m.weights["adv"], m.weights["disc"], m.temperature)
+            assert [round(v, 4) for v in got] == [1.2213, 0.0684, 1.0, 3.1226], got
         # teachers handed on at their selected epoch: TF-KD's self-teacher, born-again's best-epoch row
         handed = [p.from_stage_checkpoint for cfg in stages for p in cfg.peers if p.from_stage]
         assert handed == {
