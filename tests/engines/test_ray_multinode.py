@@ -146,8 +146,9 @@ def _loopback(nodes: tuple[str, ...]):
 
 def _start_nodes(commands, env, log, start_log: Path, started: list[subprocess.Popen]) -> bool:
     """Run each ``ray start --block`` in turn, waiting (up to 120 s) for its "Ray runtime started." line; False as
-    soon as one exits or stays silent (the caller stops what did start)."""
-    for n, cmd in enumerate(commands, 1):
+    soon as one exits or stays silent (the caller stops what did start). Lines of an earlier attempt do not count."""
+    before = start_log.read_text().count("Ray runtime started.")
+    for n, cmd in enumerate(commands, before + 1):
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
         started.append(proc)
         deadline = time.monotonic() + 120
