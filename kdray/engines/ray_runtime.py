@@ -237,6 +237,20 @@ def _port_taken(exc: BaseException, port: int | None) -> bool:
     )
 
 
+def start_failed(error: BaseException, temp_dir: Path, dashboard: bool) -> KdrayError:
+    """What ``ray.init`` raised, as one line saying where Ray's logs are and what to try (seen: under load, a
+    local Ray's dashboard missed its start-up deadline and ``kdray tune --resume`` ended in Ray's traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    what = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    tries = "try again when it is quieter" + (
+        ", or without the dashboard (engine.session.dashboard: false)" if dashboard else ""
+    )
+    return KdrayError(
+        f"a local Ray could not start ({what}); Ray's logs: {temp_dir}/session_latest/logs. On a loaded machine "
+        f"Ray's processes can miss their start-up deadlines: {tries}; or attach to a running Ray (RAY_ADDRESS)"
+    )
+
+
 class LocalRayStart:
     """kdray's private local Ray, started in a thread so that the driver can go on meanwhile (MLflow, imports:
     ``api.run_population`` starts it early with :func:`early_local_ray`; ``ray_session`` takes it over).
@@ -316,7 +330,7 @@ class LocalRayStart:
             self._launch()
             self._ready.wait()
         if self.error is not None:
-            raise self.error
+            raise start_failed(self.error, self.temp_dir, bool(self.engine.session.dashboard)) from self.error
         if self.engine.session.dashboard and getattr(self._context, "dashboard_url", None):
             print(f"kdray: Ray dashboard at http://{self._context.dashboard_url}", flush=True)
 

@@ -11,6 +11,7 @@ from kdray.config import EngineConfig
 from kdray.engines.ray_engine import process_started_at, startup_breakdown
 from kdray.engines.ray_private import tested_release
 from kdray.engines.ray_runtime import cluster_address
+from kdray.errors import KdrayError
 
 # kdray's start-up shortcuts subclass Ray Train's internals and are used only on the Ray release they were tested
 # on; on any other release in pyproject's range the RayEngine runs Ray's public trainer (tested everywhere).
@@ -377,10 +378,14 @@ def test_an_early_start_that_failed_raises_in_the_run(fake_ray_init, monkeypatch
     engine = EngineConfig(name="ray")
     with (
         ray_runtime.early_local_ray(engine, num_peers=2),
-        pytest.raises(RuntimeError, match="no room"),
+        pytest.raises(KdrayError, match="a local Ray could not start \\(RuntimeError: no room") as info,
         ray_runtime.ray_session(engine, num_peers=2),
     ):
         pass
+    # one line: where Ray's logs are, what to try; Ray's own error kept as the cause
+    message = str(info.value)
+    assert "\n" not in message and "session_latest/logs" in message and "RAY_ADDRESS" in message, message
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert fake_ray_init["shutdown"] == 0  # nothing was up
 
 
@@ -419,7 +424,10 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_picked_again(fake_ray_ini
 
     fake_ray_init["init"].clear()
     fails = ray_runtime.DASHBOARD_PORT_RETRIES + 1  # taken every time: the last error is the user's
-    with pytest.raises(ValueError, match="already occupied"), ray_runtime.ray_session(engine, num_peers=2):
+    with (
+        pytest.raises(KdrayError, match="ValueError: Failed to bind.*already occupied"),
+        ray_runtime.ray_session(engine, num_peers=2),
+    ):
         pass
     assert len(fake_ray_init["init"]) == ray_runtime.DASHBOARD_PORT_RETRIES + 1
 
@@ -429,7 +437,7 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_picked_again(fake_ray_ini
 
     monkeypatch.setattr(ray, "init", other)
     fake_ray_init["init"].clear()
-    with pytest.raises(ValueError, match="6379"), ray_runtime.ray_session(engine, num_peers=2):
+    with pytest.raises(KdrayError, match="6379"), ray_runtime.ray_session(engine, num_peers=2):
         pass
     assert len(fake_ray_init["init"]) == 1
 
