@@ -197,7 +197,7 @@ def ray_session(engine: EngineConfig, num_peers: int) -> Iterator[str]:
             ):
                 ray.init(address=address, logging_level="warning", **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the same problem for the user
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = _first_line(exc) or type(exc).__name__
             fix = (
                 "fix the address, or set engine.session.address: null for a local Ray"
                 if source == "engine.session.address"
@@ -237,11 +237,17 @@ def _port_taken(exc: BaseException, port: int | None) -> bool:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of what an exception says (at most 300 characters), or ""."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300].strip() if text else ""
+
+
 def start_failed(error: BaseException, temp_dir: Path, dashboard: bool) -> KdrayError:
     """What ``ray.init`` raised, as one line saying where Ray's logs are and what to try (seen: under load, a
     local Ray's dashboard missed its start-up deadline and ``kdray tune --resume`` ended in Ray's traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    what = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    first = _first_line(error)
+    what = f"{type(error).__name__}: {first}" if first else type(error).__name__
     tries = "try again when it is quieter" + (
         ", or without the dashboard (engine.session.dashboard: false)" if dashboard else ""
     )
